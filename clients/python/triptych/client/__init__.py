@@ -1,0 +1,24 @@
+"""Torch-free Python client for Triptych: generated stubs live in `triptych.v1`, helpers here."""
+
+from triptych.client.connection import (
+    DEFAULT_GATEWAY,
+    ImageClient,
+    describe_error,
+    field_violations,
+    open_channel,
+    wait_until_serving,
+)
+from triptych.client.task import TaskError, request_from_task, requests_from_json, task_from_request
+
+__all__ = [
+    "DEFAULT_GATEWAY",
+    "ImageClient",
+    "TaskError",
+    "describe_error",
+    "field_violations",
+    "open_channel",
+    "request_from_task",
+    "requests_from_json",
+    "task_from_request",
+    "wait_until_serving",
+]

@@ -1,0 +1,91 @@
+"""Channels, health waits and readable errors for Triptych services. Torch-free."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from triptych.v1 import image_service_pb2, image_service_pb2_grpc
+
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def open_channel(address: str, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+    """An insecure channel with the message limits set (they must match the servers')."""
+    return grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ],
+    )
+
+
+def wait_until_serving(address: str, timeout: float = 60.0, service: str = "") -> None:
+    """Blocks until standard gRPC health at `address` reports SERVING; TimeoutError otherwise."""
+    deadline = time.monotonic() + timeout
+    with open_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout:.0f}s")
+            time.sleep(0.1)
+
+
+def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    """The BadRequest field violations carried by an error's google.rpc.Status, if any."""
+    status = rpc_status.from_call(error)
+    found = []
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found.extend((v.field, v.description) for v in bad.field_violations)
+    return found
+
+
+def describe_error(error: grpc.RpcError) -> str:
+    """One line per problem: the status code, then each offending field."""
+    lines = [f"{error.code().name}: {error.details()}"]
+    lines += [f"  field {field}: {why}" for field, why in field_violations(error)]
+    return "\n".join(lines)
+
+
+class ImageClient:
+    """Calls ImageService.Generate on a gateway."""
+
+    def __init__(self, address: str = DEFAULT_GATEWAY):
+        self.channel = open_channel(address)
+        self.stub = image_service_pb2_grpc.ImageServiceStub(self.channel)
+
+    def stream(
+        self, request: image_service_pb2.GenerateRequest, timeout: float | None = None
+    ) -> Iterator[image_service_pb2.GenerateResponse]:
+        """Progress events and images as they come."""
+        return self.stub.Generate(request, timeout=timeout)
+
+    def generate(
+        self, request: image_service_pb2.GenerateRequest, timeout: float | None = None
+    ) -> list[image_service_pb2.GeneratedImage]:
+        """All images of a request, in index order."""
+        return [event.image for event in self.stream(request, timeout) if event.HasField("image")]
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> ImageClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

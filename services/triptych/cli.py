@@ -1,0 +1,228 @@
+"""`triptych`: serve the services, generate images, manage the model store."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROLES = ("encoder", "denoiser", "decoder", "gateway")
+
+
+def _settings(args):
+    from triptych.core.settings import Settings
+
+    overrides = {}
+    for name in ("model_root", "host", "torch_threads", "encoder_address", "denoiser_address", "decoder_address"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return Settings(**overrides)
+
+
+def _build_role(role: str, settings):
+    # Imported per role so the gateway never imports torch and each process loads only its own code.
+    if role == "encoder":
+        from triptych.encoder.servicer import build
+    elif role == "denoiser":
+        from triptych.denoiser.servicer import build
+    elif role == "decoder":
+        from triptych.decoder.servicer import build
+    else:
+        from triptych.gateway.servicer import build
+    return build(settings)
+
+
+def cmd_serve(args) -> int:
+    if args.role != "all":
+        from triptych.core.server import serve_forever
+        from triptych.core.settings import DEFAULT_PORTS
+
+        settings = _settings(args)
+        port = args.port if args.port is not None else DEFAULT_PORTS[args.role]
+        serve_forever(_build_role(args.role, settings), settings, port)
+        return 0
+    return _serve_all(args)
+
+
+def _spawn(role: str, port: int, args, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """Starts one role as its own OS process and returns it with the address it reported."""
+    command = [sys.executable, "-m", "triptych.cli", "serve", role, "--port", str(port), *extra]
+    if args.model_root is not None:
+        command += ["--model-root", str(args.model_root)]
+    if args.host is not None:
+        command += ["--host", args.host]
+    if args.torch_threads is not None:
+        command += ["--torch-threads", str(args.torch_threads)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1)
+    for line in process.stdout:
+        if line.startswith(f"triptych {role} SERVING "):
+            address = line.split()[-1]
+            break
+        sys.stdout.write(line)
+    else:
+        raise RuntimeError(f"{role} exited with code {process.wait()} before serving")
+    # Keep draining its stdout so the child never blocks on a full pipe.
+    threading.Thread(target=lambda: [sys.stdout.write(x) for x in process.stdout], daemon=True).start()
+    return process, address
+
+
+def _serve_all(args) -> int:
+    from triptych.client.connection import wait_until_serving
+
+    processes: list[subprocess.Popen] = []
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        addresses = {}
+        for role in ("encoder", "denoiser", "decoder"):
+            process, addresses[role] = _spawn(role, 0, args, [])
+            processes.append(process)
+        gateway_port = args.port if args.port is not None else 50051
+        links = [f"--{role}-address={addresses[role]}" for role in ("encoder", "denoiser", "decoder")]
+        process, addresses["gateway"] = _spawn("gateway", gateway_port, args, links)
+        processes.append(process)
+        for role in ROLES:
+            wait_until_serving(addresses[role], timeout=60)
+            print(f"triptych {role} SERVING {addresses[role]} (pid {processes[ROLES.index(role)].pid})", flush=True)
+        print("all services SERVING; Ctrl-C stops them", flush=True)
+        while not stop.wait(0.5):
+            dead = [(ROLES[i], p.returncode) for i, p in enumerate(processes) if p.poll() is not None]
+            if dead:
+                print(f"stopping: {dead[0][0]} exited with code {dead[0][1]}", file=sys.stderr, flush=True)
+                return 1
+        return 0
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _output_path(base: Path, task_index: int, tasks: int, image_index: int) -> Path:
+    parts = ([str(task_index)] if tasks > 1 else []) + ([str(image_index)] if image_index else [])
+    return base if not parts else base.with_name(f"{base.stem}-{'-'.join(parts)}{base.suffix}")
+
+
+def cmd_generate(args) -> int:
+    import grpc
+    from triptych.client import ImageClient, TaskError, describe_error, requests_from_json
+    from triptych.v1 import image_service_pb2
+
+    try:
+        if args.request:
+            path = Path(args.request)
+            requests = requests_from_json(path.read_text(), base_dir=path.parent)
+        else:
+            if not args.prompt:
+                print("give a prompt or --request FILE", file=sys.stderr)
+                return 2
+            request = image_service_pb2.GenerateRequest(positive_prompt=args.prompt, model=args.model)
+            for name in ("seed", "steps", "width", "height", "cfg_scale", "clip_skip", "number_results"):
+                if getattr(args, name) is not None:
+                    setattr(request, name, getattr(args, name))
+            request.negative_prompt = args.negative_prompt or ""
+            request.scheduler = args.scheduler or ""
+            request.vae = args.vae or ""
+            requests = [request]
+    except TaskError as exc:
+        print("INVALID_ARGUMENT: bad request file", file=sys.stderr)
+        for key, why in exc.violations:
+            print(f"  field {key}: {why}", file=sys.stderr)
+        return 2
+    base = Path(args.output)
+    with ImageClient(args.address) as client:
+        for task_index, request in enumerate(requests):
+            try:
+                for event in client.stream(request, timeout=args.timeout):
+                    if event.HasField("progress") and not args.quiet:
+                        p = event.progress
+                        print(f"\r[{p.image_index}] {p.stage} {p.step}/{p.total_steps}", end="", file=sys.stderr)
+                    elif event.HasField("image"):
+                        image = event.image
+                        out = _output_path(base, task_index, len(requests), image.index)
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        out.write_bytes(image.image.data)
+                        print(
+                            f"\r{out}  seed={image.seed}  {image.image.width}x{image.image.height}  "
+                            f"{image.scheduler_class}",
+                            flush=True,
+                        )
+            except grpc.RpcError as exc:
+                print(f"\n{describe_error(exc)}", file=sys.stderr)
+                return 1
+    return 0
+
+
+def cmd_models(args) -> int:
+    from triptych.core.model_store import ModelStore
+
+    root = Path(args.root or _settings(args).model_root)
+    if args.action == "build-tiny":
+        from triptych.models.tiny import build_tiny_family
+
+        for model_id in build_tiny_family(root):
+            print(f"built {model_id}")
+        return 0
+    for info in ModelStore(root).list():
+        print(f"{info.model_id:40s} {info.kind:10s} {info.family or '':6s} {info.path}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="triptych", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start services (all four as separate processes, or one role)")
+    serve.add_argument("role", nargs="?", default="all", choices=("all", *ROLES))
+    serve.add_argument("--port", type=int, help="port (0 = any free); `all`: the gateway's, default 50051")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--model-root", type=Path, help="model store (default $TRIPTYCH_MODEL_ROOT or ./models)")
+    serve.add_argument("--torch-threads", type=int, help="torch intra-op threads per process")
+    for role in ("encoder", "denoiser", "decoder"):
+        serve.add_argument(f"--{role}-address", help=f"gateway only: where the {role} listens")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="generate images through a gateway")
+    gen.add_argument("prompt", nargs="?")
+    gen.add_argument("--request", help="Runware imageInference task JSON file (object or array)")
+    gen.add_argument("--model", default="tiny/sd15")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--cfg-scale", type=float)
+    gen.add_argument("--scheduler")
+    gen.add_argument("--clip-skip", type=int)
+    gen.add_argument("--vae")
+    gen.add_argument("--number-results", type=int)
+    gen.add_argument("-o", "--output", default="out.png")
+    gen.add_argument("--address", default=os.environ.get("TRIPTYCH_GATEWAY", "127.0.0.1:50051"))
+    gen.add_argument("--timeout", type=float, help="deadline in seconds")
+    gen.add_argument("-q", "--quiet", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    models = sub.add_parser("models", help="list or build models in the store")
+    models.add_argument("action", choices=("list", "build-tiny"))
+    models.add_argument("--root", help="model store (default $TRIPTYCH_MODEL_ROOT or ./models)")
+    models.set_defaults(func=cmd_models)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Loaded model components, cached per (model id, component) with an LRU bound, and reported on request."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LoadedComponent:
+    """One component held in memory, as GetRuntimeInfo reports it."""
+
+    model: str
+    component: str
+    class_name: str
+    parameter_bytes: int
+
+
+def _bytes_of(obj: Any) -> int:
+    if hasattr(obj, "parameters") and hasattr(obj, "buffers"):
+        return sum(t.numel() * t.element_size() for t in (*obj.parameters(), *obj.buffers()))
+    return 0
+
+
+class ComponentCache:
+    """Holds models (each a dict of named components) for a service, evicting the least recently used.
+
+    Loading happens outside the global lock, under a per-model lock, so one slow load does not block
+    requests for models already in memory.
+    """
+
+    def __init__(self, max_models: int):
+        self._max_models = max(1, max_models)
+        self._models: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def get(self, key: str, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The components of `key`, loading them with `load()` on a miss."""
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            components = load()
+            with self._lock:
+                self._models[key] = components
+                while len(self._models) > self._max_models:
+                    self._models.popitem(last=False)
+                self._loading.pop(key, None)
+            return components
+
+    def loaded(self) -> list[LoadedComponent]:
+        """What is in memory now."""
+        with self._lock:
+            snapshot = [(key, dict(parts)) for key, parts in self._models.items()]
+        return [
+            LoadedComponent(key, name, type(obj).__name__, _bytes_of(obj))
+            for key, parts in snapshot
+            for name, obj in parts.items()
+            if obj is not None and not isinstance(obj, dict)  # configs are not components
+        ]

@@ -1,0 +1,161 @@
+"""The one server bootstrap: interceptor (errors -> status), health, reflection, runtime info, limits, signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterable
+from concurrent import futures
+
+import grpc
+from google.rpc import status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from triptych.core.components import LoadedComponent
+from triptych.core.errors import TriptychError
+from triptych.core.settings import Settings
+from triptych.v1 import runtime_service_pb2, runtime_service_pb2_grpc
+
+log = logging.getLogger("triptych")
+VERSION = "0.1.0"
+
+
+def _internal(method: str, exc: BaseException) -> grpc.Status:
+    log.error("unexpected error in %s: %s", method, "".join(traceback.format_exception(exc)))
+    status = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {exc!r}")
+    return rpc_status.to_status(status)
+
+
+def _status_for(method: str, exc: BaseException) -> grpc.Status:
+    if isinstance(exc, TriptychError):
+        return exc.to_status()
+    try:
+        import torch  # only for the OOM type; torch is already loaded wherever it can be raised
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            status = status_pb2.Status(
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=f"out of memory: {exc}"
+            )
+            return rpc_status.to_status(status)
+    except ImportError:
+        pass
+    return _internal(method, exc)
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions raised by servicers to statuses, in one place. Unknown exceptions become INTERNAL."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            def unary_unary(request, context):
+                try:
+                    return inner(request, context)
+                except Exception as exc:  # noqa: BLE001 - this is the one mapping point
+                    context.abort_with_status(_status_for(method, exc))
+
+            return handler._replace(unary_unary=unary_unary)
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            def unary_stream(request, context):
+                try:
+                    yield from inner_stream(request, context)
+                except Exception as exc:  # noqa: BLE001
+                    context.abort_with_status(_status_for(method, exc))
+
+            return handler._replace(unary_stream=unary_stream)
+        return handler
+
+
+class RuntimeServicer(runtime_service_pb2_grpc.RuntimeServiceServicer):
+    """Answers GetRuntimeInfo for any role."""
+
+    def __init__(self, role: str, loaded: Callable[[], Iterable[LoadedComponent]]):
+        self._role = role
+        self._loaded = loaded
+
+    def GetRuntimeInfo(self, request, context):
+        torch = sys.modules.get("torch")
+        return runtime_service_pb2.GetRuntimeInfoResponse(
+            role=self._role,
+            version=VERSION,
+            loaded_components=[
+                runtime_service_pb2.LoadedComponent(
+                    model=c.model, component=c.component, class_name=c.class_name, parameter_bytes=c.parameter_bytes
+                )
+                for c in self._loaded()
+            ],
+            torch_threads=torch.get_num_threads() if torch is not None else 0,
+            pid=os.getpid(),
+        )
+
+
+class Service:
+    """What a role plugs into the bootstrap: its gRPC service names and a function that registers them."""
+
+    def __init__(
+        self,
+        role: str,
+        service_names: list[str],
+        register: Callable[[grpc.Server], None],
+        loaded: Callable[[], Iterable[LoadedComponent]] = list,
+    ):
+        self.role = role
+        self.service_names = service_names
+        self.register = register
+        self.loaded = loaded
+
+
+def start(service: Service, settings: Settings, port: int) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Builds and starts a server for `service` on host:port (0 = any free port); returns the bound port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix=service.role),
+        interceptors=[ErrorInterceptor()],
+        options=settings.grpc_options(),
+    )
+    service.register(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(service.role, service.loaded), server)
+    names = [*service.service_names, "triptych.v1.RuntimeService", health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{settings.host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {settings.host}:{port}")
+    server.start()
+    for name in ["", *service.service_names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer
+
+
+def serve_forever(service: Service, settings: Settings, port: int) -> None:
+    """Runs until SIGTERM/SIGINT: then health goes NOT_SERVING, in-flight calls get the grace period."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {service.role} %(levelname)s %(message)s")
+    if settings.torch_threads > 0 and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(settings.torch_threads)
+    server, bound, health_servicer = start(service, settings, port)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # One machine-readable line that supervisors (`triptych serve`, tests) wait for.
+    print(f"triptych {service.role} SERVING {settings.host}:{bound}", flush=True)
+    stop.wait()
+    health_servicer.enter_graceful_shutdown()
+    server.stop(settings.shutdown_grace_seconds).wait()
+    log.info("stopped")

@@ -1,0 +1,58 @@
+"""Field checks shared by the services. Each appends (field, reason) to a list so that every bad field of a
+request is reported at once; the caller raises InvalidArgument(violations) when the list is not empty."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from triptych.core.settings import Limits
+
+Violations = list[tuple[str, str]]
+
+
+def check_prompt(prompt: str, field: str, limits: Limits, violations: Violations) -> None:
+    if len(prompt) > limits.max_prompt_chars:
+        violations.append((field, f"{len(prompt)} characters; at most {limits.max_prompt_chars}"))
+
+
+def check_size(value: int | None, field: str, maximum: int, violations: Violations) -> None:
+    """Width/height: unset is fine (the model's default); else a multiple of 8 in [8, maximum]."""
+    if value is None:
+        return
+    if value < 8 or value > maximum or value % 8:
+        violations.append((field, f"must be a multiple of 8 between 8 and {maximum} (got {value})"))
+
+
+def check_steps(value: int, field: str, limits: Limits, violations: Violations) -> None:
+    if not 1 <= value <= limits.max_steps:
+        violations.append((field, f"must be between 1 and {limits.max_steps} (got {value})"))
+
+
+def check_guidance(value: float, field: str, limits: Limits, violations: Violations) -> None:
+    if not (math.isfinite(value) and 0.0 <= value <= limits.max_cfg_scale):
+        violations.append((field, f"must be between 0 and {limits.max_cfg_scale:g} (got {value})"))
+
+
+def check_fraction(value: float, field: str, violations: Violations, *, low: float = 0.0, high: float = 1.0) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        violations.append((field, f"must be between {low:g} and {high:g} (got {value})"))
+
+
+def weighted(
+    items: Iterable, field: str, maximum: int, weight_range: tuple[float, float], violations: Violations
+) -> tuple[tuple[str, float], ...]:
+    """Lora/TextualInversion messages -> ((model, weight), ...), weight defaulting to 1.0."""
+    items = list(items)
+    if len(items) > maximum:
+        violations.append((field, f"at most {maximum} entries (got {len(items)})"))
+    parsed = []
+    low, high = weight_range
+    for i, item in enumerate(items):
+        weight = item.weight if item.HasField("weight") else 1.0
+        if not item.model:
+            violations.append((f"{field}[{i}].model", "a model id is required"))
+        if not (math.isfinite(weight) and low <= weight <= high):
+            violations.append((f"{field}[{i}].weight", f"must be between {low:g} and {high:g} (got {weight})"))
+        parsed.append((item.model, weight))
+    return tuple(parsed)

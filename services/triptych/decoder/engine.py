@@ -1,0 +1,69 @@
+"""VAE decoding: undoes the latent scaling, decodes, and post-processes exactly as the diffusers pipelines.
+
+Mirrors the decode step of StableDiffusionPipeline / StableDiffusionXLPipeline (output_type="pil"). Never
+imports grpc and never loads a text encoder or a UNet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+from triptych.core.components import ComponentCache
+from triptych.core.errors import InvalidArgument
+from triptych.core.model_store import ModelStore
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    model: str
+    vae: str
+    latents: torch.Tensor  # [B, C, h, w], scaled as output_type="latent" returns them
+
+
+class DecoderEngine:
+    """Loads VAEs on demand (a model's own `vae` subfolder, or a standalone VAE folder) and decodes."""
+
+    def __init__(self, store: ModelStore, cache: ComponentCache):
+        self.store = store
+        self.cache = cache
+
+    def _vae(self, model_id: str, field: str) -> AutoencoderKL:
+        info = self.store.resolve(model_id, field)
+        if info.kind == "pipeline" and (info.path / "vae").is_dir():
+            folder = info.path / "vae"
+        elif info.kind == "vae":
+            folder = info.path
+        else:
+            raise InvalidArgument.one(field, f"{model_id!r} has no VAE (it is a {info.kind})")
+
+        def load() -> dict:
+            return {"vae": AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()}
+
+        return self.cache.get(model_id, load)["vae"]
+
+    def decode(self, job: DecodeJob) -> list[Image.Image]:
+        vae = self._vae(job.vae, "vae") if job.vae else self._vae(job.model, "model")
+        latents = job.latents
+        channels = vae.config.latent_channels
+        if latents.ndim != 4 or latents.shape[1] != channels or latents.shape[0] < 1:
+            raise InvalidArgument.one("latents", f"expected [B, {channels}, h, w], got {list(latents.shape)}")
+        depth = len(vae.config.block_out_channels) - 1
+        processor = VaeImageProcessor(vae_scale_factor=2**depth)
+        with torch.no_grad():
+            # fp16 VAEs that overflow (force_upcast) decode in float32, as StableDiffusionXLPipeline does.
+            if vae.dtype == torch.float16 and vae.config.force_upcast:
+                vae = vae.to(torch.float32)
+            latents = latents.to(vae.dtype)
+            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                mean = torch.tensor(mean).view(1, channels, 1, 1).to(latents.dtype)
+                std = torch.tensor(std).view(1, channels, 1, 1).to(latents.dtype)
+                latents = latents * std / vae.config.scaling_factor + mean
+            else:
+                latents = latents / vae.config.scaling_factor
+            image = vae.decode(latents, return_dict=False)[0]
+        return processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])

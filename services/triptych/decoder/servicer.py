@@ -1,0 +1,70 @@
+"""DecoderService: proto <-> DecodeJob/images, nothing else."""
+
+from __future__ import annotations
+
+from triptych.core.codec import decode_tensor
+from triptych.core.components import ComponentCache
+from triptych.core.errors import InvalidArgument
+from triptych.core.model_store import ModelStore
+from triptych.core.server import Service
+from triptych.core.settings import Settings
+from triptych.decoder.engine import DecodeJob, DecoderEngine
+from triptych.decoder.image_io import MIME, encode_image
+from triptych.v1 import decoder_service_pb2, decoder_service_pb2_grpc
+
+_FORMATS = {
+    decoder_service_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",
+    decoder_service_pb2.OUTPUT_FORMAT_PNG: "png",
+    decoder_service_pb2.OUTPUT_FORMAT_JPEG: "jpeg",
+    decoder_service_pb2.OUTPUT_FORMAT_WEBP: "webp",
+}
+
+
+class DecoderServicer(decoder_service_pb2_grpc.DecoderServiceServicer):
+    def __init__(self, engine: DecoderEngine, settings: Settings):
+        self.engine = engine
+        self.limits = settings.limits
+
+    def Decode(self, request, context):
+        violations = []
+        fmt = _FORMATS.get(request.output_format)
+        if fmt is None:
+            violations.append(("output_format", f"unknown format {request.output_format}"))
+        quality = request.quality if request.HasField("quality") else 95
+        if not 1 <= quality <= 100:
+            violations.append(("quality", f"must be between 1 and 100 (got {quality})"))
+        if not request.HasField("latents"):
+            violations.append(("latents", "required"))
+        if violations:
+            raise InvalidArgument(violations)
+        latents = decode_tensor(request.latents, "latents")
+        if latents.ndim == 4 and (
+            latents.shape[-1] * 8 > self.limits.max_width or latents.shape[-2] * 8 > self.limits.max_height
+        ):
+            raise InvalidArgument.one(
+                "latents", f"decodes to more than {self.limits.max_width}x{self.limits.max_height}"
+            )
+        images = self.engine.decode(DecodeJob(request.model, request.vae, latents))
+        return decoder_service_pb2.DecodeResponse(
+            images=[
+                decoder_service_pb2.EncodedImage(
+                    data=encode_image(image, fmt, quality, dict(request.png_text)),
+                    mime_type=MIME[fmt],
+                    width=image.width,
+                    height=image.height,
+                )
+                for image in images
+            ]
+        )
+
+
+def build(settings: Settings) -> Service:
+    """The decoder role for the server bootstrap."""
+    cache = ComponentCache(settings.max_loaded_models)
+    servicer = DecoderServicer(DecoderEngine(ModelStore(settings.model_root), cache), settings)
+    return Service(
+        "decoder",
+        ["triptych.v1.DecoderService"],
+        lambda server: decoder_service_pb2_grpc.add_DecoderServiceServicer_to_server(servicer, server),
+        cache.loaded,
+    )

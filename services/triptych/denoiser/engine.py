@@ -1,0 +1,243 @@
+"""The sampling loop for SD1.x/2.x and SDXL (base and refiner), over a window of the schedule.
+
+Mirrors the denoising loops of diffusers' StableDiffusionPipeline, StableDiffusionXLPipeline (denoising_end)
+and StableDiffusionXLImg2ImgPipeline (denoising_start); equality is proven in tests/e2e. Never imports grpc
+and never loads a text encoder or a VAE.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+from triptych.core.components import ComponentCache
+from triptych.core.errors import Cancelled, InvalidArgument, Unimplemented
+from triptych.core.model_store import ModelInfo, ModelStore
+from triptych.core.scheduler_table import SchedulerChoice
+from triptych.denoiser.schedulers import build_scheduler, describe_options
+
+VAE_SCALE = 8  # every supported family's VAE downsamples by 8
+
+
+@dataclass
+class Conditioning:
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor | None = None
+
+
+@dataclass
+class DenoiseJob:
+    """One sampling job, already parsed and range-checked."""
+
+    model: str
+    positive: Conditioning
+    negative: Conditioning | None
+    width: int | None
+    height: int | None
+    steps: int
+    guidance_scale: float
+    scheduler: SchedulerChoice
+    seed: int | None
+    start_fraction: float = 0.0
+    end_fraction: float = 1.0
+    latents: torch.Tensor | None = None
+    generator_state: bytes = b""
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    loras: tuple[tuple[str, float], ...] = ()
+    control_units: int = 0
+
+
+@dataclass
+class StepDone:
+    step: int
+    total_steps: int
+    elapsed_seconds: float
+
+
+@dataclass
+class DenoiseOutcome:
+    latents: torch.Tensor
+    seed: int
+    generator_state: bytes
+    scheduler_class: str
+    scheduler_options: list[str]
+    model_calls: int
+
+
+def window_timesteps(scheduler, start_fraction: float, end_fraction: float) -> torch.Tensor:
+    """The part of scheduler.timesteps a window runs, by timestep value as diffusers cuts it."""
+    timesteps = scheduler.timesteps
+    train = scheduler.config.num_train_timesteps
+    if start_fraction > 0:  # StableDiffusionXLImg2ImgPipeline.get_timesteps(denoising_start=...)
+        cutoff = int(round(train - start_fraction * train))
+        count = int((timesteps < cutoff).sum().item())
+        if scheduler.order == 2 and count % 2 == 0:
+            count += 1
+        t_start = len(timesteps) - count
+        timesteps = timesteps[t_start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start)
+    if end_fraction < 1:  # StableDiffusionXLPipeline: "Apply denoising_end"
+        cutoff = int(round(train - end_fraction * train))
+        timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
+    return timesteps
+
+
+class DenoiserEngine:
+    """Loads UNets on demand and runs sampling jobs."""
+
+    def __init__(self, store: ModelStore, cache: ComponentCache):
+        self.store = store
+        self.cache = cache
+
+    def model(self, model_id: str, field: str = "model") -> tuple[ModelInfo, dict]:
+        info = self.store.resolve(model_id, field)
+        if info.kind != "pipeline" or info.family is None:
+            raise InvalidArgument.one(field, f"{model_id!r} is not a text-to-image model folder ({info.kind})")
+
+        def load() -> dict:
+            unet = UNet2DConditionModel.from_pretrained(info.path / "unet", use_safetensors=True).eval()
+            config = json.loads((info.path / "scheduler" / "scheduler_config.json").read_text())
+            return {"unet": unet, "scheduler_config": config}
+
+        return info, self.cache.get(model_id, load)
+
+    def denoise(
+        self, job: DenoiseJob, is_active: Callable[[], bool] = lambda: True
+    ) -> Iterator[StepDone | DenoiseOutcome]:
+        """Yields a StepDone after each step, then one DenoiseOutcome. Stops with CANCELLED when
+        is_active() turns false (checked before every step)."""
+        if job.loras:
+            raise Unimplemented("loras: LoRA UNet weights are not supported by this denoiser yet")
+        if job.control_units:
+            raise Unimplemented("control_net: ControlNet is not supported by this denoiser yet")
+        info, parts = self.model(job.model)
+        unet: UNet2DConditionModel = parts["unet"]
+        scheduler = build_scheduler(job.scheduler, parts["scheduler_config"])
+        default_size = unet.config.sample_size * VAE_SCALE
+        height, width = job.height or default_size, job.width or default_size
+        do_cfg = job.guidance_scale > 1 and unet.config.time_cond_proj_dim is None
+        self._check_conditioning(info, unet, job, do_cfg)
+
+        seed = job.seed if job.seed is not None else secrets.randbits(64)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        if job.generator_state:
+            try:
+                generator.set_state(torch.frombuffer(bytearray(job.generator_state), dtype=torch.uint8))
+            except RuntimeError as exc:
+                raise InvalidArgument.one("generator_state", f"not a CPU generator state ({exc})") from exc
+
+        scheduler.set_timesteps(job.steps, device="cpu")
+        timesteps = window_timesteps(scheduler, job.start_fraction, job.end_fraction)
+        shape = (1, unet.config.in_channels, height // VAE_SCALE, width // VAE_SCALE)
+        if job.start_fraction > 0:
+            if job.latents is None:
+                raise InvalidArgument.one("latents", "a window with start_fraction > 0 needs the previous latents")
+            if tuple(job.latents.shape) != shape:
+                raise InvalidArgument.one("latents", f"expected shape {list(shape)}, got {list(job.latents.shape)}")
+            latents = job.latents.to(torch.float32).clone()
+        else:
+            latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+            latents = latents * scheduler.init_noise_sigma
+
+        prompt_embeds, added_cond_kwargs = self._unet_conditioning(info, unet, job, do_cfg, height, width)
+        step_params = set(inspect.signature(scheduler.step).parameters)
+        extra_step_kwargs = {}
+        if "eta" in step_params:
+            extra_step_kwargs["eta"] = 0.0
+        if "generator" in step_params:
+            extra_step_kwargs["generator"] = generator
+
+        started = time.perf_counter()
+        with torch.no_grad():
+            for i, t in enumerate(timesteps):
+                if not is_active():
+                    raise Cancelled(f"cancelled before step {i + 1} of {len(timesteps)}")
+                latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+                latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+                noise_pred = unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    timestep_cond=None,
+                    cross_attention_kwargs=None,
+                    added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False,
+                )[0]
+                if do_cfg:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + job.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                yield StepDone(i + 1, len(timesteps), time.perf_counter() - started)
+
+        yield DenoiseOutcome(
+            latents=latents,
+            seed=seed,
+            generator_state=generator.get_state().numpy().tobytes(),
+            scheduler_class=type(scheduler).__name__,
+            scheduler_options=describe_options(job.scheduler),
+            model_calls=len(timesteps),
+        )
+
+    @staticmethod
+    def _check_conditioning(info: ModelInfo, unet, job: DenoiseJob, do_cfg: bool) -> None:
+        expected = unet.config.cross_attention_dim
+        violations = []
+        pairs = [("positive", job.positive)] + ([("negative", job.negative)] if do_cfg else [])
+        for name, cond in pairs:
+            if cond is None:
+                violations.append((name, "required when guidance_scale > 1"))
+                continue
+            embeds = cond.prompt_embeds
+            if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[-1] != expected:
+                violations.append(
+                    (
+                        f"{name}.prompt_embeds",
+                        f"expected [1, tokens, {expected}] for {job.model!r}, got {list(embeds.shape)}",
+                    )
+                )
+            if info.family == "sdxl":
+                pooled = cond.pooled_prompt_embeds
+                if pooled is None or pooled.ndim != 2 or pooled.shape[0] != 1:
+                    violations.append((f"{name}.pooled_prompt_embeds", "required [1, dim] for an SDXL model"))
+        if do_cfg and not violations and job.negative.prompt_embeds.shape != job.positive.prompt_embeds.shape:
+            violations.append(("negative.prompt_embeds", "must have the same shape as positive.prompt_embeds"))
+        if violations:
+            raise InvalidArgument(violations)
+
+    @staticmethod
+    def _unet_conditioning(info: ModelInfo, unet, job: DenoiseJob, do_cfg: bool, height: int, width: int):
+        """prompt_embeds and added_cond_kwargs as the diffusers pipelines build them, CFG batch [neg, pos]."""
+        positive, negative = job.positive, job.negative
+        prompt_embeds = positive.prompt_embeds.to(torch.float32)
+        if do_cfg:
+            prompt_embeds = torch.cat([negative.prompt_embeds.to(torch.float32), prompt_embeds])
+        if info.family != "sdxl":
+            return prompt_embeds, None
+        # StableDiffusionXL(Img2Img)Pipeline._get_add_time_ids: original = target = (h, w), crop (0, 0).
+        if info.flag("requires_aesthetics_score", False):
+            time_ids = [height, width, 0, 0, job.aesthetic_score]
+            negative_time_ids = [height, width, 0, 0, job.negative_aesthetic_score]
+        else:
+            time_ids = negative_time_ids = [height, width, 0, 0, height, width]
+        expected = unet.add_embedding.linear_1.in_features
+        passed = unet.config.addition_time_embed_dim * len(time_ids) + positive.pooled_prompt_embeds.shape[-1]
+        if expected != passed:
+            raise InvalidArgument.one(
+                "positive.pooled_prompt_embeds",
+                f"{job.model!r} expects {expected} added-embedding features, got {passed}",
+            )
+        add_text_embeds = positive.pooled_prompt_embeds.to(torch.float32)
+        add_time_ids = torch.tensor([time_ids], dtype=torch.float32)
+        if do_cfg:
+            add_text_embeds = torch.cat([negative.pooled_prompt_embeds.to(torch.float32), add_text_embeds])
+            add_time_ids = torch.cat([torch.tensor([negative_time_ids], dtype=torch.float32), add_time_ids])
+        return prompt_embeds, {"text_embeds": add_text_embeds, "time_ids": add_time_ids}

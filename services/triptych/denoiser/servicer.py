@@ -1,0 +1,136 @@
+"""DenoiserService: proto <-> DenoiseJob/DenoiseOutcome, nothing else."""
+
+from __future__ import annotations
+
+from triptych.core.codec import decode_tensor, encode_tensor
+from triptych.core.components import ComponentCache
+from triptych.core.errors import InvalidArgument
+from triptych.core.model_store import ModelStore
+from triptych.core.scheduler_table import parse_scheduler
+from triptych.core.server import Service
+from triptych.core.settings import Settings
+from triptych.core.validation import check_fraction, check_guidance, check_size, check_steps, weighted
+from triptych.denoiser.engine import Conditioning, DenoiseJob, DenoiseOutcome, DenoiserEngine
+from triptych.denoiser.schedulers import scheduler_rows
+from triptych.v1 import common_pb2, denoiser_service_pb2, denoiser_service_pb2_grpc
+
+
+def _conditioning(message: common_pb2.TextConditioning, field: str, violations: list) -> Conditioning | None:
+    try:
+        pooled = (
+            decode_tensor(message.pooled_prompt_embeds, f"{field}.pooled_prompt_embeds")
+            if message.HasField("pooled_prompt_embeds")
+            else None
+        )
+        return Conditioning(decode_tensor(message.prompt_embeds, f"{field}.prompt_embeds"), pooled)
+    except InvalidArgument as exc:
+        violations.extend(exc.violations)
+        return None
+
+
+class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
+    def __init__(self, engine: DenoiserEngine, settings: Settings):
+        self.engine = engine
+        self.limits = settings.limits
+
+    def job_from_pb(self, request: denoiser_service_pb2.DenoiseRequest) -> DenoiseJob:
+        """Parses and range-checks a request, reporting every bad field at once."""
+        violations: list[tuple[str, str]] = []
+        width = request.width if request.HasField("width") else None
+        height = request.height if request.HasField("height") else None
+        check_size(width, "width", self.limits.max_width, violations)
+        check_size(height, "height", self.limits.max_height, violations)
+        check_steps(request.steps, "steps", self.limits, violations)
+        check_guidance(request.guidance_scale, "guidance_scale", self.limits, violations)
+        start = request.window.start_fraction if request.window.HasField("start_fraction") else 0.0
+        end = request.window.end_fraction if request.window.HasField("end_fraction") else 1.0
+        check_fraction(start, "window.start_fraction", violations)
+        check_fraction(end, "window.end_fraction", violations)
+        if start >= end:
+            violations.append(("window", f"start_fraction {start} must be below end_fraction {end}"))
+        loras = weighted(request.loras, "loras", self.limits.max_loras, (-10.0, 10.0), violations)
+        if len(request.control_net) > self.limits.max_controlnets:
+            violations.append(("control_net", f"at most {self.limits.max_controlnets} units"))
+        positive = _conditioning(request.positive, "positive", violations) if request.HasField("positive") else None
+        if positive is None and not any(f.startswith("positive") for f, _ in violations):
+            violations.append(("positive", "text conditioning is required"))
+        negative = _conditioning(request.negative, "negative", violations) if request.HasField("negative") else None
+        latents = None
+        if request.HasField("latents"):
+            try:
+                latents = decode_tensor(request.latents, "latents")
+            except InvalidArgument as exc:
+                violations.extend(exc.violations)
+        try:
+            scheduler = parse_scheduler(request.scheduler)
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+        if violations:
+            raise InvalidArgument(violations)
+        return DenoiseJob(
+            model=request.model,
+            positive=positive,
+            negative=negative,
+            width=width,
+            height=height,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            scheduler=scheduler,
+            seed=request.seed if request.HasField("seed") else None,
+            start_fraction=start,
+            end_fraction=end,
+            latents=latents,
+            generator_state=request.generator_state,
+            aesthetic_score=request.aesthetic_score if request.HasField("aesthetic_score") else 6.0,
+            negative_aesthetic_score=(
+                request.negative_aesthetic_score if request.HasField("negative_aesthetic_score") else 2.5
+            ),
+            loras=loras,
+            control_units=len(request.control_net),
+        )
+
+    def Denoise(self, request, context):
+        job = self.job_from_pb(request)
+        for event in self.engine.denoise(job, is_active=context.is_active):
+            if isinstance(event, DenoiseOutcome):
+                yield denoiser_service_pb2.DenoiseResponse(
+                    result=denoiser_service_pb2.DenoiseResult(
+                        latents=encode_tensor(event.latents),
+                        seed=event.seed,
+                        generator_state=event.generator_state,
+                        scheduler_class=event.scheduler_class,
+                        scheduler_options=event.scheduler_options,
+                        model_calls=event.model_calls,
+                    )
+                )
+            else:
+                yield denoiser_service_pb2.DenoiseResponse(
+                    progress=common_pb2.Progress(
+                        stage="denoise",
+                        step=event.step,
+                        total_steps=event.total_steps,
+                        elapsed_seconds=event.elapsed_seconds,
+                    )
+                )
+
+    def ListSchedulers(self, request, context):
+        return denoiser_service_pb2.ListSchedulersResponse(
+            schedulers=[
+                denoiser_service_pb2.SchedulerInfo(
+                    name=row.name, aliases=list(row.aliases), class_name=row.class_name, options=options
+                )
+                for row, options in scheduler_rows()
+            ]
+        )
+
+
+def build(settings: Settings) -> Service:
+    """The denoiser role for the server bootstrap."""
+    cache = ComponentCache(settings.max_loaded_models)
+    servicer = DenoiserServicer(DenoiserEngine(ModelStore(settings.model_root), cache), settings)
+    return Service(
+        "denoiser",
+        ["triptych.v1.DenoiserService"],
+        lambda server: denoiser_service_pb2_grpc.add_DenoiserServiceServicer_to_server(servicer, server),
+        cache.loaded,
+    )

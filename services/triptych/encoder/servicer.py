@@ -1,0 +1,66 @@
+"""TextEncoderService: proto <-> EncodeJob/EncodeResult, nothing else."""
+
+from __future__ import annotations
+
+from triptych.core.codec import encode_tensor
+from triptych.core.components import ComponentCache
+from triptych.core.errors import InvalidArgument
+from triptych.core.model_store import ModelStore
+from triptych.core.server import Service
+from triptych.core.settings import Settings
+from triptych.core.validation import check_prompt, weighted
+from triptych.encoder.engine import Conditioning, EncodeJob, TextEncoderEngine
+from triptych.v1 import common_pb2, encoder_service_pb2, encoder_service_pb2_grpc
+
+
+def _conditioning_to_pb(conditioning: Conditioning) -> common_pb2.TextConditioning:
+    message = common_pb2.TextConditioning(prompt_embeds=encode_tensor(conditioning.prompt_embeds))
+    if conditioning.pooled_prompt_embeds is not None:
+        message.pooled_prompt_embeds.CopyFrom(encode_tensor(conditioning.pooled_prompt_embeds))
+    return message
+
+
+class TextEncoderServicer(encoder_service_pb2_grpc.TextEncoderServiceServicer):
+    def __init__(self, engine: TextEncoderEngine, settings: Settings):
+        self.engine = engine
+        self.limits = settings.limits
+
+    def Encode(self, request, context):
+        violations: list[tuple[str, str]] = []
+        check_prompt(request.positive_prompt, "positive_prompt", self.limits, violations)
+        check_prompt(request.negative_prompt, "negative_prompt", self.limits, violations)
+        loras = weighted(request.loras, "loras", self.limits.max_loras, (-10.0, 10.0), violations)
+        embeddings = weighted(request.embeddings, "embeddings", self.limits.max_embeddings, (-4.0, 4.0), violations)
+        job = EncodeJob(
+            model=request.model,
+            positive_prompt=request.positive_prompt,
+            negative_prompt=request.negative_prompt,
+            include_negative=request.include_negative,
+            clip_skip=request.clip_skip,
+            loras=loras,
+            embeddings=embeddings,
+        )
+        if violations:
+            raise InvalidArgument(violations)
+        result = self.engine.encode(job)
+        response = encoder_service_pb2.EncodeResponse(
+            positive=_conditioning_to_pb(result.positive),
+            hidden_layer_index=result.hidden_layer_index,
+            notes=result.notes,
+        )
+        if result.negative is not None:
+            response.negative.CopyFrom(_conditioning_to_pb(result.negative))
+        return response
+
+
+def build(settings: Settings) -> Service:
+    """The encoder role for the server bootstrap."""
+    cache = ComponentCache(settings.max_loaded_models)
+    engine = TextEncoderEngine(ModelStore(settings.model_root), cache)
+    servicer = TextEncoderServicer(engine, settings)
+    return Service(
+        "encoder",
+        ["triptych.v1.TextEncoderService"],
+        lambda server: encoder_service_pb2_grpc.add_TextEncoderServiceServicer_to_server(servicer, server),
+        cache.loaded,
+    )

@@ -1,0 +1,285 @@
+"""ImageService: validates a Runware-style request, then chains encoder -> denoiser (-> refiner) -> decoder.
+
+Holds no weights and imports no torch. Deadlines and cancellation propagate to every downstream call;
+downstream errors are relayed unchanged (code, message, field violations).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+
+import grpc
+from triptych.client.connection import open_channel
+from triptych.client.task import task_from_request
+from triptych.core.errors import InvalidArgument, Relayed
+from triptych.core.scheduler_table import parse_scheduler
+from triptych.core.server import VERSION, Service
+from triptych.core.settings import Settings
+from triptych.core.validation import (
+    check_fraction,
+    check_guidance,
+    check_prompt,
+    check_size,
+    check_steps,
+    weighted,
+)
+from triptych.gateway.metadata import a1111_parameters
+from triptych.v1 import (
+    common_pb2,
+    decoder_service_pb2,
+    decoder_service_pb2_grpc,
+    denoiser_service_pb2,
+    denoiser_service_pb2_grpc,
+    encoder_service_pb2,
+    encoder_service_pb2_grpc,
+    image_service_pb2,
+    image_service_pb2_grpc,
+)
+
+DEFAULT_STEPS = 20
+DEFAULT_CFG_SCALE = 7.0
+
+
+class _Calls:
+    """Downstream calls in flight for one Generate; cancelled together when the caller goes away."""
+
+    def __init__(self, context: grpc.ServicerContext):
+        self._context = context
+        self._lock = threading.Lock()
+        self._active: list = []
+        context.add_callback(self.cancel_all)
+
+    def timeout(self) -> float | None:
+        remaining = self._context.time_remaining()
+        return remaining if remaining is not None and remaining < 1e8 else None
+
+    def track(self, call):
+        with self._lock:
+            self._active.append(call)
+        return call
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for call in self._active:
+                call.cancel()
+
+    def unary(self, method, request):
+        try:
+            return self.track(method.future(request, timeout=self.timeout())).result()
+        except grpc.RpcError as exc:
+            raise Relayed(exc) from exc
+        except grpc.FutureCancelledError as exc:
+            raise Relayed(_CancelledError()) from exc
+
+
+class _CancelledError(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.CANCELLED
+
+    def details(self):
+        return "cancelled by the caller"
+
+
+class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
+    def __init__(self, settings: Settings):
+        self.limits = settings.limits
+        self.encoder = encoder_service_pb2_grpc.TextEncoderServiceStub(open_channel(settings.encoder_address))
+        self.denoiser = denoiser_service_pb2_grpc.DenoiserServiceStub(open_channel(settings.denoiser_address))
+        self.decoder = decoder_service_pb2_grpc.DecoderServiceStub(open_channel(settings.decoder_address))
+
+    def validate(self, request: image_service_pb2.GenerateRequest) -> None:
+        """Every field checked before any downstream work; all violations reported at once."""
+        v: list[tuple[str, str]] = []
+        if not request.model:
+            v.append(("model", "a model id is required"))
+        check_prompt(request.positive_prompt, "positive_prompt", self.limits, v)
+        check_prompt(request.negative_prompt, "negative_prompt", self.limits, v)
+        check_size(request.width if request.HasField("width") else None, "width", self.limits.max_width, v)
+        check_size(request.height if request.HasField("height") else None, "height", self.limits.max_height, v)
+        check_steps(request.steps if request.HasField("steps") else DEFAULT_STEPS, "steps", self.limits, v)
+        check_guidance(
+            request.cfg_scale if request.HasField("cfg_scale") else DEFAULT_CFG_SCALE, "cfg_scale", self.limits, v
+        )
+        count = request.number_results if request.HasField("number_results") else 1
+        if not 1 <= count <= self.limits.max_number_results:
+            v.append(("number_results", f"must be between 1 and {self.limits.max_number_results} (got {count})"))
+        if request.HasField("output_quality") and not 1 <= request.output_quality <= 100:
+            v.append(("output_quality", f"must be between 1 and 100 (got {request.output_quality})"))
+        if request.output_format not in decoder_service_pb2.OutputFormat.values():
+            v.append(("output_format", f"unknown format {request.output_format}"))
+        try:
+            parse_scheduler(request.scheduler)
+        except InvalidArgument as exc:
+            v.extend(exc.violations)
+        weighted(request.lora, "lora", self.limits.max_loras, (-10.0, 10.0), v)
+        weighted(request.embeddings, "embeddings", self.limits.max_embeddings, (-4.0, 4.0), v)
+        if len(request.control_net) > self.limits.max_controlnets:
+            v.append(("control_net", f"at most {self.limits.max_controlnets} units (got {len(request.control_net)})"))
+        if request.HasField("refiner"):
+            if not request.refiner.model:
+                v.append(("refiner.model", "a refiner model id is required"))
+            fraction = self.refiner_fraction(request)
+            if fraction is None:
+                v.append(("refiner", "set start_step or start_step_percentage"))
+            else:
+                check_fraction(fraction, "refiner.start", v, low=0.0, high=1.0)
+                if not 0 < fraction < 1:
+                    v.append(("refiner.start", f"the hand-off must fall strictly inside the schedule (got {fraction})"))
+        if v:
+            raise InvalidArgument(v)
+
+    @staticmethod
+    def refiner_fraction(request: image_service_pb2.GenerateRequest) -> float | None:
+        which = request.refiner.WhichOneof("start")
+        if which == "start_step":
+            steps = request.steps if request.HasField("steps") else DEFAULT_STEPS
+            return request.refiner.start_step / steps
+        if which == "start_step_percentage":
+            return request.refiner.start_step_percentage / 100.0
+        return None
+
+    def Generate(self, request, context):
+        self.validate(request)
+        calls = _Calls(context)
+        steps = request.steps if request.HasField("steps") else DEFAULT_STEPS
+        cfg_scale = request.cfg_scale if request.HasField("cfg_scale") else DEFAULT_CFG_SCALE
+        base_seed = request.seed if request.HasField("seed") else secrets.randbits(64)
+        count = request.number_results if request.HasField("number_results") else 1
+        started = time.perf_counter()
+
+        encode_request = encoder_service_pb2.EncodeRequest(
+            model=request.model,
+            positive_prompt=request.positive_prompt,
+            negative_prompt=request.negative_prompt,
+            include_negative=cfg_scale > 1,
+            loras=request.lora,
+            embeddings=request.embeddings,
+        )
+        if request.HasField("clip_skip"):
+            encode_request.clip_skip = request.clip_skip
+        encoded = calls.unary(self.encoder.Encode, encode_request)
+        yield _progress("encode", 1, 1, started, 0)
+        refiner_encoded = None
+        if request.HasField("refiner"):
+            refiner_request = encoder_service_pb2.EncodeRequest()
+            refiner_request.CopyFrom(encode_request)
+            refiner_request.model = request.refiner.model
+            refiner_request.ClearField("loras")  # a LoRA is trained for the base model
+            refiner_encoded = calls.unary(self.encoder.Encode, refiner_request)
+
+        for index in range(count):
+            seed = (base_seed + index) % 2**64
+            denoise_request = denoiser_service_pb2.DenoiseRequest(
+                model=request.model,
+                positive=encoded.positive,
+                steps=steps,
+                guidance_scale=cfg_scale,
+                scheduler=request.scheduler,
+                seed=seed,
+                loras=request.lora,
+                control_net=request.control_net,
+            )
+            if encoded.HasField("negative"):
+                denoise_request.negative.CopyFrom(encoded.negative)
+            for field in ("width", "height"):
+                if request.HasField(field):
+                    setattr(denoise_request, field, getattr(request, field))
+            fraction = None
+            if refiner_encoded is not None:
+                fraction = self.refiner_fraction(request)
+                denoise_request.window.end_fraction = fraction
+            result = yield from self._denoise(calls, denoise_request, "denoise", index)
+            decode_model = request.model
+            if refiner_encoded is not None:
+                refine_request = denoiser_service_pb2.DenoiseRequest()
+                refine_request.CopyFrom(denoise_request)
+                refine_request.model = request.refiner.model
+                refine_request.positive.CopyFrom(refiner_encoded.positive)
+                refine_request.ClearField("negative")
+                if refiner_encoded.HasField("negative"):
+                    refine_request.negative.CopyFrom(refiner_encoded.negative)
+                refine_request.ClearField("loras")
+                refine_request.ClearField("control_net")
+                refine_request.ClearField("window")
+                refine_request.window.start_fraction = fraction
+                refine_request.latents.CopyFrom(result.latents)
+                refine_request.generator_state = result.generator_state
+                result = yield from self._denoise(calls, refine_request, "refine", index)
+                decode_model = request.refiner.model
+
+            reproduce = image_service_pb2.GenerateRequest()
+            reproduce.CopyFrom(request)
+            reproduce.seed = seed
+            reproduce.ClearField("number_results")
+            request_json = _json(task_from_request(reproduce))
+            height, width = (int(d) * 8 for d in result.latents.shape[-2:])
+            parameters = a1111_parameters(request, seed, steps, cfg_scale, width, height, VERSION)
+            decoded = calls.unary(
+                self.decoder.Decode,
+                decoder_service_pb2.DecodeRequest(
+                    model=decode_model,
+                    vae=request.vae,
+                    latents=result.latents,
+                    output_format=request.output_format,
+                    quality=request.output_quality if request.HasField("output_quality") else 95,
+                    png_text={"parameters": parameters, "triptych-request": request_json},
+                ),
+            )
+            yield _progress("decode", 1, 1, started, index)
+            yield image_service_pb2.GenerateResponse(
+                image=image_service_pb2.GeneratedImage(
+                    task_uuid=request.task_uuid,
+                    index=index,
+                    image=decoded.images[0],
+                    seed=seed,
+                    scheduler_class=result.scheduler_class,
+                    scheduler_options=result.scheduler_options,
+                    hidden_layer_index=encoded.hidden_layer_index,
+                    parameters=parameters,
+                    request_json=request_json,
+                )
+            )
+
+    def _denoise(self, calls: _Calls, request, stage: str, index: int):
+        """Relays a Denoise stream's progress (tagged with stage and image index) and returns its result."""
+        try:
+            for event in calls.track(self.denoiser.Denoise(request, timeout=calls.timeout())):
+                if event.HasField("progress"):
+                    progress = common_pb2.Progress()
+                    progress.CopyFrom(event.progress)
+                    progress.stage, progress.image_index = stage, index
+                    yield image_service_pb2.GenerateResponse(progress=progress)
+                else:
+                    return event.result
+        except grpc.RpcError as exc:
+            raise Relayed(exc) from exc
+        raise Relayed(_CancelledError())
+
+
+def _progress(stage: str, step: int, total: int, started: float, index: int) -> image_service_pb2.GenerateResponse:
+    return image_service_pb2.GenerateResponse(
+        progress=common_pb2.Progress(
+            stage=stage,
+            step=step,
+            total_steps=total,
+            elapsed_seconds=time.perf_counter() - started,
+            image_index=index,
+        )
+    )
+
+
+def _json(task: dict) -> str:
+    return json.dumps(task, sort_keys=True, separators=(",", ":"))
+
+
+def build(settings: Settings) -> Service:
+    """The gateway role for the server bootstrap."""
+    servicer = ImageServicer(settings)
+    return Service(
+        "gateway",
+        ["triptych.v1.ImageService"],
+        lambda server: image_service_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server),
+    )
