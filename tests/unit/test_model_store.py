@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from triptych.core.errors import InvalidArgument, NotFound
+from triptych.core.model_store import ModelStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    root = tmp_path / "store"
+    (root / "tiny" / "sd15").mkdir(parents=True)
+    (root / "tiny" / "sd15" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (root / "tiny" / "lora.safetensors").write_bytes(b"x")
+    (root / "civitai" / "4201").mkdir(parents=True)
+    (root / "civitai" / "4201" / "130072.safetensors").write_bytes(b"x")
+    (tmp_path / "outside").mkdir()
+    (root / "escape").symlink_to(tmp_path / "outside")
+    return ModelStore(root)
+
+
+def test_ids_resolve_to_folders_files_and_air_paths(store):
+    assert store.resolve("tiny/sd15", "model").family == "sd1"
+    assert store.resolve("tiny/lora", "lora").kind == "file"
+    assert store.resolve("civitai:4201@130072", "model").path.name == "130072.safetensors"
+
+
+@pytest.mark.parametrize("model_id", ["../x", "/etc/passwd", "tiny/../../x", "tiny\\sd15", "", "a//b", "./tiny"])
+def test_ids_that_escape_or_are_malformed_are_invalid(store, model_id):
+    with pytest.raises(InvalidArgument):
+        store.resolve(model_id, "model")
+
+
+def test_symlink_out_of_the_root_is_refused(store):
+    with pytest.raises(InvalidArgument, match="outside"):
+        store.resolve("escape", "model")
+
+
+def test_missing_model_is_not_found_and_names_it(store):
+    with pytest.raises(NotFound, match="tiny/none"):
+        store.resolve("tiny/none", "model")
+
+
+def test_list_shows_models(store):
+    ids = [info.model_id for info in store.list()]
+    assert "tiny/sd15" in ids and "tiny/lora" in ids and "civitai/4201/130072" in ids
