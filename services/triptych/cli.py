@@ -115,6 +115,7 @@ def _output_path(base: Path, task_index: int, tasks: int, image_index: int) -> P
 
 def cmd_generate(args) -> int:
     import grpc
+
     from triptych.client import ImageClient, TaskError, describe_error, requests_from_json
     from triptych.v1 import image_service_pb2
 

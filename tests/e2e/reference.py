@@ -9,6 +9,7 @@ import diffusers
 import numpy as np
 import torch
 from PIL import Image
+
 from triptych.core.scheduler_table import parse_scheduler
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from triptych.v1 import image_service_pb2
 
 from tests.e2e.reference import References, pixels
+from triptych.v1 import image_service_pb2
 
 CASES = [
     # model, prompt, negative, seed, scheduler, width, height, cfg, steps

@@ -10,6 +10,7 @@ import sys
 import grpc
 import pytest
 from PIL import Image
+
 from triptych.client import field_violations, open_channel
 from triptych.v1 import (
     decoder_service_pb2,

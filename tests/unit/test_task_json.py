@@ -2,6 +2,7 @@ import base64
 import json
 
 import pytest
+
 from triptych.client import TaskError, request_from_task, requests_from_json, task_from_request
 from triptych.v1 import common_pb2, decoder_service_pb2
 

@@ -7,6 +7,7 @@ import sys
 import warnings
 
 import torch
+
 from triptych.core.errors import InvalidArgument
 from triptych.v1 import tensor_pb2
 

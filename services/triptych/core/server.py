@@ -16,6 +16,7 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+
 from triptych.core.components import LoadedComponent
 from triptych.core.errors import TriptychError
 from triptych.core.settings import Settings

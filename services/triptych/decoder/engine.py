@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
+
 from triptych.core.components import ComponentCache
 from triptych.core.errors import InvalidArgument
 from triptych.core.model_store import ModelStore

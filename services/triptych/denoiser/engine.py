@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
+
 from triptych.core.components import ComponentCache
 from triptych.core.errors import Cancelled, InvalidArgument, Unimplemented
 from triptych.core.model_store import ModelInfo, ModelStore

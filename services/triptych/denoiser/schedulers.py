@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import diffusers
+
 from triptych.core.errors import InvalidArgument
 from triptych.core.scheduler_table import SUFFIXES, TABLE, SchedulerChoice, SchedulerRow
 

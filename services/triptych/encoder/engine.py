@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
 from triptych.core.components import ComponentCache
 from triptych.core.errors import InvalidArgument, Unimplemented
 from triptych.core.model_store import ModelInfo, ModelStore

@@ -12,6 +12,7 @@ import threading
 import time
 
 import grpc
+
 from triptych.client.connection import open_channel
 from triptych.client.task import task_from_request
 from triptych.core.errors import InvalidArgument, Relayed

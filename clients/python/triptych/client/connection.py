@@ -9,6 +9,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+
 from triptych.v1 import image_service_pb2, image_service_pb2_grpc
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
