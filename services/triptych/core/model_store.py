@@ -43,6 +43,11 @@ class ModelInfo:
         return self.index.get(name, default)
 
     @property
+    def family_name(self) -> str:
+        """"sd1", "sdxl" or "sdxl-refiner"."""
+        return "sdxl-refiner" if self.is_refiner else (self.family or "")
+
+    @property
     def is_refiner(self) -> bool:
         """An SDXL refiner: its own text_encoder_2 only, aesthetic-score conditioning."""
         return self.family == "sdxl" and self.index.get("text_encoder", [None, None])[0] is None

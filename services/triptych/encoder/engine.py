@@ -43,6 +43,7 @@ class EncodeResult:
     positive: Conditioning
     negative: Conditioning | None
     hidden_layer_index: int
+    model_family: str
     notes: list[str] = field(default_factory=list)
 
 
@@ -107,7 +108,7 @@ class TextEncoderEngine:
             count = len(tokenizer(prompt, truncation=False).input_ids) - 2
             if count > tokenizer.model_max_length - 2:
                 notes.append(f"{name}: {count} tokens, truncated to {tokenizer.model_max_length - 2}")
-        return EncodeResult(positive, negative, hidden_layer_index, notes)
+        return EncodeResult(positive, negative, hidden_layer_index, info.family_name, notes)
 
     @staticmethod
     def _ids(tokenizer: CLIPTokenizer, prompt: str) -> torch.Tensor:

@@ -47,6 +47,7 @@ class TextEncoderServicer(encoder_service_pb2_grpc.TextEncoderServiceServicer):
             positive=_conditioning_to_pb(result.positive),
             hidden_layer_index=result.hidden_layer_index,
             notes=result.notes,
+            model_family=result.model_family,
         )
         if result.negative is not None:
             response.negative.CopyFrom(_conditioning_to_pb(result.negative))

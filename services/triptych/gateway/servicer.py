@@ -170,6 +170,12 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             refiner_request.model = request.refiner.model
             refiner_request.ClearField("loras")  # a LoRA is trained for the base model
             refiner_encoded = calls.unary(self.encoder.Encode, refiner_request)
+            pairing = (encoded.model_family, refiner_encoded.model_family)
+            if pairing != ("sdxl", "sdxl-refiner"):
+                raise InvalidArgument.one(
+                    "refiner.model",
+                    f"a refiner needs an SDXL base and an SDXL refiner (got {pairing[0]} -> {pairing[1]})",
+                )
 
         for index in range(count):
             seed = (base_seed + index) % 2**64
