@@ -50,6 +50,7 @@ class ComponentCache:
                 if key in self._models:
                     return self._models[key]
             components = load()
+            components["_lock"] = threading.RLock()  # serialises requests that mutate per-model state (LoRAs)
             with self._lock:
                 self._models[key] = components
                 while len(self._models) > self._max_models:
@@ -65,5 +66,5 @@ class ComponentCache:
             LoadedComponent(key, name, type(obj).__name__, _bytes_of(obj))
             for key, parts in snapshot
             for name, obj in parts.items()
-            if obj is not None and not isinstance(obj, dict)  # configs are not components
+            if obj is not None and not name.startswith("_") and not isinstance(obj, dict)  # configs aren't components
         ]

@@ -44,7 +44,7 @@ class ModelInfo:
 
     @property
     def family_name(self) -> str:
-        """"sd1", "sdxl" or "sdxl-refiner"."""
+        """ "sd1", "sdxl" or "sdxl-refiner"."""
         return "sdxl-refiner" if self.is_refiner else (self.family or "")
 
     @property

@@ -83,9 +83,12 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 class RuntimeServicer(runtime_service_pb2_grpc.RuntimeServiceServicer):
     """Answers GetRuntimeInfo for any role."""
 
-    def __init__(self, role: str, loaded: Callable[[], Iterable[LoadedComponent]]):
+    def __init__(
+        self, role: str, loaded: Callable[[], Iterable[LoadedComponent]], counters: Callable[[], dict[str, int]]
+    ):
         self._role = role
         self._loaded = loaded
+        self._counters = counters
 
     def GetRuntimeInfo(self, request, context):
         torch = sys.modules.get("torch")
@@ -100,6 +103,7 @@ class RuntimeServicer(runtime_service_pb2_grpc.RuntimeServiceServicer):
             ],
             torch_threads=torch.get_num_threads() if torch is not None else 0,
             pid=os.getpid(),
+            counters=self._counters(),
         )
 
 
@@ -112,11 +116,13 @@ class Service:
         service_names: list[str],
         register: Callable[[grpc.Server], None],
         loaded: Callable[[], Iterable[LoadedComponent]] = list,
+        counters: Callable[[], dict[str, int]] = dict,
     ):
         self.role = role
         self.service_names = service_names
         self.register = register
         self.loaded = loaded
+        self.counters = counters
 
 
 def start(service: Service, settings: Settings, port: int) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -129,7 +135,9 @@ def start(service: Service, settings: Settings, port: int) -> tuple[grpc.Server,
     service.register(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(service.role, service.loaded), server)
+    runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(
+        RuntimeServicer(service.role, service.loaded, service.counters), server
+    )
     names = [*service.service_names, "triptych.v1.RuntimeService", health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     bound = server.add_insecure_port(f"{settings.host}:{port}")

@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from triptych.core.components import ComponentCache
 from triptych.core.errors import Cancelled, InvalidArgument, Unimplemented
+from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelInfo, ModelStore
 from triptych.core.scheduler_table import SchedulerChoice
 from triptych.denoiser.schedulers import build_scheduler, describe_options
@@ -95,9 +96,10 @@ def window_timesteps(scheduler, start_fraction: float, end_fraction: float) -> t
 class DenoiserEngine:
     """Loads UNets on demand and runs sampling jobs."""
 
-    def __init__(self, store: ModelStore, cache: ComponentCache):
+    def __init__(self, store: ModelStore, cache: ComponentCache, loras: LoraAdapters):
         self.store = store
         self.cache = cache
+        self.loras = loras
 
     def model(self, model_id: str, field: str = "model") -> tuple[ModelInfo, dict]:
         info = self.store.resolve(model_id, field)
@@ -116,11 +118,14 @@ class DenoiserEngine:
     ) -> Iterator[StepDone | DenoiseOutcome]:
         """Yields a StepDone after each step, then one DenoiseOutcome. Stops with CANCELLED when
         is_active() turns false (checked before every step)."""
-        if job.loras:
-            raise Unimplemented("loras: LoRA UNet weights are not supported by this denoiser yet")
         if job.control_units:
             raise Unimplemented("control_net: ControlNet is not supported by this denoiser yet")
         info, parts = self.model(job.model)
+        with parts["_lock"]:  # LoRA state lives in the shared UNet: one request per model at a time
+            self.loras.activate(info.family, {"unet": parts["unet"]}, job.loras)
+            yield from self._sample(info, parts, job, is_active)
+
+    def _sample(self, info: ModelInfo, parts: dict, job: DenoiseJob, is_active: Callable[[], bool]):
         unet: UNet2DConditionModel = parts["unet"]
         scheduler = build_scheduler(job.scheduler, parts["scheduler_config"])
         default_size = unet.config.sample_size * VAE_SCALE

@@ -5,6 +5,7 @@ from __future__ import annotations
 from triptych.core.codec import decode_tensor, encode_tensor
 from triptych.core.components import ComponentCache
 from triptych.core.errors import InvalidArgument
+from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelStore
 from triptych.core.scheduler_table import parse_scheduler
 from triptych.core.server import Service
@@ -127,10 +128,13 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
 def build(settings: Settings) -> Service:
     """The denoiser role for the server bootstrap."""
     cache = ComponentCache(settings.max_loaded_models)
-    servicer = DenoiserServicer(DenoiserEngine(ModelStore(settings.model_root), cache), settings)
+    store = ModelStore(settings.model_root)
+    loras = LoraAdapters(store, settings.max_cached_loras)
+    servicer = DenoiserServicer(DenoiserEngine(store, cache, loras), settings)
     return Service(
         "denoiser",
         ["triptych.v1.DenoiserService"],
         lambda server: denoiser_service_pb2_grpc.add_DenoiserServiceServicer_to_server(servicer, server),
         cache.loaded,
+        lambda: {"lora_disk_reads": loras.disk_reads},
     )

@@ -14,6 +14,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from triptych.core.components import ComponentCache
 from triptych.core.errors import InvalidArgument, Unimplemented
+from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelInfo, ModelStore
 
 
@@ -50,9 +51,10 @@ class EncodeResult:
 class TextEncoderEngine:
     """Loads tokenizers + text encoders on demand and encodes prompts."""
 
-    def __init__(self, store: ModelStore, cache: ComponentCache):
+    def __init__(self, store: ModelStore, cache: ComponentCache, loras: LoraAdapters):
         self.store = store
         self.cache = cache
+        self.loras = loras
 
     def _components(self, info: ModelInfo) -> dict:
         def load() -> dict:
@@ -74,8 +76,6 @@ class TextEncoderEngine:
         info = self.store.resolve(job.model, "model")
         if info.kind != "pipeline" or info.family is None:
             raise InvalidArgument.one("model", f"{job.model!r} is not a text-to-image model folder ({info.kind})")
-        if job.loras:
-            raise Unimplemented("loras: LoRA text-encoder weights are not supported by this encoder yet")
         if job.embeddings:
             raise Unimplemented("embeddings: textual inversion is not supported by this encoder yet")
         parts = self._components(info)
@@ -88,7 +88,9 @@ class TextEncoderEngine:
                 "clip_skip", f"must be at most {layers - 1 - default_skip} for {job.model!r} ({layers} layers)"
             )
         hidden_layer_index = -(job.clip_skip + 1 + default_skip)
-        with torch.no_grad():
+        with parts["_lock"], torch.no_grad():
+            text_encoders = {name: parts[name] for name in ("text_encoder", "text_encoder_2") if name in parts}
+            self.loras.activate(info.family, text_encoders, job.loras)
             if info.family == "sd1":
                 positive = self._encode_sd1(parts, job.positive_prompt, job.clip_skip)
                 negative = self._encode_sd1(parts, job.negative_prompt, job.clip_skip) if job.include_negative else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from triptych.core.codec import encode_tensor
 from triptych.core.components import ComponentCache
 from triptych.core.errors import InvalidArgument
+from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelStore
 from triptych.core.server import Service
 from triptych.core.settings import Settings
@@ -57,11 +58,14 @@ class TextEncoderServicer(encoder_service_pb2_grpc.TextEncoderServiceServicer):
 def build(settings: Settings) -> Service:
     """The encoder role for the server bootstrap."""
     cache = ComponentCache(settings.max_loaded_models)
-    engine = TextEncoderEngine(ModelStore(settings.model_root), cache)
+    store = ModelStore(settings.model_root)
+    loras = LoraAdapters(store, settings.max_cached_loras)
+    engine = TextEncoderEngine(store, cache, loras)
     servicer = TextEncoderServicer(engine, settings)
     return Service(
         "encoder",
         ["triptych.v1.TextEncoderService"],
         lambda server: encoder_service_pb2_grpc.add_TextEncoderServiceServicer_to_server(servicer, server),
         cache.loaded,
+        lambda: {"lora_disk_reads": loras.disk_reads},
     )

@@ -18,7 +18,8 @@ from torch import nn
 
 # LoRA targets: the attention projections kohya/A1111 and diffusers LoRAs touch most.
 _UNET_LORA_RE = re.compile(r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-_TE_LORA_RE = re.compile(r"text_model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj$")
+# transformers 5 names CLIP modules without the legacy "text_model." prefix; LoRA files keep the legacy names.
+_TE_LORA_RE = re.compile(r"(^|\.)encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj$")
 
 
 @torch.no_grad()
@@ -68,7 +69,11 @@ def wake_controlnet_(controlnet: nn.Module, seed: int, scale: float = 0.05) -> n
 def lora_targets(unet: nn.Module, text_encoder: nn.Module) -> tuple[list[tuple[str, nn.Linear]], ...]:
     """Return ``(unet_targets, te_targets)``: ``(module_path, Linear)`` pairs a LoRA adapts."""
     unet_t = [(n, m) for n, m in unet.named_modules() if _UNET_LORA_RE.search(n)]
-    te_t = [(n, m) for n, m in text_encoder.named_modules() if _TE_LORA_RE.search(n)]
+    te_t = [
+        (n if n.startswith("text_model.") else f"text_model.{n}", m)
+        for n, m in text_encoder.named_modules()
+        if _TE_LORA_RE.search(n)
+    ]
     return unet_t, te_t
 
 

@@ -1,0 +1,116 @@
+"""LoRA adapters on our own loaded components, through diffusers' loaders (kohya, diffusers and peft files).
+
+The encoder applies a LoRA's text-encoder half and the denoiser its UNet half; both call `LoraAdapters.activate`
+with the request's list. Files are normalised by diffusers' `lora_state_dict` (its converters, not our key
+parsing), injected with `load_lora_into_unet` / `load_lora_into_text_encoder`, and weighted with the same
+`set_adapters` calls `pipe.set_adapters(names, weights)` makes, so results equal diffusers'. Injected
+adapters stay in the module (LRU, bounded): a repeated LoRA set reads nothing from disk; a request without
+LoRAs disables the layers, which then compute the base weights alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+
+import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.peft_utils import delete_adapter_layers, set_adapter_layers
+
+from triptych.core.errors import InvalidArgument
+from triptych.core.model_store import ModelStore
+
+_LOADERS = {"sd1": StableDiffusionLoraLoaderMixin, "sdxl": StableDiffusionXLLoraLoaderMixin}
+
+
+def adapter_name(model_id: str) -> str:
+    """A peft-safe adapter name that is unique per model id."""
+    digest = hashlib.sha1(model_id.encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9_]", "_", model_id) + "_" + digest
+
+
+class LoraAdapters:
+    """Loads, caches and activates LoRA adapters on the components of one service."""
+
+    def __init__(self, store: ModelStore, max_adapters: int):
+        self.store = store
+        self.max_adapters = max(1, max_adapters)
+        self.disk_reads = 0
+
+    def activate(self, family: str, modules: dict[str, torch.nn.Module], loras, field: str = "loras") -> None:
+        """Makes exactly `loras` ((model id, weight), ...) active on `modules` ({"unet": unet} or text encoders).
+
+        Callers hold the model's lock: adapters are per-module state shared by every request on that model.
+        """
+        wanted = []
+        for i, (model_id, weight) in enumerate(loras):
+            info = self.store.resolve(model_id, f"{field}[{i}].model")
+            if info.kind != "file" or info.path.suffix != ".safetensors":
+                raise InvalidArgument.one(f"{field}[{i}].model", f"{model_id!r} is not a .safetensors LoRA file")
+            wanted.append((adapter_name(model_id), info.path, weight, f"{field}[{i}].model"))
+        for name, path, _, field_name in wanted:
+            missing = [(c, m) for c, m in modules.items() if name not in _injected(m)]
+            if missing:
+                self._inject(family, missing, name, path, field_name)
+            for module in modules.values():
+                _injected(module).move_to_end(name)
+        for module in modules.values():
+            active = [(name, weight) for name, _, weight, _ in wanted if _injected(module)[name]]
+            self._set(module, active)
+            self._evict(module, {name for name, *_ in wanted})
+
+    def _inject(self, family: str, targets, name: str, path, field_name: str) -> None:
+        loader = _LOADERS[family]
+        try:
+            state_dict, alphas, metadata = loader.lora_state_dict(
+                str(path.parent), weight_name=path.name, return_lora_metadata=True
+            )
+        except (ValueError, KeyError, OSError) as exc:
+            raise InvalidArgument.one(field_name, f"cannot read LoRA {path.name}: {exc}") from exc
+        self.disk_reads += 1
+        for component, module in targets:
+            prefix = f"{component}."
+            has_weights = any(key.startswith(prefix) for key in state_dict)
+            if has_weights and component == "unet":
+                loader.load_lora_into_unet(dict(state_dict), alphas, module, adapter_name=name, metadata=metadata)
+            elif has_weights:
+                loader.load_lora_into_text_encoder(
+                    dict(state_dict), alphas, module, prefix=component, adapter_name=name, metadata=metadata
+                )
+            _injected(module)[name] = has_weights
+
+    @staticmethod
+    def _set(module: torch.nn.Module, active: list[tuple[str, float]]) -> None:
+        if not getattr(module, "peft_config", None):
+            return  # never had an adapter: nothing to switch off
+        if not active:
+            set_adapter_layers(module, enabled=False)
+            return
+        set_adapter_layers(module, enabled=True)
+        names, weights = [n for n, _ in active], [w for _, w in active]
+        if isinstance(module, ModelMixin):
+            module.set_adapters(names, weights)
+        else:
+            set_adapters_for_text_encoder(names, module, weights)
+
+    def _evict(self, module: torch.nn.Module, keep: set[str]) -> None:
+        """Deletes the least recently used adapters beyond max_adapters (never one the request uses)."""
+        record = _injected(module)
+        for name in list(record)[: max(0, len(record) - self.max_adapters)]:
+            if name not in keep and record.pop(name):
+                if isinstance(module, ModelMixin):
+                    module.delete_adapters(name)
+                else:
+                    delete_adapter_layers(module, name)
+
+
+def _injected(module: torch.nn.Module) -> OrderedDict[str, bool]:
+    """Adapters injected into this module (name -> whether the file had weights for it), LRU order. Kept on
+    the module itself so the record lives and dies with the weights it describes."""
+    record = module.__dict__.get("_triptych_loras")
+    if record is None:
+        record = module.__dict__["_triptych_loras"] = OrderedDict()
+    return record

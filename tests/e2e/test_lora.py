@@ -1,0 +1,86 @@
+"""LoRA (text-encoder half in the encoder, UNet half in the denoiser) vs diffusers load_lora_weights + set_adapters."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from tests.e2e.reference import pixels
+from tests.e2e.test_services import runtime_info
+from triptych.v1 import common_pb2, image_service_pb2
+
+KOHYA, PEFT = "tiny/lora-sd15-kohya", "tiny/lora-sd15-peft"
+BASE = dict(
+    model="tiny/sd15", positive_prompt="a red fox", negative_prompt="blurry", seed=17, width=64, height=64, steps=6
+)
+
+
+def reference(model_root, loras: list[tuple[str, float]]) -> np.ndarray:
+    pipe = StableDiffusionPipeline.from_pretrained(model_root / "tiny/sd15")
+    pipe.set_progress_bar_config(disable=True)
+    for i, (model, _) in enumerate(loras):
+        pipe.load_lora_weights(
+            model_root / "tiny", weight_name=model.split("/")[1] + ".safetensors", adapter_name=f"a{i}"
+        )
+    if loras:
+        pipe.set_adapters([f"a{i}" for i in range(len(loras))], [w for _, w in loras])
+    image = pipe(
+        prompt=BASE["positive_prompt"],
+        negative_prompt=BASE["negative_prompt"],
+        width=64,
+        height=64,
+        num_inference_steps=6,
+        guidance_scale=7.0,
+        generator=torch.Generator("cpu").manual_seed(17),
+    ).images[0]
+    return np.asarray(image)
+
+
+def generate(client, loras: list[tuple[str, float]]) -> np.ndarray:
+    request = image_service_pb2.GenerateRequest(**BASE, lora=[common_pb2.Lora(model=m, weight=w) for m, w in loras])
+    return pixels(client.generate(request)[0].image.data)
+
+
+@pytest.mark.parametrize(
+    "loras",
+    [
+        [(KOHYA, 0.0)],
+        [(KOHYA, 0.7)],
+        [(KOHYA, 1.0)],
+        [(PEFT, 0.0)],
+        [(PEFT, 0.7)],
+        [(PEFT, 1.0)],
+        [(KOHYA, 0.5), (PEFT, 0.8)],
+    ],
+    ids=["kohya-0", "kohya-0.7", "kohya-1", "peft-0", "peft-0.7", "peft-1", "kohya+peft"],
+)
+def test_lora_equals_diffusers(client, model_root, loras):
+    got = generate(client, loras)
+    assert np.array_equal(got, reference(model_root, loras))
+    if any(w for _, w in loras):
+        assert not np.array_equal(got, generate(client, [])), "a weighted LoRA must change the image"
+
+
+def test_switching_lora_sets_leaks_nothing_and_reads_disk_once(client, services, model_root):
+    base = generate(client, [])
+    with_lora = generate(client, [(KOHYA, 0.9)])
+    reads = {
+        role: runtime_info(services.addresses[role]).counters["lora_disk_reads"] for role in ("encoder", "denoiser")
+    }
+    assert np.array_equal(generate(client, []), base), "no-LoRA after LoRA must equal the base model"
+    assert np.array_equal(generate(client, [(KOHYA, 0.9)]), with_lora), "LoRA again equals the first LoRA run"
+    after = {
+        role: runtime_info(services.addresses[role]).counters["lora_disk_reads"] for role in ("encoder", "denoiser")
+    }
+    assert after == reads, "a LoRA already loaded is not read from disk again"
+    assert np.array_equal(base, reference(model_root, []))
+
+
+def test_unknown_lora_is_not_found(client):
+    with pytest.raises(grpc.RpcError) as raised:
+        client.generate(image_service_pb2.GenerateRequest(**BASE, lora=[common_pb2.Lora(model="tiny/nope")]))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND and "tiny/nope" in raised.value.details()
+    assert len(client.generate(image_service_pb2.GenerateRequest(**BASE))) == 1
