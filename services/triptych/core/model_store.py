@@ -69,10 +69,10 @@ class ModelStore:
             raise InvalidArgument.one(field, f"{model_id!r} is not a valid model id (relative path in the store)")
         return self.root / relative
 
-    def resolve(self, model_id: str, field: str) -> ModelInfo:
-        """Finds a model; NOT_FOUND naming the id if it is not in the store."""
+    def resolve(self, model_id: str, field: str, suffixes: tuple[str, ...] = (".safetensors",)) -> ModelInfo:
+        """Finds a model (the id as is, else with one of `suffixes`); NOT_FOUND naming the id if absent."""
         candidate = self.path_for(model_id, field)
-        for path in (candidate, candidate.with_name(candidate.name + ".safetensors")):
+        for path in (candidate, *(candidate.with_name(candidate.name + suffix) for suffix in suffixes)):
             if not path.exists():
                 continue
             real = path.resolve()

@@ -1,0 +1,189 @@
+"""Textual inversion without mutating the tokenizer or the text encoder.
+
+An embedding's token is its file's stem (as A1111). Where the token occurs in a prompt its vectors take its
+place; absent, it is appended ("prompt + ' ' + token"). The prompt is tokenized around the token, the token's
+positions get a placeholder id, and a forward hook on the encoder's token-embedding layer writes the vectors
+there: the same numbers diffusers' load_textual_inversion gets by adding vocabulary rows, with no state left
+behind for the next request. Emphasis (weight) follows A1111: scale the encoder output at those positions,
+then restore the output's original mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from triptych.core.errors import InvalidArgument
+from triptych.core.model_store import ModelStore
+
+PLACEHOLDER_ID = 0  # an ordinary token id: never BOS/EOS, so pooling and padding are unaffected
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """One embedding file: its token and its vectors [n, dim] per text encoder component."""
+
+    token: str
+    vectors: dict[str, torch.Tensor]
+
+
+def _parse(path: Path, field: str) -> dict[str, torch.Tensor]:
+    """The vectors per encoder component, from any supported file layout."""
+    if path.suffix == ".safetensors":
+        data = load_file(str(path))
+    else:
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a plain tensor file"
+            raise InvalidArgument.one(
+                field, f"{path.name} does not load with torch.load(weights_only=True); convert it to .safetensors"
+            ) from exc
+    if not isinstance(data, dict):
+        raise InvalidArgument.one(field, f"{path.name} is not a textual-inversion file")
+    if "clip_l" in data or "clip_g" in data:  # SDXL
+        vectors = {"text_encoder": data.get("clip_l"), "text_encoder_2": data.get("clip_g")}
+        return {k: v for k, v in vectors.items() if v is not None}
+    if "emb_params" in data:  # A1111 safetensors
+        tensor = data["emb_params"]
+    elif "string_to_param" in data:  # A1111 .pt
+        tensor = next(iter(data["string_to_param"].values()))
+    elif len(data) == 1:  # diffusers {token: tensor}
+        tensor = next(iter(data.values()))
+    else:
+        raise InvalidArgument.one(field, f"{path.name}: unknown textual-inversion layout (keys {sorted(data)[:5]})")
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidArgument.one(field, f"{path.name}: the embedding is not a tensor")
+    return {"text_encoder": tensor}
+
+
+class EmbeddingFiles:
+    """Reads embedding files from the store, caching the parsed vectors (bounded LRU)."""
+
+    def __init__(self, store: ModelStore, max_files: int = 64):
+        self.store = store
+        self.max_files = max_files
+        self._cache: OrderedDict[tuple[str, float], Embedding] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model_id: str, field: str) -> Embedding:
+        info = self.store.resolve(model_id, field, suffixes=(".safetensors", ".pt", ".bin"))
+        if info.kind != "file":
+            raise InvalidArgument.one(field, f"{model_id!r} is not an embedding file")
+        key = (str(info.path), info.path.stat().st_mtime)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        vectors = {
+            name: (t if t.ndim == 2 else t.reshape(-1, t.shape[-1])).to(torch.float32).contiguous()
+            for name, t in _parse(info.path, field).items()
+        }
+        embedding = Embedding(info.path.stem, vectors)
+        with self._lock:
+            self._cache[key] = embedding
+            while len(self._cache) > self.max_files:
+                self._cache.popitem(last=False)
+        return embedding
+
+
+@dataclass
+class TokenizedPrompt:
+    """input_ids [1, max_length], the embedding vectors to write at given positions, and A1111 multipliers."""
+
+    input_ids: torch.Tensor
+    substitutions: list[tuple[int, torch.Tensor]]
+    multipliers: torch.Tensor  # [max_length], 1.0 except at weighted embedding positions
+
+
+def with_tokens(prompt: str, embeddings: list[Embedding]) -> str:
+    """Appends each embedding's token that the prompt does not already contain."""
+    for embedding in embeddings:
+        if embedding.token not in prompt:
+            prompt = f"{prompt} {embedding.token}"
+    return prompt
+
+
+def tokenize(tokenizer, prompt: str, component: str, embeddings: list[tuple[Embedding, float]]) -> TokenizedPrompt:
+    """Tokenizes like `tokenizer(prompt, padding="max_length", truncation=True)` with each embedding's token
+    replaced by its vectors (one position per vector)."""
+    length = tokenizer.model_max_length
+    pieces: list[tuple[str, tuple[Embedding, float] | None]] = [(prompt, None)]
+    for item in embeddings:
+        token = item[0].token
+        split: list[tuple[str, tuple[Embedding, float] | None]] = []
+        for text, owner in pieces:
+            if owner is not None:
+                split.append((text, owner))
+                continue
+            parts = text.split(token)
+            for i, part in enumerate(parts):
+                if i:
+                    split.append((token, item))
+                split.append((part, None))
+        pieces = split
+    content: list[int] = []
+    marks: list[tuple[int, torch.Tensor, float]] = []
+    for text, owner in pieces:
+        if owner is None:
+            if text.strip():
+                content += tokenizer(text, add_special_tokens=False).input_ids
+            continue
+        embedding, weight = owner
+        vectors = embedding.vectors.get(component)
+        if vectors is None:
+            continue  # e.g. an SDXL file without a clip_l half: the token is dropped for that encoder
+        for vector in vectors:
+            marks.append((len(content), vector, weight))
+            content.append(PLACEHOLDER_ID)
+    content = content[: length - 2]
+    ids = [tokenizer.bos_token_id, *content, tokenizer.eos_token_id]
+    ids += [tokenizer.pad_token_id] * (length - len(ids))
+    multipliers = torch.ones(length)
+    substitutions = []
+    for position, vector, weight in marks:
+        if position < len(content):  # truncated vectors are dropped like truncated words
+            substitutions.append((position + 1, vector))
+            multipliers[position + 1] = weight
+    return TokenizedPrompt(torch.tensor([ids]), substitutions, multipliers)
+
+
+@contextlib.contextmanager
+def substituted(text_encoder, substitutions: list[tuple[int, torch.Tensor]]):
+    """Writes the vectors into the token-embedding output for one forward pass (caller holds the model lock)."""
+    if not substitutions:
+        yield
+        return
+    layer = text_encoder.get_input_embeddings()
+    expected = layer.embedding_dim
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        for position, vector in substitutions:
+            output[0, position] = vector.to(output.dtype)
+        return output
+
+    for _, vector in substitutions:
+        if vector.shape[-1] != expected:
+            raise InvalidArgument.one(
+                "embeddings", f"embedding width {vector.shape[-1]} does not fit this text encoder ({expected})"
+            )
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def emphasise(hidden: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+    """A1111 emphasis: scale the output at each position, then restore the tensor's original mean."""
+    if bool((multipliers == 1).all()):
+        return hidden
+    original_mean = hidden.mean()
+    scaled = hidden * multipliers.reshape(1, -1, 1).to(hidden.dtype)
+    return scaled * (original_mean / scaled.mean())
