@@ -34,7 +34,7 @@ def test_each_process_holds_only_its_own_components(client, services):
         client.generate(image_service_pb2.GenerateRequest(**{**SMALL, "model": model}, seed=1))
     allowed = {
         "encoder": {"tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"},
-        "denoiser": {"unet"},
+        "denoiser": {"unet", "controlnet"},
         "decoder": {"vae"},
         "gateway": set(),
     }

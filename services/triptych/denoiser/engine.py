@@ -15,14 +15,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from triptych.core.components import ComponentCache
-from triptych.core.errors import Cancelled, InvalidArgument, Unimplemented
+from triptych.core.errors import Cancelled, InvalidArgument
 from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelInfo, ModelStore
 from triptych.core.scheduler_table import SchedulerChoice
+from triptych.denoiser.controlnet import ControlUnit, check_family, prepare_units, residuals
 from triptych.denoiser.schedulers import build_scheduler, describe_options
 
 VAE_SCALE = 8  # every supported family's VAE downsamples by 8
@@ -54,7 +55,7 @@ class DenoiseJob:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     loras: tuple[tuple[str, float], ...] = ()
-    control_units: int = 0
+    control_units: tuple[ControlUnit, ...] = ()
 
 
 @dataclass
@@ -118,8 +119,6 @@ class DenoiserEngine:
     ) -> Iterator[StepDone | DenoiseOutcome]:
         """Yields a StepDone after each step, then one DenoiseOutcome. Stops with CANCELLED when
         is_active() turns false (checked before every step)."""
-        if job.control_units:
-            raise Unimplemented("control_net: ControlNet is not supported by this denoiser yet")
         info, parts = self.model(job.model)
         with parts["_lock"]:  # LoRA state lives in the shared UNet: one request per model at a time
             self.loras.activate(info.family, {"unet": parts["unet"]}, job.loras)
@@ -155,6 +154,7 @@ class DenoiserEngine:
             latents = latents * scheduler.init_noise_sigma
 
         prompt_embeds, added_cond_kwargs = self._unet_conditioning(info, unet, job, do_cfg, height, width)
+        control = prepare_units(list(job.control_units), self._control_nets(job, unet), width, height, do_cfg)
         step_params = set(inspect.signature(scheduler.step).parameters)
         extra_step_kwargs = {}
         if "eta" in step_params:
@@ -169,6 +169,20 @@ class DenoiserEngine:
                     raise Cancelled(f"cancelled before step {i + 1} of {len(timesteps)}")
                 latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
                 latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+                down, mid = None, None
+                if control:
+                    down, mid = residuals(
+                        control,
+                        i,
+                        len(timesteps),
+                        t,
+                        latents,
+                        latent_model_input,
+                        scheduler.scale_model_input,
+                        prompt_embeds,
+                        added_cond_kwargs,
+                        do_cfg,
+                    )
                 noise_pred = unet(
                     latent_model_input,
                     t,
@@ -176,6 +190,8 @@ class DenoiserEngine:
                     timestep_cond=None,
                     cross_attention_kwargs=None,
                     added_cond_kwargs=added_cond_kwargs,
+                    down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid,
                     return_dict=False,
                 )[0]
                 if do_cfg:
@@ -192,6 +208,23 @@ class DenoiserEngine:
             scheduler_options=describe_options(job.scheduler),
             model_calls=len(timesteps),
         )
+
+    def _control_nets(self, job: DenoiseJob, unet) -> list[ControlNetModel]:
+        """Loads each unit's ControlNet (cached like UNets) and checks it fits the base model."""
+        nets = []
+        for unit in job.control_units:
+            field = f"{unit.field}.model"
+            info = self.store.resolve(unit.model, field)
+            if info.kind != "controlnet":
+                raise InvalidArgument.one(field, f"{unit.model!r} is not a ControlNet folder ({info.kind})")
+
+            def load(path=info.path) -> dict:
+                return {"controlnet": ControlNetModel.from_pretrained(path, use_safetensors=True).eval()}
+
+            net = self.cache.get(unit.model, load)["controlnet"]
+            check_family(net, unet, field, unit.model)
+            nets.append(net)
+        return nets
 
     @staticmethod
     def _check_conditioning(info: ModelInfo, unet, job: DenoiseJob, do_cfg: bool) -> None:
