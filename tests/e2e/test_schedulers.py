@@ -1,0 +1,74 @@
+"""Every scheduler in the table (and the suffixed variants) through the chain equals diffusers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.e2e.reference import References, pixels
+from triptych.core.scheduler_table import TABLE
+from triptych.v1 import image_service_pb2
+
+NAMES = [row.name for row in TABLE] + [
+    "Euler Karras",
+    "LMS Karras",
+    "DPM++ 2M Karras",
+    "DPM++ 2M SDE Karras",
+    "DPM++ SDE Karras",
+    "DPM++ 3M SDE Exponential",
+    "DPM2 a Karras",
+    "UniPC Karras",
+    "EulerAncestralDiscreteScheduler",
+]
+
+
+@pytest.fixture(scope="module")
+def references(model_root):
+    return References(model_root)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheduler_equals_diffusers(client, references, name):
+    model = "tiny/sdxl" if name in ("DPM++ 2M SDE Karras", "Heun") else "tiny/sd15"
+    image = client.generate(
+        image_service_pb2.GenerateRequest(
+            model=model,
+            positive_prompt="a red fox",
+            negative_prompt="blurry",
+            seed=13,
+            scheduler=name,
+            width=64,
+            height=64,
+            steps=6,
+            cfg_scale=6.0,
+        )
+    )[0]
+    expected = references.image(
+        model,
+        prompt="a red fox",
+        negative_prompt="blurry",
+        seed=13,
+        scheduler=name,
+        width=64,
+        height=64,
+        steps=6,
+        cfg_scale=6.0,
+    )
+    assert np.array_equal(pixels(image.image.data), expected)
+
+
+def test_list_schedulers_rpc(services):
+    from triptych.client import open_channel
+    from triptych.v1 import denoiser_service_pb2, denoiser_service_pb2_grpc
+
+    with open_channel(services.addresses["denoiser"]) as channel:
+        rows = (
+            denoiser_service_pb2_grpc.DenoiserServiceStub(channel)
+            .ListSchedulers(denoiser_service_pb2.ListSchedulersRequest())
+            .schedulers
+        )
+    by_name = {row.name: row for row in rows}
+    assert by_name["DPM++ 2M SDE Karras"].class_name == "DPMSolverMultistepScheduler"
+    assert "use_karras_sigmas=True" in by_name["DPM++ 2M SDE Karras"].options
+    assert "DDIM Karras" not in by_name  # DDIM has no Karras option
+    assert {row.name for row in TABLE} <= set(by_name)
