@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(256 * 1024 * 1024, description="gRPC send/receive limit, both ends")
     shutdown_grace_seconds: float = Field(30.0, description="time in-flight calls get after SIGTERM")
     max_loaded_models: int = Field(4, description="models kept in memory per service (LRU)")
+    denoiser_queue_per_model: int = Field(
+        16, description="denoise requests per model admitted at once (running + waiting); more → RESOURCE_EXHAUSTED"
+    )
     max_cached_loras: int = Field(16, description="LoRA adapters kept injected per model component (LRU)")
     encoder_address: str = Field(f"127.0.0.1:{DEFAULT_PORTS['encoder']}", description="gateway → encoder")
     denoiser_address: str = Field(f"127.0.0.1:{DEFAULT_PORTS['denoiser']}", description="gateway → denoiser")

@@ -11,6 +11,7 @@ import inspect
 import json
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,12 +19,14 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from triptych.core.admission import BoundedQueue
 from triptych.core.components import ComponentCache
 from triptych.core.errors import Cancelled, InvalidArgument
 from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelInfo, ModelStore
 from triptych.core.scheduler_table import SchedulerChoice
 from triptych.denoiser.controlnet import ControlUnit, check_family, prepare_units, residuals
+from triptych.denoiser.preview import preview_png
 from triptych.denoiser.schedulers import build_scheduler, describe_options
 
 VAE_SCALE = 8  # every supported family's VAE downsamples by 8
@@ -56,6 +59,7 @@ class DenoiseJob:
     negative_aesthetic_score: float = 2.5
     loras: tuple[tuple[str, float], ...] = ()
     control_units: tuple[ControlUnit, ...] = ()
+    preview_interval_steps: int = 0
 
 
 @dataclass
@@ -63,6 +67,7 @@ class StepDone:
     step: int
     total_steps: int
     elapsed_seconds: float
+    preview_png: bytes = b""
 
 
 @dataclass
@@ -97,10 +102,12 @@ def window_timesteps(scheduler, start_fraction: float, end_fraction: float) -> t
 class DenoiserEngine:
     """Loads UNets on demand and runs sampling jobs."""
 
-    def __init__(self, store: ModelStore, cache: ComponentCache, loras: LoraAdapters):
+    def __init__(self, store: ModelStore, cache: ComponentCache, loras: LoraAdapters, queue_per_model: int = 16):
         self.store = store
         self.cache = cache
         self.loras = loras
+        self.queue = BoundedQueue(queue_per_model, "denoise")
+        self.counters = Counter()  # steps, cancelled: reported through RuntimeService
 
     def model(self, model_id: str, field: str = "model") -> tuple[ModelInfo, dict]:
         info = self.store.resolve(model_id, field)
@@ -120,9 +127,15 @@ class DenoiserEngine:
         """Yields a StepDone after each step, then one DenoiseOutcome. Stops with CANCELLED when
         is_active() turns false (checked before every step)."""
         info, parts = self.model(job.model)
-        with parts["_lock"]:  # LoRA state lives in the shared UNet: one request per model at a time
+        # Admission first (refused at once when full), then the model lock: LoRA state lives in the shared UNet,
+        # so one request per model runs at a time.
+        with self.queue.slot(job.model), parts["_lock"]:
             self.loras.activate(info.family, {"unet": parts["unet"]}, job.loras)
-            yield from self._sample(info, parts, job, is_active)
+            try:
+                yield from self._sample(info, parts, job, is_active)
+            except (Cancelled, GeneratorExit):  # GeneratorExit: gRPC dropped the stream of a cancelled call
+                self.counters["denoise_cancelled"] += 1
+                raise
 
     def _sample(self, info: ModelInfo, parts: dict, job: DenoiseJob, is_active: Callable[[], bool]):
         unet: UNet2DConditionModel = parts["unet"]
@@ -198,7 +211,11 @@ class DenoiserEngine:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                     noise_pred = noise_pred_uncond + job.guidance_scale * (noise_pred_text - noise_pred_uncond)
                 latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-                yield StepDone(i + 1, len(timesteps), time.perf_counter() - started)
+                self.counters["denoise_steps"] += 1
+                preview = b""
+                if job.preview_interval_steps and (i + 1) % job.preview_interval_steps == 0:
+                    preview = preview_png(latents, info.family)
+                yield StepDone(i + 1, len(timesteps), time.perf_counter() - started, preview)
 
         yield DenoiseOutcome(
             latents=latents,

@@ -146,6 +146,7 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
             ),
             loras=loras,
             control_units=control_units,
+            preview_interval_steps=request.preview_interval_steps,
         )
 
     def Denoise(self, request, context):
@@ -169,6 +170,7 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
                         step=event.step,
                         total_steps=event.total_steps,
                         elapsed_seconds=event.elapsed_seconds,
+                        preview_png=event.preview_png,
                     )
                 )
 
@@ -188,11 +190,12 @@ def build(settings: Settings) -> Service:
     cache = ComponentCache(settings.max_loaded_models)
     store = ModelStore(settings.model_root)
     loras = LoraAdapters(store, settings.max_cached_loras)
-    servicer = DenoiserServicer(DenoiserEngine(store, cache, loras), settings)
+    engine = DenoiserEngine(store, cache, loras, settings.denoiser_queue_per_model)
+    servicer = DenoiserServicer(engine, settings)
     return Service(
         "denoiser",
         ["triptych.v1.DenoiserService"],
         lambda server: denoiser_service_pb2_grpc.add_DenoiserServiceServicer_to_server(servicer, server),
         cache.loaded,
-        lambda: {"lora_disk_reads": loras.disk_reads},
+        lambda: {"lora_disk_reads": loras.disk_reads, "denoise_rejected": engine.queue.rejected, **engine.counters},
     )

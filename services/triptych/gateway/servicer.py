@@ -188,6 +188,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                 seed=seed,
                 loras=request.lora,
                 control_net=request.control_net,
+                preview_interval_steps=request.preview_interval_steps,
             )
             if encoded.HasField("negative"):
                 denoise_request.negative.CopyFrom(encoded.negative)

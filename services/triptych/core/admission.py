@@ -1,0 +1,35 @@
+"""Bounded admission per key (model): a request beyond the bound is refused at once, never left to hang."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import Counter
+
+from triptych.core.errors import ResourceExhausted
+
+
+class BoundedQueue:
+    """Counts requests per key (running + waiting); RESOURCE_EXHAUSTED when a key already has `limit`."""
+
+    def __init__(self, limit: int, what: str):
+        self.limit = max(1, limit)
+        self.what = what
+        self.rejected = 0
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def slot(self, key: str):
+        with self._lock:
+            if self._counts[key] >= self.limit:
+                self.rejected += 1
+                raise ResourceExhausted(
+                    f"{self.what} queue for {key!r} is full ({self.limit} requests); retry later or on another replica"
+                )
+            self._counts[key] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._counts[key] -= 1
