@@ -1,0 +1,67 @@
+"""Shared by the benchmarks: a tiny model store, the four real processes, statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def tiny_store():
+    """A freshly built tiny model family in a temporary directory."""
+    from triptych.models.tiny import build_tiny_family
+
+    with tempfile.TemporaryDirectory(prefix="triptych-bench-") as root:
+        build_tiny_family(Path(root))
+        yield Path(root)
+
+
+@contextlib.contextmanager
+def serve_all(model_root: Path, extra_env: dict[str, str] | None = None):
+    """`triptych serve --port 0`: yields {role: address} and {role: pid}."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "triptych.cli", "serve", "--port", "0", "--model-root", str(model_root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        env={**os.environ, **(extra_env or {})},
+    )
+    addresses, pids = {}, {}
+    for line in process.stdout:
+        words = line.split()
+        if len(words) >= 4 and words[0] == "triptych" and words[2] == "SERVING" and "(pid" in line:
+            addresses[words[1]] = words[3]
+            pids[words[1]] = int(words[-1].rstrip(")"))
+        if line.startswith("all services SERVING"):
+            break
+    threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
+    try:
+        yield addresses, pids
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> str:
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"

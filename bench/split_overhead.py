@@ -1,0 +1,137 @@
+"""Split overhead: one request through the four processes vs diffusers' in-process pipeline, same weights.
+
+Interleaved runs, median ratio. Also where the chain's time goes: encode, denoise, decode as each service
+reports it to a caller that chains the three itself, and the remainder (hops, gateway) by subtraction.
+
+    python -m bench.split_overhead [--runs 15] [--model tiny/sdxl] [--size 128] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import machine, median, serve_all, tiny_store
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--model", default="tiny/sdxl")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    import diffusers
+
+    from triptych.client import ImageClient, open_channel
+    from triptych.v1 import (
+        decoder_service_pb2,
+        decoder_service_pb2_grpc,
+        denoiser_service_pb2,
+        denoiser_service_pb2_grpc,
+        encoder_service_pb2,
+        encoder_service_pb2_grpc,
+        image_service_pb2,
+    )
+
+    # Fair share: the chain's three torch processes run one after another, so each may use every core,
+    # exactly like the in-process pipeline.
+    threads = torch.get_num_threads()
+    with tiny_store() as root, serve_all(root, {"TRIPTYCH_TORCH_THREADS": str(threads)}) as (addresses, _):
+        cls = diffusers.StableDiffusionXLPipeline if "sdxl" in args.model else diffusers.StableDiffusionPipeline
+        pipe = cls.from_pretrained(root / args.model)
+        pipe.set_progress_bar_config(disable=True)
+        request = image_service_pb2.GenerateRequest(
+            model=args.model,
+            positive_prompt="a red fox",
+            seed=1,
+            width=args.size,
+            height=args.size,
+            steps=args.steps,
+            cfg_scale=7.0,
+        )
+
+        def in_process() -> float:
+            started = time.perf_counter()
+            pipe(
+                prompt="a red fox",
+                width=args.size,
+                height=args.size,
+                num_inference_steps=args.steps,
+                guidance_scale=7.0,
+                generator=torch.Generator("cpu").manual_seed(1),
+            )
+            return time.perf_counter() - started
+
+        client = ImageClient(addresses["gateway"])
+
+        def chain() -> float:
+            started = time.perf_counter()
+            client.generate(request)
+            return time.perf_counter() - started
+
+        encoder = encoder_service_pb2_grpc.TextEncoderServiceStub(open_channel(addresses["encoder"]))
+        denoiser = denoiser_service_pb2_grpc.DenoiserServiceStub(open_channel(addresses["denoiser"]))
+        decoder = decoder_service_pb2_grpc.DecoderServiceStub(open_channel(addresses["decoder"]))
+
+        def stages() -> tuple[float, float, float]:
+            t0 = time.perf_counter()
+            encoded = encoder.Encode(
+                encoder_service_pb2.EncodeRequest(model=args.model, positive_prompt="a red fox", include_negative=True)
+            )
+            t1 = time.perf_counter()
+            result = [
+                e.result
+                for e in denoiser.Denoise(
+                    denoiser_service_pb2.DenoiseRequest(
+                        model=args.model,
+                        positive=encoded.positive,
+                        negative=encoded.negative,
+                        steps=args.steps,
+                        guidance_scale=7.0,
+                        seed=1,
+                        width=args.size,
+                        height=args.size,
+                    )
+                )
+                if e.HasField("result")
+            ][0]
+            t2 = time.perf_counter()
+            decoder.Decode(decoder_service_pb2.DecodeRequest(model=args.model, latents=result.latents))
+            return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+        for _ in range(2):  # warm-up: loads, allocator, caches
+            in_process(), chain(), stages()
+        local, split, parts = [], [], []
+        for _ in range(args.runs):
+            local.append(in_process())
+            split.append(chain())
+            parts.append(stages())
+        result = {
+            "machine": machine(),
+            "torch_threads": threads,
+            "in_process_s": median(local),
+            "chain_s": median(split),
+            "ratio": median(split) / median(local),
+            "encode_s": median([p[0] for p in parts]),
+            "denoise_s": median([p[1] for p in parts]),
+            "decode_s": median([p[2] for p in parts]),
+        }
+        result["gateway_and_hops_s"] = result["chain_s"] - result["encode_s"] - result["denoise_s"] - result["decode_s"]
+    print(
+        f"split overhead ({args.model}, {args.size}², {args.steps} steps, {args.runs} interleaved runs, "
+        f"torch threads {threads}): in-process {result['in_process_s'] * 1000:.0f} ms, chain "
+        f"{result['chain_s'] * 1000:.0f} ms, ratio {result['ratio']:.3f}×"
+    )
+    print(
+        f"  chain stages: encode {result['encode_s'] * 1000:.1f} ms, denoise {result['denoise_s'] * 1000:.1f} ms, "
+        f"decode {result['decode_s'] * 1000:.1f} ms, gateway + hops {result['gateway_and_hops_s'] * 1000:.1f} ms"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
