@@ -53,9 +53,7 @@ def write_clip_tokenizer(directory: Path, pad_token: str = EOS_TOKEN) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges()
-    (directory / "vocab.json").write_text(
-        json.dumps(vocab, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
     (directory / "merges.txt").write_text(merges_text, encoding="utf-8")
     config = {

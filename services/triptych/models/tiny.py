@@ -100,6 +100,20 @@ def _seeded(key: str, factory):
     return perturb_(model, _SEEDS[key] + 10_000).eval()
 
 
+@torch.no_grad()
+def _unet(key: str, factory) -> UNet2DConditionModel:
+    """Seeded UNet whose noise prediction has roughly unit std, like a trained one.
+
+    At default init eps has std ~0.45; doubling ``conv_out`` makes the UNet (and so
+    the prompt, LoRAs and ControlNet residuals) matter more next to the initial
+    noise, which dominates the final latents of an untrained model.
+    """
+    unet = _seeded(key, factory)
+    unet.conv_out.weight.mul_(2.0)
+    unet.conv_out.bias.mul_(2.0)
+    return unet
+
+
 def _text_config() -> CLIPTextConfig:
     """Tiny CLIP text config with the real vocabulary and special-token ids."""
     return CLIPTextConfig(
@@ -209,7 +223,7 @@ def _build_sd15(out: Path) -> StableDiffusionPipeline:
         vae=_vae("sd15.vae"),
         text_encoder=_seeded("sd15.text_encoder", lambda: CLIPTextModel(_text_config())),
         tokenizer=_tokenizer(out / "tokenizer"),
-        unet=_seeded("sd15.unet", _sd15_unet),
+        unet=_unet("sd15.unet", _sd15_unet),
         scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
@@ -227,7 +241,7 @@ def _build_sdxl(out: Path) -> StableDiffusionXLPipeline:
         tokenizer=_tokenizer(out / "tokenizer"),
         tokenizer_2=_tokenizer(out / "tokenizer_2", pad_token="!"),
         # Both encoders' penultimate hidden states are concatenated: 32 + 32.
-        unet=_seeded("sdxl.unet", lambda: _sdxl_unet(2 * TEXT_DIM, num_time_ids=6)),
+        unet=_unet("sdxl.unet", lambda: _sdxl_unet(2 * TEXT_DIM, num_time_ids=6)),
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
@@ -243,7 +257,7 @@ def _build_refiner(out: Path) -> None:
         text_encoder_2=_seeded("refiner.text_encoder_2", lambda: CLIPTextModelWithProjection(_text_config())),
         tokenizer=None,
         tokenizer_2=_tokenizer(out / "tokenizer_2", pad_token="!"),
-        unet=_seeded("refiner.unet", lambda: _sdxl_unet(TEXT_DIM, num_time_ids=5)),
+        unet=_unet("refiner.unet", lambda: _sdxl_unet(TEXT_DIM, num_time_ids=5)),
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
@@ -257,7 +271,7 @@ def _build_controlnet(key: str, unet: UNet2DConditionModel, out: Path) -> None:
     torch.manual_seed(_SEEDS[key])
     controlnet = ControlNetModel.from_unet(unet)
     perturb_(controlnet, _SEEDS[key] + 10_000)
-    wake_controlnet_(controlnet, _SEEDS[key] + 20_000)
+    wake_controlnet_(controlnet, _SEEDS[key] + 20_000, scale=0.1)
     controlnet.save_pretrained(out, safe_serialization=True)
 
 

@@ -67,13 +67,20 @@ def wake_controlnet_(controlnet: nn.Module, seed: int, scale: float = 0.05) -> n
 
 
 def lora_targets(unet: nn.Module, text_encoder: nn.Module) -> tuple[list[tuple[str, nn.Linear]], ...]:
-    """Return ``(unet_targets, te_targets)``: ``(module_path, Linear)`` pairs a LoRA adapts."""
+    """Return ``(unet_targets, te_targets)``: ``(module_path, Linear)`` pairs a LoRA adapts.
+
+    Text-encoder paths are spelled ``text_model.encoder.layers.N...`` as in every
+    LoRA in the wild: transformers 5 dropped the ``text_model`` wrapper from
+    ``CLIPTextModel`` and diffusers strips the prefix again on load.
+    """
     unet_t = [(n, m) for n, m in unet.named_modules() if _UNET_LORA_RE.search(n)]
     te_t = [
-        (n if n.startswith("text_model.") else f"text_model.{n}", m)
+        ("text_model." + n.removeprefix("text_model."), m)
         for n, m in text_encoder.named_modules()
         if _TE_LORA_RE.search(n)
     ]
+    if not unet_t or not te_t:  # an empty half would silently make a LoRA that does nothing
+        raise RuntimeError("no LoRA target modules found")
     return unet_t, te_t
 
 
@@ -85,7 +92,7 @@ def _lora_pair(linear: nn.Linear, rank: int, g: torch.Generator, up_scale: float
 
 
 def make_lora_pairs(
-    unet: nn.Module, text_encoder: nn.Module, seed: int, rank: int = 4, up_scale: float = 0.15
+    unet: nn.Module, text_encoder: nn.Module, seed: int, rank: int = 4, up_scale: float = 0.3
 ) -> tuple[dict[str, tuple[torch.Tensor, ...]], dict[str, tuple[torch.Tensor, ...]]]:
     """Seeded LoRA ``{module_path: (down, up)}`` for the UNet and the text encoder."""
     g = torch.Generator().manual_seed(seed)
@@ -109,9 +116,10 @@ def save_kohya_lora(
             sd[f"{name}.lora_down.weight"] = down
             sd[f"{name}.lora_up.weight"] = up
             sd[f"{name}.alpha"] = torch.tensor(float(alpha))
-    # kohya writes ss_* training metadata; a network dim/alpha pair is enough to identify it.
-    rank = next(iter(unet_pairs.values()))[0].shape[0]
-    save_file(sd, str(path), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(alpha)})
+    # One metadata key only: safetensors writes ``__metadata__`` from a Rust HashMap, so
+    # two or more keys come out in a random order and the file bytes change per run.
+    # (kohya's ss_* training metadata is optional; loaders read alpha from the tensors.)
+    save_file(sd, str(path), metadata={"format": "pt"})
 
 
 def peft_layers(pairs: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
