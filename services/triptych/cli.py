@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -39,10 +38,12 @@ def _build_role(role: str, settings):
 
 def cmd_serve(args) -> int:
     if args.role != "all":
+        from triptych.core.security import server_credentials
         from triptych.core.server import serve_forever
         from triptych.core.settings import DEFAULT_PORTS
 
         settings = _settings(args)
+        server_credentials(settings)  # a security misconfiguration stops here, before any model code loads
         port = args.port if args.port is not None else DEFAULT_PORTS[args.role]
         serve_forever(_build_role(args.role, settings), settings, port)
         return 0
@@ -62,6 +63,10 @@ def _spawn(role: str, port: int, args, extra: list[str]) -> tuple[subprocess.Pop
     for line in process.stdout:
         if line.startswith(f"triptych {role} SERVING "):
             address = line.split()[-1]
+            # A wildcard bind is reached on loopback: the gateway's links stay local (and match a certificate
+            # issued for 127.0.0.1), whatever interface the services also listen on.
+            host, _, bound_port = address.rpartition(":")
+            address = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}.get(host, host) + ":" + bound_port
             break
         sys.stdout.write(line)
     else:
@@ -73,7 +78,12 @@ def _spawn(role: str, port: int, args, extra: list[str]) -> tuple[subprocess.Pop
 
 def _serve_all(args) -> int:
     from triptych.client.connection import wait_until_serving
+    from triptych.core.security import check_serves_and_calls, outgoing_channel_args, server_credentials
 
+    # The children read the same TRIPTYCH_* environment (TLS, tokens); check here, once, that it can work.
+    settings = _settings(args)
+    server_credentials(settings)
+    check_serves_and_calls(settings.security)
     processes: list[subprocess.Popen] = []
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -88,7 +98,7 @@ def _serve_all(args) -> int:
         process, addresses["gateway"] = _spawn("gateway", gateway_port, args, links)
         processes.append(process)
         for role in ROLES:
-            wait_until_serving(addresses[role], timeout=60)
+            wait_until_serving(addresses[role], timeout=60, **outgoing_channel_args(settings.security, addresses[role]))
             print(f"triptych {role} SERVING {addresses[role]} (pid {processes[ROLES.index(role)].pid})", flush=True)
         print("all services SERVING; Ctrl-C stops them", flush=True)
         while not stop.wait(0.5):
@@ -116,6 +126,9 @@ def _output_path(base: Path, task_index: int, tasks: int, image_index: int) -> P
 def cmd_generate(args) -> int:
     import grpc
 
+    if args.address is None:
+        args.address = _settings(args).gateway_address
+
     from triptych.client import ImageClient, TaskError, describe_error, requests_from_json
     from triptych.v1 import image_service_pb2
 
@@ -141,7 +154,7 @@ def cmd_generate(args) -> int:
             print(f"  field {key}: {why}", file=sys.stderr)
         return 2
     base = Path(args.output)
-    with ImageClient(args.address) as client:
+    with ImageClient(args.address, **_client_security(args)) as client:
         for task_index, request in enumerate(requests):
             try:
                 for event in client.stream(request, timeout=args.timeout):
@@ -162,6 +175,19 @@ def cmd_generate(args) -> int:
                 print(f"\n{describe_error(exc)}", file=sys.stderr)
                 return 1
     return 0
+
+
+def _client_security(args) -> dict:
+    """TLS and token for `generate`: flags first, then TRIPTYCH_TLS_CA_FILE etc. (the same settings the
+    gateway uses for its own outgoing calls)."""
+    from triptych.core.security import outgoing_channel_args
+    from triptych.core.settings import Security
+
+    names = ("tls_ca_file", "tls_client_cert_file", "tls_client_key_file", "tls_server_name", "client_auth_token_file")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.allow_insecure:
+        overrides["allow_insecure"] = True
+    return outgoing_channel_args(Security(**overrides), args.address)
 
 
 def cmd_models(args) -> int:
@@ -208,8 +234,14 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae")
     gen.add_argument("--number-results", type=int)
     gen.add_argument("-o", "--output", default="out.png")
-    gen.add_argument("--address", default=os.environ.get("TRIPTYCH_GATEWAY", "127.0.0.1:50051"))
+    gen.add_argument("--address", help="gateway address (default $TRIPTYCH_GATEWAY_ADDRESS or 127.0.0.1:50051)")
     gen.add_argument("--timeout", type=float, help="deadline in seconds")
+    gen.add_argument("--tls-ca-file", help="CA (PEM) to verify the gateway; turns TLS on ($TRIPTYCH_TLS_CA_FILE)")
+    gen.add_argument("--tls-client-cert-file", help="client certificate (PEM) for an mTLS gateway")
+    gen.add_argument("--tls-client-key-file", help="key (PEM) of the client certificate")
+    gen.add_argument("--tls-server-name", help="name the gateway's certificate carries, if not the address's host")
+    gen.add_argument("--auth-token-file", dest="client_auth_token_file", help="file holding the bearer token to send")
+    gen.add_argument("--allow-insecure", action="store_true", help="allow plaintext to a non-loopback gateway")
     gen.add_argument("-q", "--quiet", action="store_true")
     gen.set_defaults(func=cmd_generate)
 
@@ -221,8 +253,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from triptych.core.settings import ConfigurationError
+
     args = parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigurationError as exc:
+        print(f"triptych: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

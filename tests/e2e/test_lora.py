@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 
 from tests.e2e.reference import pixels
 from tests.e2e.test_services import runtime_info
+from triptych.client import field_violations
 from triptych.v1 import common_pb2, image_service_pb2
 
 KOHYA, PEFT = "tiny/lora-sd15-kohya", "tiny/lora-sd15-peft"
@@ -79,8 +80,16 @@ def test_switching_lora_sets_leaks_nothing_and_reads_disk_once(client, services,
     assert np.array_equal(base, reference(model_root, []))
 
 
+def test_bad_lora_weight_is_named_as_in_the_request(client):
+    with pytest.raises(grpc.RpcError) as raised:
+        client.generate(image_service_pb2.GenerateRequest(**BASE, lora=[common_pb2.Lora(model=KOHYA, weight=11)]))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(raised.value)] == ["lora[0].weight"]
+
+
 def test_unknown_lora_is_not_found(client):
     with pytest.raises(grpc.RpcError) as raised:
         client.generate(image_service_pb2.GenerateRequest(**BASE, lora=[common_pb2.Lora(model="tiny/nope")]))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND and "tiny/nope" in raised.value.details()
+    assert raised.value.details().startswith("lora[0].model"), "named as GenerateRequest names it"
     assert len(client.generate(image_service_pb2.GenerateRequest(**BASE))) == 1

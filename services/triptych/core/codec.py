@@ -52,7 +52,10 @@ def decode_tensor(message: tensor_pb2.Tensor, field: str, *, allow_non_finite: b
             f"{field}.data", f"shape {shape} x {itemsize} bytes needs {expected} bytes, got {len(message.data)}"
         )
     if expected == 0:
-        return torch.empty(shape, dtype=dtype)
+        try:
+            return torch.empty(shape, dtype=dtype)
+        except RuntimeError as exc:  # e.g. [2**62, 2**62, 0]: no elements, but torch cannot compute its strides
+            raise InvalidArgument.one(f"{field}.shape", f"dimensions too large in {shape}") from exc
     with warnings.catch_warnings():  # protobuf bytes are immutable; we never write through this view
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(message.data, dtype=torch.uint8)

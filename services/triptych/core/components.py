@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from triptych.core.errors import ModelLoadFailed, TriptychError
+
+log = logging.getLogger("triptych")
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,23 @@ def _bytes_of(obj: Any) -> int:
     if hasattr(obj, "parameters") and hasattr(obj, "buffers"):
         return sum(t.numel() * t.element_size() for t in (*obj.parameters(), *obj.buffers()))
     return 0
+
+
+def _load_or_explain(key: str, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Runs a load; a model whose files do not load becomes ModelLoadFailed naming it (not INTERNAL).
+
+    Typed errors pass through, and so does running out of memory (RESOURCE_EXHAUSTED, a different remedy).
+    """
+    try:
+        return load()
+    except (TriptychError, MemoryError):
+        raise
+    except Exception as exc:
+        torch = sys.modules.get("torch")  # only for the OOM type; never imported here (the gateway has no torch)
+        if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+            raise
+        log.warning("model %r failed to load: %s: %s", key, type(exc).__name__, exc)
+        raise ModelLoadFailed(key, exc) from exc
 
 
 class ComponentCache:
@@ -49,7 +72,7 @@ class ComponentCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            components = load()
+            components = _load_or_explain(key, load)
             components["_lock"] = threading.RLock()  # serialises requests that mutate per-model state (LoRAs)
             with self._lock:
                 self._models[key] = components

@@ -6,6 +6,8 @@ calls context.abort.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -94,15 +96,69 @@ class Cancelled(TriptychError):
     code = grpc.StatusCode.CANCELLED
 
 
-class Relayed(TriptychError):
-    """An error returned by a downstream Triptych service, passed on unchanged (code, message, details)."""
+class Unauthenticated(TriptychError):
+    """The call carries no valid bearer token (the message never says which tokens exist)."""
 
-    def __init__(self, error: grpc.RpcError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ModelLoadFailed(TriptychError):
+    """A model exists in the store but its files do not load (corrupt, truncated, wrong format).
+
+    FAILED_PRECONDITION, not INTERNAL: the request is fine and the service is healthy; the store needs fixing.
+    Nothing is remembered, so a repaired model loads on the next request without a restart.
+    """
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, model_id: str, cause: BaseException):
+        self.model_id = model_id
+        # The cause's text names paths on the server: it goes to the service log, not to the caller.
+        super().__init__(
+            f"model {model_id!r} is in the model store but failed to load ({type(cause).__name__}); its files "
+            "are damaged or incomplete: rebuild or replace them (the service log has the details)"
+        )
+
+    def details(self) -> list[any_pb2.Any]:
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type="MODEL_LOAD", subject=self.model_id, description=self.message
+                )
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(failure)
+        return [packed]
+
+
+class Relayed(TriptychError):
+    """An error returned by a downstream Triptych service, passed on (code, message, details), with field names
+    renamed where the caller's request names the same thing differently (the gateway's `lora` is the encoder's
+    and the denoiser's `loras`)."""
+
+    def __init__(self, error: grpc.RpcError, renames: dict[str, str] | None = None):
         self.code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         self._rich = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
-        super().__init__(error.details() if hasattr(error, "details") else str(error))
+        self._renames = renames or {}
+        super().__init__(self._rename(error.details() if hasattr(error, "details") else str(error)))
+
+    def _rename(self, text: str) -> str:
+        for old, new in self._renames.items():
+            text = re.sub(rf"(?<![\w.]){re.escape(old)}(?=[\[.:]|$)", new, text or "")
+        return text
 
     def to_status(self) -> grpc.Status:
-        if self._rich is not None:
-            return rpc_status.to_status(self._rich)
-        return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message or ""))
+        if self._rich is None:
+            return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message or ""))
+        status = status_pb2.Status(code=self._rich.code, message=self._rename(self._rich.message))
+        for detail in self._rich.details:
+            if self._renames and detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                for violation in bad.field_violations:
+                    violation.field = self._rename(violation.field)
+                detail = any_pb2.Any()
+                detail.Pack(bad)
+            status.details.append(detail)
+        return rpc_status.to_status(status)

@@ -70,6 +70,9 @@ class LoraAdapters:
             )
         except (ValueError, KeyError, OSError) as exc:
             raise InvalidArgument.one(field_name, f"cannot read LoRA {path.name}: {exc}") from exc
+        # As diffusers' load_lora_weights ("Invalid LoRA checkpoint"): a model's weights file is not a LoRA.
+        if not state_dict or not all("lora" in key for key in state_dict):
+            raise InvalidArgument.one(field_name, f"{path.name} is not a LoRA (its keys are not LoRA weights)")
         self.disk_reads += 1
         for component, module in targets:
             prefix = f"{component}."

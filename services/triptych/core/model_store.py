@@ -73,8 +73,11 @@ class ModelStore:
         """Finds a model (the id as is, else with one of `suffixes`); NOT_FOUND naming the id if absent."""
         candidate = self.path_for(model_id, field)
         for path in (candidate, *(candidate.with_name(candidate.name + suffix) for suffix in suffixes)):
-            if not path.exists():
-                continue
+            try:
+                if not path.exists():
+                    continue
+            except OSError as exc:  # e.g. ENAMETOOLONG: no file can have this name
+                raise InvalidArgument.one(field, f"not a valid model id ({exc.strerror})") from exc
             real = path.resolve()
             if not real.is_relative_to(self.root):
                 raise InvalidArgument.one(field, f"{model_id!r} resolves outside the model store")

@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 from triptych.core.components import LoadedComponent
 from triptych.core.errors import TriptychError
+from triptych.core.security import describe, server_credentials, server_interceptors
 from triptych.core.settings import Settings
 from triptych.v1 import runtime_service_pb2, runtime_service_pb2_grpc
 
@@ -77,6 +78,26 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     context.abort_with_status(_status_for(method, exc))
 
             return handler._replace(unary_stream=unary_stream)
+        if handler.stream_unary:
+            inner_client_stream = handler.stream_unary
+
+            def stream_unary(requests, context):
+                try:
+                    return inner_client_stream(requests, context)
+                except Exception as exc:  # noqa: BLE001
+                    context.abort_with_status(_status_for(method, exc))
+
+            return handler._replace(stream_unary=stream_unary)
+        if handler.stream_stream:
+            inner_bidi = handler.stream_stream
+
+            def stream_stream(requests, context):
+                try:
+                    yield from inner_bidi(requests, context)
+                except Exception as exc:  # noqa: BLE001
+                    context.abort_with_status(_status_for(method, exc))
+
+            return handler._replace(stream_stream=stream_stream)
         return handler
 
 
@@ -126,10 +147,16 @@ class Service:
 
 
 def start(service: Service, settings: Settings, port: int) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Builds and starts a server for `service` on host:port (0 = any free port); returns the bound port."""
+    """Builds and starts a server for `service` on host:port (0 = any free port); returns the bound port.
+
+    TLS/mTLS and bearer tokens come from settings.security; plaintext is refused off loopback unless allowed
+    (ConfigurationError, before anything binds).
+    """
+    credentials = server_credentials(settings)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix=service.role),
-        interceptors=[ErrorInterceptor()],
+        # ErrorInterceptor first (outermost): it maps what the token check raises, like any typed error.
+        interceptors=[ErrorInterceptor(), *server_interceptors(settings)],
         options=settings.grpc_options(),
     )
     service.register(server)
@@ -140,7 +167,9 @@ def start(service: Service, settings: Settings, port: int) -> tuple[grpc.Server,
     )
     names = [*service.service_names, "triptych.v1.RuntimeService", health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{settings.host}:{port}")
+    # A unix socket ("unix:/path") is bound as is; TCP hosts get the port.
+    address = settings.host if settings.host.startswith("unix:") else f"{settings.host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind {settings.host}:{port}")
     server.start()
@@ -162,6 +191,7 @@ def serve_forever(service: Service, settings: Settings, port: int) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    log.info("listening on %s:%d (%s)", settings.host, bound, describe(settings))
     # One machine-readable line that supervisors (`triptych serve`, tests) wait for.
     print(f"triptych {service.role} SERVING {settings.host}:{bound}", flush=True)
     stop.wait()

@@ -7,9 +7,10 @@ are what an A1111 or Runware user would expect; an operator raises them with e.g
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_PORTS = {"gateway": 50051, "encoder": 50061, "denoiser": 50062, "decoder": 50063}
 
@@ -28,7 +29,72 @@ class Limits(BaseSettings):
     max_embeddings: int = 8
     max_controlnets: int = 4
     max_prompt_chars: int = 20_000
+    max_prompt_chunks: int = 10  # 75-token chunks per prompt (750 tokens); more -> INVALID_ARGUMENT on the prompt
     max_guide_image_bytes: int = 32 * 1024 * 1024
+
+
+class ConfigurationError(Exception):
+    """Settings that cannot work together (or are unsafe); the process refuses to start and says why."""
+
+
+class Security(BaseSettings):
+    """TLS, mTLS and bearer tokens (docs/security.md). With none of these set, a process serves and calls
+    plaintext on loopback only; any other address needs TLS or TRIPTYCH_ALLOW_INSECURE=1."""
+
+    model_config = SettingsConfigDict(env_prefix="TRIPTYCH_", extra="ignore")
+
+    # Incoming: what this process serves.
+    tls_cert_file: Path | None = Field(None, description="server certificate chain (PEM); with tls_key_file = TLS")
+    tls_key_file: Path | None = Field(None, description="private key of tls_cert_file (PEM)")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) for client certificates; set = mTLS: callers without one are refused"
+    )
+    auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="bearer tokens accepted, comma-separated; none = no token required"
+    )
+    auth_token_file: Path | None = Field(None, description="file of accepted bearer tokens, one per line (# comments)")
+    # Outgoing: the gateway's calls to the backends, `triptych generate`'s calls to a gateway.
+    tls_ca_file: Path | None = Field(None, description="CA bundle (PEM) to verify servers; set = outgoing TLS")
+    tls_client_cert_file: Path | None = Field(None, description="client certificate (PEM) for mTLS servers")
+    tls_client_key_file: Path | None = Field(None, description="private key of tls_client_cert_file (PEM)")
+    tls_server_name: str | None = Field(None, description="name server certificates must carry, if not the host")
+    client_auth_token: SecretStr | None = Field(None, description="bearer token sent on outgoing calls")
+    client_auth_token_file: Path | None = Field(None, description="file whose first line is client_auth_token")
+    # Both directions.
+    allow_insecure: bool = Field(
+        False, description="allow plaintext on non-loopback addresses (bind and outgoing): trusted networks only"
+    )
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value):
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+    def accepted_tokens(self) -> list[str]:
+        """Every accepted token: auth_tokens plus the lines of auth_token_file. Empty = auth is off."""
+        tokens = [t.get_secret_value() for t in self.auth_tokens]
+        if self.auth_token_file is not None:
+            tokens += _token_lines(self.auth_token_file, "auth_token_file")
+        return tokens
+
+    def outgoing_token(self) -> str | None:
+        """The token this process presents to the services it calls, if any."""
+        if self.client_auth_token is not None:
+            return self.client_auth_token.get_secret_value()
+        if self.client_auth_token_file is not None:
+            return _token_lines(self.client_auth_token_file, "client_auth_token_file")[0]
+        return None
+
+
+def _token_lines(path: Path, name: str) -> list[str]:
+    try:
+        lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    except OSError as exc:
+        raise ConfigurationError(f"{name}: cannot read {path}: {exc.strerror}") from exc
+    tokens = [line for line in lines if line and not line.startswith("#")]
+    if not tokens:
+        raise ConfigurationError(f"{name}: {path} holds no token")
+    return tokens
 
 
 class Settings(BaseSettings):
@@ -47,10 +113,23 @@ class Settings(BaseSettings):
         16, description="denoise requests per model admitted at once (running + waiting); more → RESOURCE_EXHAUSTED"
     )
     max_cached_loras: int = Field(16, description="LoRA adapters kept injected per model component (LRU)")
-    encoder_address: str = Field(f"127.0.0.1:{DEFAULT_PORTS['encoder']}", description="gateway → encoder")
-    denoiser_address: str = Field(f"127.0.0.1:{DEFAULT_PORTS['denoiser']}", description="gateway → denoiser")
-    decoder_address: str = Field(f"127.0.0.1:{DEFAULT_PORTS['decoder']}", description="gateway → decoder")
+    encoder_cache_bytes: int = Field(
+        256 * 1024 * 1024, description="encoder results kept for identical requests (LRU by bytes); 0 = no cache"
+    )
+    encoder_max_batch_rows: int = Field(
+        16, description="77-token chunks the encoder runs in one forward pass (dynamic batching); 1 = no batching"
+    )
+    encoder_batch_wait_ms: float = Field(
+        2.0, description="longest the encoder waits for requests still being prepared to join a batch"
+    )
+    # Each address may list replicas, comma-separated (IP:port,IP:port) or be one dns:///name:port target:
+    # the gateway balances round-robin over them and retries UNAVAILABLE elsewhere.
+    encoder_address: str = Field(f"127.0.0.1:{DEFAULT_PORTS['encoder']}", description="gateway → encoder(s)")
+    denoiser_address: str = Field(f"127.0.0.1:{DEFAULT_PORTS['denoiser']}", description="gateway → denoiser(s)")
+    decoder_address: str = Field(f"127.0.0.1:{DEFAULT_PORTS['decoder']}", description="gateway → decoder(s)")
+    gateway_address: str = Field(f"127.0.0.1:{DEFAULT_PORTS['gateway']}", description="`triptych generate` → gateway")
     limits: Limits = Field(default_factory=Limits)
+    security: Security = Field(default_factory=Security)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel/server options: the message limits, set on both ends."""

@@ -50,8 +50,10 @@ class DecoderEngine:
         vae = self._vae(job.vae, "vae") if job.vae else self._vae(job.model, "model")
         latents = job.latents
         channels = vae.config.latent_channels
-        if latents.ndim != 4 or latents.shape[1] != channels or latents.shape[0] < 1:
-            raise InvalidArgument.one("latents", f"expected [B, {channels}, h, w], got {list(latents.shape)}")
+        if latents.ndim != 4 or latents.shape[1] != channels or min(latents.shape[0], *latents.shape[2:]) < 1:
+            raise InvalidArgument.one(
+                "latents", f"expected [B, {channels}, h, w] with B, h, w >= 1, got {list(latents.shape)}"
+            )
         depth = len(vae.config.block_out_channels) - 1
         processor = VaeImageProcessor(vae_scale_factor=2**depth)
         with torch.no_grad():

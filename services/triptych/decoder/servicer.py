@@ -33,11 +33,21 @@ class DecoderServicer(decoder_service_pb2_grpc.DecoderServiceServicer):
         quality = request.quality if request.HasField("quality") else 95
         if not 1 <= quality <= 100:
             violations.append(("quality", f"must be between 1 and 100 (got {quality})"))
+        # PNG keywords are 1-79 Latin-1 characters (PNG spec 11.3.4); PIL would fail or write a corrupt chunk.
+        for key in request.png_text:
+            if not 1 <= len(key) <= 79 or not all(32 <= ord(c) <= 126 or 161 <= ord(c) <= 255 for c in key):
+                violations.append((f"png_text[{key!r}]", "a PNG text key is 1-79 printable Latin-1 characters"))
         if not request.HasField("latents"):
             violations.append(("latents", "required"))
         if violations:
             raise InvalidArgument(violations)
         latents = decode_tensor(request.latents, "latents")
+        if not latents.is_floating_point():
+            raise InvalidArgument.one("latents.dtype", "latents must be float32 (or float16/bfloat16)")
+        if latents.ndim == 4 and latents.shape[0] > self.limits.max_number_results:
+            raise InvalidArgument.one(
+                "latents", f"at most {self.limits.max_number_results} latents per call (got {latents.shape[0]})"
+            )
         if latents.ndim == 4 and (
             latents.shape[-1] * 8 > self.limits.max_width or latents.shape[-2] * 8 > self.limits.max_height
         ):

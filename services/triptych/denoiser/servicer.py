@@ -19,17 +19,32 @@ from triptych.denoiser.schedulers import scheduler_rows
 from triptych.v1 import common_pb2, denoiser_service_pb2, denoiser_service_pb2_grpc
 
 
-def _conditioning(message: common_pb2.TextConditioning, field: str, violations: list) -> Conditioning | None:
+def _float_tensor(message, field: str):
+    """decode_tensor, refusing integer dtypes: embeddings and latents are float32 (float16/bfloat16 are upcast)."""
+    tensor = decode_tensor(message, field)
+    if not tensor.is_floating_point():
+        raise InvalidArgument.one(f"{field}.dtype", "must be float32 (or float16/bfloat16)")
+    return tensor
+
+
+def _conditioning(
+    message: common_pb2.TextConditioning, field: str, max_tokens: int, violations: list
+) -> Conditioning | None:
     try:
         pooled = (
-            decode_tensor(message.pooled_prompt_embeds, f"{field}.pooled_prompt_embeds")
+            _float_tensor(message.pooled_prompt_embeds, f"{field}.pooled_prompt_embeds")
             if message.HasField("pooled_prompt_embeds")
             else None
         )
-        return Conditioning(decode_tensor(message.prompt_embeds, f"{field}.prompt_embeds"), pooled)
+        embeds = _float_tensor(message.prompt_embeds, f"{field}.prompt_embeds")
     except InvalidArgument as exc:
         violations.extend(exc.violations)
         return None
+    # Bounded like the encoder's output (max_prompt_chunks chunks of 77): cross-attention cost grows with tokens.
+    if embeds.ndim == 3 and embeds.shape[1] > max_tokens:
+        violations.append((f"{field}.prompt_embeds", f"at most {max_tokens} tokens (got {embeds.shape[1]})"))
+        return None
+    return Conditioning(embeds, pooled)
 
 
 _MODES = {
@@ -39,6 +54,8 @@ _MODES = {
     common_pb2.CONTROL_MODE_CONTROLNET: CONTROLNET,
 }
 MAX_CONTROL_WEIGHT = 5.0
+MAX_AESTHETIC_SCORE = 10.0  # the LAION aesthetic predictor's scale that SDXL refiners were trained on
+TOKENS_PER_CHUNK = 77  # one CLIP chunk (75 tokens + begin and end), as the encoder returns them
 
 
 def _window_edge(unit, group: str, steps: int, field: str, violations: list) -> float | None:
@@ -49,7 +66,9 @@ def _window_edge(unit, group: str, steps: int, field: str, violations: list) -> 
         return 0.0 if group == "start" else 1.0
     value = getattr(unit, which)
     if which.endswith("_step"):
-        if not 1 <= value <= max(steps, 1):
+        if steps < 1:
+            return None  # steps itself is reported; a step index of no schedule has no fraction
+        if not 1 <= value <= steps:
             violations.append((f"{field}.{which}", f"must be a step between 1 and {steps} (got {value})"))
             return None
         return (value - 1) / steps if group == "start" else value / steps
@@ -110,16 +129,22 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
             violations.append(("window", f"start_fraction {start} must be below end_fraction {end}"))
         loras = weighted(request.loras, "loras", self.limits.max_loras, (-10.0, 10.0), violations)
         control_units = parse_control_units(request.control_net, request.steps, self.limits, violations)
-        positive = _conditioning(request.positive, "positive", violations) if request.HasField("positive") else None
+        max_tokens = TOKENS_PER_CHUNK * self.limits.max_prompt_chunks
+        positive, negative = (
+            _conditioning(getattr(request, name), name, max_tokens, violations) if request.HasField(name) else None
+            for name in ("positive", "negative")
+        )
         if positive is None and not any(f.startswith("positive") for f, _ in violations):
             violations.append(("positive", "text conditioning is required"))
-        negative = _conditioning(request.negative, "negative", violations) if request.HasField("negative") else None
         latents = None
         if request.HasField("latents"):
             try:
-                latents = decode_tensor(request.latents, "latents")
+                latents = _float_tensor(request.latents, "latents")
             except InvalidArgument as exc:
                 violations.extend(exc.violations)
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            if request.HasField(name):
+                check_fraction(getattr(request, name), name, violations, low=0.0, high=MAX_AESTHETIC_SCORE)
         try:
             scheduler = parse_scheduler(request.scheduler)
         except InvalidArgument as exc:

@@ -1,8 +1,11 @@
-"""Prompt encoding for SD1.x/2.x and SDXL (base and refiner), with clip skip applied to both prompts.
+"""Prompt encoding for SD1.x/2.x and SDXL (base and refiner): clip skip, long prompts, weighting, embeddings.
 
 Mirrors diffusers' StableDiffusionPipeline.encode_prompt and StableDiffusionXLPipeline.encode_prompt, except
 that clip skip also applies to the negative prompt (as A1111) and SD1.x clip skip works with transformers 5
-(diffusers#14124). Never imports grpc and never loads a UNet or a VAE.
+(diffusers#14124). Prompts longer than 75 tokens are encoded in A1111-style chunks (encoder/chunks.py); a
+prompt of at most 75 tokens is one chunk with diffusers' own ids, so its output is diffusers' bit for bit.
+Identical requests are answered from a cache; concurrent ones share forward passes (encoder/batching.py).
+Never imports grpc and never loads a UNet or a VAE.
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ from triptych.core.components import ComponentCache
 from triptych.core.errors import InvalidArgument
 from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelInfo, ModelStore
-from triptych.encoder.textual_inversion import Embedding, EmbeddingFiles, emphasise, substituted, tokenize, with_tokens
+from triptych.core.settings import Limits
+from triptych.encoder.batching import Batcher
+from triptych.encoder.cache import ByteBoundedLRU
+from triptych.encoder.catalog import DEFAULT_SKIP, max_clip_skip
+from triptych.encoder.chunks import CHUNK_TOKENS, Chunk, empty_chunk, split_into_chunks
+from triptych.encoder.forward import encode_rows, make_rows_independent, project_pooled
+from triptych.encoder.prompt_syntax import Fragment, PromptSyntaxError, literal, parse_weighted
+from triptych.encoder.textual_inversion import Embedding, EmbeddingFiles, emphasise
+
+PROMPT_WEIGHTINGS = ("literal", "a1111")  # literal: the prompt as diffusers reads it; a1111: (word:1.2) syntax
 
 
 @dataclass(frozen=True)
@@ -30,11 +42,12 @@ class EncodeJob:
     clip_skip: int = 0
     loras: tuple[tuple[str, float], ...] = ()
     embeddings: tuple[tuple[str, float], ...] = ()
+    prompt_weighting: str = "literal"
 
 
 @dataclass
 class Conditioning:
-    """prompt_embeds [1, 77, dim] and, for SDXL, pooled_prompt_embeds [1, dim]."""
+    """prompt_embeds [1, 77·chunks, dim] and, for SDXL, pooled_prompt_embeds [1, dim] (from the first chunk)."""
 
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor | None = None
@@ -48,15 +61,64 @@ class EncodeResult:
     model_family: str
     notes: list[str] = field(default_factory=list)
 
+    def nbytes(self) -> int:
+        tensors = [t for c in (self.positive, self.negative) if c for t in (c.prompt_embeds, c.pooled_prompt_embeds)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass
+class _Prompt:
+    """One prompt's chunks per text encoder component."""
+
+    field: str
+    chunks: dict[str, list[Chunk]]
+    token_count: int
+
+
+@dataclass
+class _Work:
+    """What one request asks of a shared forward pass."""
+
+    parts: dict
+    family: str
+    encoder_names: list[str]
+    clip_skip: int
+    prompts: list[_Prompt]
+
 
 class TextEncoderEngine:
     """Loads tokenizers + text encoders on demand and encodes prompts."""
 
-    def __init__(self, store: ModelStore, cache: ComponentCache, loras: LoraAdapters):
+    def __init__(
+        self,
+        store: ModelStore,
+        cache: ComponentCache,
+        loras: LoraAdapters,
+        limits: Limits,
+        *,
+        result_cache_bytes: int = 0,
+        max_batch_rows: int = 1,
+        batch_wait_s: float = 0.0,
+    ):
         self.store = store
         self.cache = cache
         self.loras = loras
+        self.limits = limits
         self.embedding_files = EmbeddingFiles(store)
+        self.results = ByteBoundedLRU(result_cache_bytes)
+        self.batcher = Batcher(self._run_batch, max_batch_rows, batch_wait_s, name="encoder-batcher")
+
+    def counters(self) -> dict[str, int]:
+        """Monotonic counters for RuntimeService: cache hits/misses and how forward passes were shared."""
+        return {
+            "encode_cache_hits": self.results.hits,
+            "encode_cache_misses": self.results.misses,
+            "encode_cache_evictions": self.results.evictions,
+            "encode_forward_passes": self.batcher.calls,
+            "encode_batched_requests": self.batcher.works,
+            "encode_batched_chunks": self.batcher.rows,
+            "encode_shared_forward_passes": self.batcher.shared_calls,
+        }
 
     def _components(self, info: ModelInfo) -> dict:
         def load() -> dict:
@@ -70,53 +132,124 @@ class TextEncoderEngine:
                 )
                 parts[tok_name] = CLIPTokenizer.from_pretrained(info.path / tok_name)
                 parts[enc_name] = encoder_class.from_pretrained(info.path / enc_name, use_safetensors=True).eval()
+                make_rows_independent(parts[enc_name])  # so a row's bits never depend on its batch
             return parts
 
         return self.cache.get(info.model_id, load)
 
     def encode(self, job: EncodeJob) -> EncodeResult:
+        """Validates the job, then answers it from the cache or from a (possibly shared) forward pass."""
+        # Announced from the start, so a batch forming meanwhile waits for this request (up to its max wait).
+        with self.batcher.announced() as submit:
+            return self._answer(job, submit)
+
+    def _answer(self, job: EncodeJob, submit) -> EncodeResult:
         info = self.store.resolve(job.model, "model")
         if info.kind != "pipeline" or info.family is None:
             raise InvalidArgument.one("model", f"{job.model!r} is not a text-to-image model folder ({info.kind})")
+        if job.prompt_weighting not in PROMPT_WEIGHTINGS:
+            raise InvalidArgument.one("prompt_weighting", f"must be one of {PROMPT_WEIGHTINGS}")
         parts = self._components(info)
         encoder_names = [name for name in ("text_encoder", "text_encoder_2") if name in parts]
-        layers = parts[encoder_names[-1]].config.num_hidden_layers
-        # The default layer: SD1.x the last (with final norm); SDXL the penultimate (no final norm).
-        default_skip = 0 if info.family == "sd1" else 1
-        if job.clip_skip + default_skip >= layers:
+        # Every encoder must have the layer: SDXL's CLIP-L (12 layers) is shallower than its OpenCLIP-G (32).
+        layers = min(parts[name].config.num_hidden_layers for name in encoder_names)
+        if job.clip_skip > max_clip_skip(info.family, layers):
             raise InvalidArgument.one(
-                "clip_skip", f"must be at most {layers - 1 - default_skip} for {job.model!r} ({layers} layers)"
+                "clip_skip", f"must be at most {max_clip_skip(info.family, layers)} for {job.model!r} ({layers} layers)"
             )
         embeddings = self._embeddings(job, parts, encoder_names)
+        key = self._cache_key(job, info, embeddings)
+        cached = self.results.get(key)
+        if cached is not None:
+            return cached
+        result = self._encode(job, info, parts, encoder_names, embeddings, submit)
+        self.results.put(key, result, result.nbytes())
+        return result
+
+    def _encode(self, job: EncodeJob, info: ModelInfo, parts: dict, encoder_names, embeddings, submit) -> EncodeResult:
+        """Chunks both prompts, checks their length, pads them to equal chunk counts and runs them."""
         # w >= 0 adds the concept to the positive prompt at emphasis w; w < 0 to the negative at emphasis |w|.
-        positive_tis = [(e, w) for e, w in embeddings if w >= 0]
-        negative_tis = [(e, -w) for e, w in embeddings if w < 0]
-        positive_prompt = with_tokens(job.positive_prompt, [e for e, _ in positive_tis])
-        negative_prompt = with_tokens(job.negative_prompt, [e for e, _ in negative_tis])
-        encode = self._encode_sd1 if info.family == "sd1" else self._encode_sdxl
-        with parts["_lock"], torch.no_grad():
-            self.loras.activate(info.family, {name: parts[name] for name in encoder_names}, job.loras)
-            positive = encode(parts, positive_prompt, positive_tis, job.clip_skip)
-            negative = None
-            if job.include_negative:
-                if not negative_prompt and info.flag("force_zeros_for_empty_prompt", False):
-                    negative = Conditioning(
-                        torch.zeros_like(positive.prompt_embeds), torch.zeros_like(positive.pooled_prompt_embeds)
-                    )
-                else:
-                    negative = encode(parts, negative_prompt, negative_tis, job.clip_skip)
-        notes = []
-        for name, prompt in (("positive_prompt", positive_prompt), ("negative_prompt", negative_prompt)):
-            tokenizer = parts.get("tokenizer") or parts["tokenizer_2"]
-            count = len(tokenizer(prompt, truncation=False).input_ids) - 2
-            if count > tokenizer.model_max_length - 2:
-                notes.append(f"{name}: {count} tokens, truncated to {tokenizer.model_max_length - 2}")
-        hidden_layer_index = -(job.clip_skip + 1 + default_skip)
+        texts = [("positive_prompt", job.positive_prompt, [(e, w) for e, w in embeddings if w >= 0])]
+        zero_negative = not job.negative_prompt and info.flag("force_zeros_for_empty_prompt", False)
+        if job.include_negative and not zero_negative:
+            texts.append(("negative_prompt", job.negative_prompt, [(e, -w) for e, w in embeddings if w < 0]))
+        prompts, violations = [], []
+        for field_name, text, tis in texts:
+            prompt = self._chunked(parts, encoder_names, field_name, job.prompt_weighting, text, tis)
+            count = len(prompt.chunks[encoder_names[0]])
+            if count > self.limits.max_prompt_chunks:
+                violations.append((field_name, _too_long(prompt.token_count, count, self.limits.max_prompt_chunks)))
+            prompts.append(prompt)
+        if violations:
+            raise InvalidArgument(violations)
+        counts = [len(p.chunks[encoder_names[0]]) for p in prompts]
+        notes = [
+            f"{p.field}: {p.token_count} tokens, encoded as {count} chunks of {CHUNK_TOKENS} (A1111-style)"
+            for p, count in zip(prompts, counts, strict=True)
+            if count > 1
+        ]
+        notes += _pad_to_equal_chunks(prompts, parts, encoder_names)
+        work = _Work(parts, info.family, encoder_names, job.clip_skip, prompts)
+        rows = sum(len(p.chunks[encoder_names[0]]) for p in prompts)
+        conditionings = submit((info.model_id, id(parts), job.loras), work, rows)
+        positive = conditionings[0]
+        negative = None
+        if job.include_negative:
+            negative = conditionings[1] if len(conditionings) > 1 else _zeros_like(positive)
+        hidden_layer_index = -(job.clip_skip + 1 + DEFAULT_SKIP[info.family])
         return EncodeResult(positive, negative, hidden_layer_index, info.family_name, notes)
+
+    def _chunked(self, parts, encoder_names, field_name: str, weighting: str, text: str, tis) -> _Prompt:
+        try:
+            fragments = parse_weighted(text) if weighting == "a1111" else literal(text)
+        except PromptSyntaxError as exc:
+            raise InvalidArgument.one(field_name, str(exc)) from exc
+        # An embedding whose token the prompt lacks is appended after one space, with weight 1 from the prompt.
+        for embedding, _ in tis:
+            if not any(embedding.token in fragment.text for fragment in fragments):
+                fragments.append(Fragment(" " + embedding.token, 1.0))
+        chunked = {}
+        for name in encoder_names:
+            chunked[name] = split_into_chunks(_tokenizer(parts, name), fragments, tis, name)
+        if len({len(c.chunks) for c in chunked.values()}) > 1:  # never with CLIP's shared vocabulary
+            raise InvalidArgument.one(field_name, "the model's two tokenizers split this prompt differently")
+        token_count = chunked[encoder_names[0]].token_count
+        return _Prompt(field_name, {name: c.chunks for name, c in chunked.items()}, token_count)
+
+    def _run_batch(self, key, works: list[_Work]) -> list:
+        """One forward pass per text encoder over every chunk of `works` (same model, same LoRA set)."""
+        first = works[0]
+        parts, encoder_names = first.parts, first.encoder_names
+        results: list = [[] for _ in works]
+        with parts["_lock"], torch.no_grad():
+            self.loras.activate(first.family, {name: parts[name] for name in encoder_names}, key[2])
+            per_encoder = {}
+            for name in encoder_names:
+                chunks, clip_skips = [], []
+                for work in works:
+                    for prompt in work.prompts:
+                        chunks += prompt.chunks[name]
+                        clip_skips += [work.clip_skip] * len(prompt.chunks[name])
+                per_encoder[name] = encode_rows(parts[name], first.family, chunks, clip_skips)
+            row = 0
+            for index, work in enumerate(works):
+                for prompt in work.prompts:
+                    results[index].append(_assemble(parts, encoder_names, per_encoder, prompt, row))
+                    row += len(prompt.chunks[encoder_names[0]])
+        for index, conditionings in enumerate(results):
+            for prompt, conditioning in zip(works[index].prompts, conditionings, strict=True):
+                if not bool(torch.isfinite(conditioning.prompt_embeds).all()):
+                    results[index] = InvalidArgument.one(
+                        prompt.field,
+                        "the weights make a chunk's mean zero, which A1111's mean restore divides by; change them",
+                    )
+                    break
+        return results
 
     def _embeddings(self, job: EncodeJob, parts: dict, encoder_names: list[str]) -> list[tuple[Embedding, float]]:
         """Loads the request's embeddings and checks each fits this model's encoders (SD1 vs SDXL files)."""
         loaded, violations = [], []
+        chunk_tokens = min(_tokenizer(parts, name).model_max_length for name in encoder_names) - 2
         for i, (model_id, weight) in enumerate(job.embeddings):
             field_name = f"embeddings[{i}].model"
             embedding = self.embedding_files.get(model_id, field_name)
@@ -125,56 +258,83 @@ class TextEncoderEngine:
             if fits and encoder_names == ["text_encoder"]:
                 fits = halves == {"text_encoder"}
             widths = {name: parts[name].get_input_embeddings().embedding_dim for name in encoder_names}
+            counts = {len(embedding.vectors[name]) for name in encoder_names if name in embedding.vectors}
             if not fits:
                 kind = "SDXL (clip_l + clip_g)" if "text_encoder_2" in halves else "SD1.x"
                 violations.append((field_name, f"{model_id!r} is an {kind} embedding; it does not fit {job.model!r}"))
             elif any(embedding.vectors[name].shape[-1] != width for name, width in widths.items()):
                 violations.append((field_name, f"{model_id!r} has vectors of the wrong width for {job.model!r}"))
+            elif len(counts) > 1 or max(counts) > chunk_tokens:
+                violations.append(
+                    (field_name, f"{model_id!r}: halves must have equal vector counts of at most {chunk_tokens}")
+                )
             loaded.append((embedding, weight))
         if violations:
             raise InvalidArgument(violations)
         return loaded
 
-    @staticmethod
-    def _hidden(parts: dict, tok_name: str, enc_name: str, prompt: str, tis: list, **kwargs):
-        """One text encoder's forward pass over a prompt; returns (output, A1111 multipliers or None)."""
-        tokenizer, encoder = parts[tok_name], parts[enc_name]
-        if not tis:  # the exact diffusers path
-            ids = tokenizer(
-                prompt,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            return encoder(ids, **kwargs), None
-        tokenized = tokenize(tokenizer, prompt, enc_name, tis)
-        with substituted(encoder, tokenized.substitutions):
-            return encoder(tokenized.input_ids, **kwargs), tokenized.multipliers
+    def _cache_key(self, job: EncodeJob, info: ModelInfo, embeddings: list[tuple[Embedding, float]]) -> tuple:
+        """Everything a result depends on, files by identity (path, mtime, size) so a replaced file misses."""
+        loras = []
+        for i, (model_id, weight) in enumerate(job.loras):
+            path = self.store.resolve(model_id, f"loras[{i}].model").path
+            stat = path.stat()
+            loras.append((model_id, weight, str(path), stat.st_mtime_ns, stat.st_size))
+        return (
+            info.model_id,
+            str(info.path),
+            job.positive_prompt,
+            job.negative_prompt,
+            job.include_negative,
+            job.clip_skip,
+            job.prompt_weighting,
+            tuple(loras),
+            tuple((e.identity, w) for e, w in embeddings),
+        )
 
-    def _encode_sd1(self, parts: dict, prompt: str, tis: list, clip_skip: int) -> Conditioning:
-        # diffusers StableDiffusionPipeline.encode_prompt (clip skip: hidden_states[-(k+1)], then the final norm)
-        if clip_skip == 0:
-            output, multipliers = self._hidden(parts, "tokenizer", "text_encoder", prompt, tis)
-            hidden = output[0]
-        else:
-            output, multipliers = self._hidden(
-                parts, "tokenizer", "text_encoder", prompt, tis, output_hidden_states=True
-            )
-            encoder = parts["text_encoder"]
-            final_norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 4 nests it
-            hidden = final_norm(output.hidden_states[-(clip_skip + 1)])
-        return Conditioning(hidden if multipliers is None else emphasise(hidden, multipliers))
 
-    def _encode_sdxl(self, parts: dict, prompt: str, tis: list, clip_skip: int) -> Conditioning:
-        # diffusers StableDiffusionXLPipeline.encode_prompt; a refiner has only tokenizer_2/text_encoder_2.
-        embeds, pooled = [], None
-        for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
-            if enc_name not in parts:
-                continue
-            output, multipliers = self._hidden(parts, tok_name, enc_name, prompt, tis, output_hidden_states=True)
-            if pooled is None and output[0].ndim == 2:
-                pooled = output[0]
-            hidden = output.hidden_states[-(clip_skip + 2)]
-            embeds.append(hidden if multipliers is None else emphasise(hidden, multipliers))
-        return Conditioning(torch.cat(embeds, dim=-1), pooled)
+def _assemble(parts: dict, encoder_names: list[str], per_encoder: dict, prompt: _Prompt, first_row: int):
+    """A prompt's conditioning: each chunk emphasised on its own (as A1111), chunks then encoders concatenated;
+    the pooled output is the first chunk's, projected on that row alone."""
+    embeds, pooled = [], None
+    for name in encoder_names:
+        rows = per_encoder[name]
+        chunks = [
+            emphasise(rows.hidden[first_row + i], chunk.multipliers) for i, chunk in enumerate(prompt.chunks[name])
+        ]
+        embeds.append(torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0])
+        if pooled is None and isinstance(parts[name], CLIPTextModelWithProjection):
+            pooled = project_pooled(parts[name], rows.pooled, first_row)
+    return Conditioning(torch.cat(embeds, dim=-1) if len(embeds) > 1 else embeds[0], pooled)
+
+
+def _pad_to_equal_chunks(prompts: list[_Prompt], parts: dict, encoder_names: list[str]) -> list[str]:
+    """Pads the shorter of positive/negative with empty chunks (as A1111) so their shapes match for CFG."""
+    if len(prompts) < 2:
+        return []
+    counts = [len(p.chunks[encoder_names[0]]) for p in prompts]
+    target = max(counts)
+    notes = []
+    for prompt, count, other in zip(prompts, counts, reversed(prompts), strict=True):
+        if count < target:
+            for name in encoder_names:
+                prompt.chunks[name] = prompt.chunks[name] + [empty_chunk(_tokenizer(parts, name))] * (target - count)
+            notes.append(f"{prompt.field}: padded with {target - count} empty chunks to match {other.field}")
+    return notes
+
+
+def _tokenizer(parts: dict, encoder_name: str):
+    return parts["tokenizer" if encoder_name == "text_encoder" else "tokenizer_2"]
+
+
+def _zeros_like(positive: Conditioning) -> Conditioning:
+    # diffusers' force_zeros_for_empty_prompt: torch.zeros_like(prompt_embeds), whatever its length.
+    pooled = positive.pooled_prompt_embeds
+    return Conditioning(torch.zeros_like(positive.prompt_embeds), None if pooled is None else torch.zeros_like(pooled))
+
+
+def _too_long(tokens: int, chunks: int, maximum: int) -> str:
+    return (
+        f"{tokens} tokens make {chunks} chunks of {CHUNK_TOKENS}; at most {maximum} chunks "
+        f"({maximum * CHUNK_TOKENS} tokens): shorten the prompt or raise TRIPTYCH_MAX_PROMPT_CHUNKS"
+    )

@@ -1,4 +1,4 @@
-"""TextEncoderService: proto <-> EncodeJob/EncodeResult, nothing else."""
+"""TextEncoderService: proto <-> EncodeJob/EncodeResult and the catalogue, nothing else."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ from triptych.core.model_store import ModelStore
 from triptych.core.server import Service
 from triptych.core.settings import Settings
 from triptych.core.validation import check_prompt, weighted
+from triptych.encoder.catalog import list_catalog
+from triptych.encoder.chunks import CHUNK_TOKENS
 from triptych.encoder.engine import Conditioning, EncodeJob, TextEncoderEngine
 from triptych.v1 import common_pb2, encoder_service_pb2, encoder_service_pb2_grpc
+
+_WEIGHTINGS = {
+    encoder_service_pb2.PROMPT_WEIGHTING_UNSPECIFIED: "literal",
+    encoder_service_pb2.PROMPT_WEIGHTING_A1111: "a1111",
+}
 
 
 def _conditioning_to_pb(conditioning: Conditioning) -> common_pb2.TextConditioning:
@@ -32,6 +39,11 @@ class TextEncoderServicer(encoder_service_pb2_grpc.TextEncoderServiceServicer):
         check_prompt(request.negative_prompt, "negative_prompt", self.limits, violations)
         loras = weighted(request.loras, "loras", self.limits.max_loras, (-10.0, 10.0), violations)
         embeddings = weighted(request.embeddings, "embeddings", self.limits.max_embeddings, (-4.0, 4.0), violations)
+        weighting = _WEIGHTINGS.get(request.prompt_weighting)
+        if weighting is None:
+            violations.append(("prompt_weighting", f"unknown value {request.prompt_weighting}"))
+        if violations:
+            raise InvalidArgument(violations)
         job = EncodeJob(
             model=request.model,
             positive_prompt=request.positive_prompt,
@@ -40,9 +52,8 @@ class TextEncoderServicer(encoder_service_pb2_grpc.TextEncoderServiceServicer):
             clip_skip=request.clip_skip,
             loras=loras,
             embeddings=embeddings,
+            prompt_weighting=weighting,
         )
-        if violations:
-            raise InvalidArgument(violations)
         result = self.engine.encode(job)
         response = encoder_service_pb2.EncodeResponse(
             positive=_conditioning_to_pb(result.positive),
@@ -54,18 +65,44 @@ class TextEncoderServicer(encoder_service_pb2_grpc.TextEncoderServiceServicer):
             response.negative.CopyFrom(_conditioning_to_pb(result.negative))
         return response
 
+    def ListTextEncoders(self, request, context):
+        models, embeddings = list_catalog(self.engine.store)
+        return encoder_service_pb2.ListTextEncodersResponse(
+            models=[
+                encoder_service_pb2.TextEncoderModel(
+                    model=m.model,
+                    family=m.family,
+                    encoders=[encoder_service_pb2.TextEncoderComponent(**vars(e)) for e in m.encoders],
+                    max_clip_skip=m.max_clip_skip,
+                    zeros_for_empty_negative=m.zeros_for_empty_negative,
+                )
+                for m in models
+            ],
+            embeddings=[encoder_service_pb2.EmbeddingFile(**vars(e)) for e in embeddings],
+            max_prompt_chunks=self.limits.max_prompt_chunks,
+            chunk_tokens=CHUNK_TOKENS,
+        )
+
 
 def build(settings: Settings) -> Service:
     """The encoder role for the server bootstrap."""
     cache = ComponentCache(settings.max_loaded_models)
     store = ModelStore(settings.model_root)
     loras = LoraAdapters(store, settings.max_cached_loras)
-    engine = TextEncoderEngine(store, cache, loras)
+    engine = TextEncoderEngine(
+        store,
+        cache,
+        loras,
+        settings.limits,
+        result_cache_bytes=settings.encoder_cache_bytes,
+        max_batch_rows=settings.encoder_max_batch_rows,
+        batch_wait_s=settings.encoder_batch_wait_ms / 1000.0,
+    )
     servicer = TextEncoderServicer(engine, settings)
     return Service(
         "encoder",
         ["triptych.v1.TextEncoderService"],
         lambda server: encoder_service_pb2_grpc.add_TextEncoderServiceServicer_to_server(servicer, server),
         cache.loaded,
-        lambda: {"lora_disk_reads": loras.disk_reads},
+        lambda: {"lora_disk_reads": loras.disk_reads, **engine.counters()},
     )

@@ -1,11 +1,12 @@
 """Textual inversion without mutating the tokenizer or the text encoder.
 
 An embedding's token is its file's stem (as A1111). Where the token occurs in a prompt its vectors take its
-place; absent, it is appended ("prompt + ' ' + token"). The prompt is tokenized around the token, the token's
-positions get a placeholder id, and a forward hook on the encoder's token-embedding layer writes the vectors
-there: the same numbers diffusers' load_textual_inversion gets by adding vocabulary rows, with no state left
-behind for the next request. Emphasis (weight) follows A1111: scale the encoder output at those positions,
-then restore the output's original mean.
+place; absent, it is appended ("prompt + ' ' + token"). The prompt is tokenized around the token (in 75-token
+chunks, encoder/chunks.py), the token's positions get a placeholder id, and a forward hook on the encoder's
+token-embedding layer writes the vectors there, row by row of a batch: the same numbers diffusers'
+load_textual_inversion gets by adding vocabulary rows, with no state left behind for the next request.
+Emphasis (weight) follows A1111: scale the encoder output at those positions, then restore the output's
+original mean.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ PLACEHOLDER_ID = 0  # an ordinary token id: never BOS/EOS, so pooling and paddin
 
 @dataclass(frozen=True)
 class Embedding:
-    """One embedding file: its token and its vectors [n, dim] per text encoder component."""
+    """One embedding file: its token, its vectors [n, dim] per text encoder component, and the file's identity
+    (resolved path, mtime in ns, size), which keys every cache of results computed from it."""
 
     token: str
     vectors: dict[str, torch.Tensor]
+    identity: tuple[str, int, int] = ("", 0, 0)
 
 
 def _parse(path: Path, field: str) -> dict[str, torch.Tensor]:
@@ -68,14 +71,15 @@ class EmbeddingFiles:
     def __init__(self, store: ModelStore, max_files: int = 64):
         self.store = store
         self.max_files = max_files
-        self._cache: OrderedDict[tuple[str, float], Embedding] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int, int], Embedding] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, model_id: str, field: str) -> Embedding:
         info = self.store.resolve(model_id, field, suffixes=(".safetensors", ".pt", ".bin"))
         if info.kind != "file":
             raise InvalidArgument.one(field, f"{model_id!r} is not an embedding file")
-        key = (str(info.path), info.path.stat().st_mtime)
+        stat = info.path.stat()
+        key = (str(info.path), stat.st_mtime_ns, stat.st_size)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -84,7 +88,7 @@ class EmbeddingFiles:
             name: (t if t.ndim == 2 else t.reshape(-1, t.shape[-1])).to(torch.float32).contiguous()
             for name, t in _parse(info.path, field).items()
         }
-        embedding = Embedding(info.path.stem, vectors)
+        embedding = Embedding(info.path.stem, vectors, key)
         with self._lock:
             self._cache[key] = embedding
             while len(self._cache) > self.max_files:
@@ -92,70 +96,10 @@ class EmbeddingFiles:
         return embedding
 
 
-@dataclass
-class TokenizedPrompt:
-    """input_ids [1, max_length], the embedding vectors to write at given positions, and A1111 multipliers."""
-
-    input_ids: torch.Tensor
-    substitutions: list[tuple[int, torch.Tensor]]
-    multipliers: torch.Tensor  # [max_length], 1.0 except at weighted embedding positions
-
-
-def with_tokens(prompt: str, embeddings: list[Embedding]) -> str:
-    """Appends each embedding's token that the prompt does not already contain."""
-    for embedding in embeddings:
-        if embedding.token not in prompt:
-            prompt = f"{prompt} {embedding.token}"
-    return prompt
-
-
-def tokenize(tokenizer, prompt: str, component: str, embeddings: list[tuple[Embedding, float]]) -> TokenizedPrompt:
-    """Tokenizes like `tokenizer(prompt, padding="max_length", truncation=True)` with each embedding's token
-    replaced by its vectors (one position per vector)."""
-    length = tokenizer.model_max_length
-    pieces: list[tuple[str, tuple[Embedding, float] | None]] = [(prompt, None)]
-    for item in embeddings:
-        token = item[0].token
-        split: list[tuple[str, tuple[Embedding, float] | None]] = []
-        for text, owner in pieces:
-            if owner is not None:
-                split.append((text, owner))
-                continue
-            parts = text.split(token)
-            for i, part in enumerate(parts):
-                if i:
-                    split.append((token, item))
-                split.append((part, None))
-        pieces = split
-    content: list[int] = []
-    marks: list[tuple[int, torch.Tensor, float]] = []
-    for text, owner in pieces:
-        if owner is None:
-            if text.strip():
-                content += tokenizer(text, add_special_tokens=False).input_ids
-            continue
-        embedding, weight = owner
-        vectors = embedding.vectors.get(component)
-        if vectors is None:
-            continue  # e.g. an SDXL file without a clip_l half: the token is dropped for that encoder
-        for vector in vectors:
-            marks.append((len(content), vector, weight))
-            content.append(PLACEHOLDER_ID)
-    content = content[: length - 2]
-    ids = [tokenizer.bos_token_id, *content, tokenizer.eos_token_id]
-    ids += [tokenizer.pad_token_id] * (length - len(ids))
-    multipliers = torch.ones(length)
-    substitutions = []
-    for position, vector, weight in marks:
-        if position < len(content):  # truncated vectors are dropped like truncated words
-            substitutions.append((position + 1, vector))
-            multipliers[position + 1] = weight
-    return TokenizedPrompt(torch.tensor([ids]), substitutions, multipliers)
-
-
 @contextlib.contextmanager
-def substituted(text_encoder, substitutions: list[tuple[int, torch.Tensor]]):
-    """Writes the vectors into the token-embedding output for one forward pass (caller holds the model lock)."""
+def substituted(text_encoder, substitutions: list[tuple[int, int, torch.Tensor]]):
+    """Writes each (row, position, vector) into the token-embedding output for one forward pass (caller holds
+    the model lock)."""
     if not substitutions:
         yield
         return
@@ -164,11 +108,11 @@ def substituted(text_encoder, substitutions: list[tuple[int, torch.Tensor]]):
 
     def hook(module, inputs, output):
         output = output.clone()
-        for position, vector in substitutions:
-            output[0, position] = vector.to(output.dtype)
+        for row, position, vector in substitutions:
+            output[row, position] = vector.to(output.dtype)
         return output
 
-    for _, vector in substitutions:
+    for _, _, vector in substitutions:
         if vector.shape[-1] != expected:
             raise InvalidArgument.one(
                 "embeddings", f"embedding width {vector.shape[-1]} does not fit this text encoder ({expected})"

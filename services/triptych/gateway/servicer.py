@@ -7,16 +7,17 @@ downstream errors are relayed unchanged (code, message, field violations).
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import threading
 import time
 
 import grpc
 
-from triptych.client.connection import open_channel
 from triptych.client.task import task_from_request
 from triptych.core.errors import InvalidArgument, Relayed
 from triptych.core.scheduler_table import parse_scheduler
+from triptych.core.security import outgoing_channel
 from triptych.core.server import VERSION, Service
 from triptych.core.settings import Settings
 from triptych.core.validation import (
@@ -41,6 +42,8 @@ from triptych.v1 import (
 )
 
 DEFAULT_STEPS = 20
+# Downstream field names that GenerateRequest spells differently, for relayed errors.
+DOWNSTREAM_FIELDS = {"loras": "lora"}
 DEFAULT_CFG_SCALE = 7.0
 
 
@@ -67,11 +70,11 @@ class _Calls:
             for call in self._active:
                 call.cancel()
 
-    def unary(self, method, request):
+    def unary(self, method, request, renames: dict[str, str] = DOWNSTREAM_FIELDS):
         try:
             return self.track(method.future(request, timeout=self.timeout())).result()
         except grpc.RpcError as exc:
-            raise Relayed(exc) from exc
+            raise Relayed(exc, renames) from exc
         except grpc.FutureCancelledError as exc:
             raise Relayed(_CancelledError()) from exc
 
@@ -87,9 +90,14 @@ class _CancelledError(grpc.RpcError):
 class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     def __init__(self, settings: Settings):
         self.limits = settings.limits
-        self.encoder = encoder_service_pb2_grpc.TextEncoderServiceStub(open_channel(settings.encoder_address))
-        self.denoiser = denoiser_service_pb2_grpc.DenoiserServiceStub(open_channel(settings.denoiser_address))
-        self.decoder = decoder_service_pb2_grpc.DecoderServiceStub(open_channel(settings.decoder_address))
+        # Each address may be a replica list: one round-robin channel per role, UNAVAILABLE retried elsewhere;
+        # TLS and the gateway's own token (settings.security) apply to every downstream call.
+        def channel(address: str):
+            return outgoing_channel(settings.security, address, settings.max_message_bytes)
+
+        self.encoder = encoder_service_pb2_grpc.TextEncoderServiceStub(channel(settings.encoder_address))
+        self.denoiser = denoiser_service_pb2_grpc.DenoiserServiceStub(channel(settings.denoiser_address))
+        self.decoder = decoder_service_pb2_grpc.DecoderServiceStub(channel(settings.decoder_address))
 
     def validate(self, request: image_service_pb2.GenerateRequest) -> None:
         """Every field checked before any downstream work; all violations reported at once."""
@@ -117,6 +125,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             v.extend(exc.violations)
         weighted(request.lora, "lora", self.limits.max_loras, (-10.0, 10.0), v)
         weighted(request.embeddings, "embeddings", self.limits.max_embeddings, (-4.0, 4.0), v)
+        if request.prompt_weighting not in encoder_service_pb2.PromptWeighting.values():
+            v.append(("prompt_weighting", f"unknown value {request.prompt_weighting}"))
         if len(request.control_net) > self.limits.max_controlnets:
             v.append(("control_net", f"at most {self.limits.max_controlnets} units (got {len(request.control_net)})"))
         if request.HasField("refiner"):
@@ -125,7 +135,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             fraction = self.refiner_fraction(request)
             if fraction is None:
                 v.append(("refiner", "set start_step or start_step_percentage"))
-            else:
+            elif not math.isnan(fraction):
                 check_fraction(fraction, "refiner.start", v, low=0.0, high=1.0)
                 if not 0 < fraction < 1:
                     v.append(("refiner.start", f"the hand-off must fall strictly inside the schedule (got {fraction})"))
@@ -137,7 +147,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         which = request.refiner.WhichOneof("start")
         if which == "start_step":
             steps = request.steps if request.HasField("steps") else DEFAULT_STEPS
-            return request.refiner.start_step / steps
+            return request.refiner.start_step / steps if steps else math.nan  # steps=0 is reported as such
         if which == "start_step_percentage":
             return request.refiner.start_step_percentage / 100.0
         return None
@@ -158,6 +168,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             include_negative=cfg_scale > 1,
             loras=request.lora,
             embeddings=request.embeddings,
+            prompt_weighting=request.prompt_weighting,
         )
         if request.HasField("clip_skip"):
             encode_request.clip_skip = request.clip_skip
@@ -169,7 +180,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             refiner_request.CopyFrom(encode_request)
             refiner_request.model = request.refiner.model
             refiner_request.ClearField("loras")  # a LoRA is trained for the base model
-            refiner_encoded = calls.unary(self.encoder.Encode, refiner_request)
+            # The encoder names the refiner's id `model`; in GenerateRequest it is `refiner.model`.
+            refiner_encoded = calls.unary(self.encoder.Encode, refiner_request, {"model": "refiner.model"})
             pairing = (encoded.model_family, refiner_encoded.model_family)
             if pairing != ("sdxl", "sdxl-refiner"):
                 raise InvalidArgument.one(
@@ -263,7 +275,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                 else:
                     return event.result
         except grpc.RpcError as exc:
-            raise Relayed(exc) from exc
+            raise Relayed(exc, DOWNSTREAM_FIELDS) from exc
         raise Relayed(_CancelledError())
 
 

@@ -9,11 +9,13 @@ from triptych.client.connection import (
     wait_until_serving,
 )
 from triptych.client.task import TaskError, request_from_task, requests_from_json, task_from_request
+from triptych.client.transport import channel_credentials
 
 __all__ = [
     "DEFAULT_GATEWAY",
     "ImageClient",
     "TaskError",
+    "channel_credentials",
     "describe_error",
     "field_violations",
     "open_channel",

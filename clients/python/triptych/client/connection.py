@@ -10,27 +10,51 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from triptych.client.transport import RETRY_BUFFER_BYTES, SERVICE_CONFIG, BearerToken, channel_target
 from triptych.v1 import image_service_pb2, image_service_pb2_grpc
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
-def open_channel(address: str, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
-    """An insecure channel with the message limits set (they must match the servers')."""
-    return grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ],
-    )
+def open_channel(
+    address: str,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    auth_token: str | None = None,
+    server_name: str | None = None,
+) -> grpc.Channel:
+    """A channel to one service or to a comma-separated list of its replicas (round-robin, UNAVAILABLE retried).
+
+    `credentials` (see `transport.channel_credentials`) makes it TLS; None is plaintext, for loopback only.
+    `auth_token` is sent as `authorization: Bearer <token>` on every call. `server_name` is the name the
+    server certificate must carry when it differs from the address. The message limits must match the servers'.
+    """
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
+    ]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    target = channel_target(address)
+    if credentials is None:
+        channel = grpc.insecure_channel(target, options=options)
+    else:
+        channel = grpc.secure_channel(target, credentials, options=options)
+    return grpc.intercept_channel(channel, BearerToken(auth_token)) if auth_token else channel
 
 
-def wait_until_serving(address: str, timeout: float = 60.0, service: str = "") -> None:
-    """Blocks until standard gRPC health at `address` reports SERVING; TimeoutError otherwise."""
+def wait_until_serving(address: str, timeout: float = 60.0, service: str = "", **channel_args) -> None:
+    """Blocks until standard gRPC health at `address` reports SERVING; TimeoutError otherwise.
+
+    `channel_args` go to `open_channel` (credentials, server_name); health needs no token.
+    """
     deadline = time.monotonic() + timeout
-    with open_channel(address) as channel:
+    with open_channel(address, **channel_args) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -66,8 +90,9 @@ def describe_error(error: grpc.RpcError) -> str:
 class ImageClient:
     """Calls ImageService.Generate on a gateway."""
 
-    def __init__(self, address: str = DEFAULT_GATEWAY):
-        self.channel = open_channel(address)
+    def __init__(self, address: str = DEFAULT_GATEWAY, **channel_args):
+        """`channel_args` go to `open_channel`: credentials, auth_token, server_name, max_message_bytes."""
+        self.channel = open_channel(address, **channel_args)
         self.stub = image_service_pb2_grpc.ImageServiceStub(self.channel)
 
     def stream(

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from triptych.v1 import common_pb2, decoder_service_pb2, image_service_pb2
+from triptych.v1 import common_pb2, decoder_service_pb2, encoder_service_pb2, image_service_pb2
 
 TASK_KEYS = (
     "taskType",
@@ -35,12 +35,18 @@ TASK_KEYS = (
     "embeddings",
     "controlNet",
     "refiner",
+    "promptWeighting",
 )
 _FORMATS = {
     "PNG": decoder_service_pb2.OUTPUT_FORMAT_PNG,
     "JPG": decoder_service_pb2.OUTPUT_FORMAT_JPEG,
     "JPEG": decoder_service_pb2.OUTPUT_FORMAT_JPEG,
     "WEBP": decoder_service_pb2.OUTPUT_FORMAT_WEBP,
+}
+# Runware's promptWeighting values (any case) -> PromptWeighting. "sdEmbeds" is A1111 syntax; "compel" is not built.
+_WEIGHTINGS = {
+    "sdembeds": encoder_service_pb2.PROMPT_WEIGHTING_A1111,
+    "a1111": encoder_service_pb2.PROMPT_WEIGHTING_A1111,
 }
 _MODES = {
     "balanced": common_pb2.CONTROL_MODE_BALANCED,
@@ -166,6 +172,14 @@ def request_from_task(task: Any, base_dir: Path | None = None) -> image_service_
     cfg = r.number("CFGScale")
     if cfg is not None:
         request.cfg_scale = cfg
+    weighting = r.string("promptWeighting")
+    if weighting is not None:
+        if weighting.lower() == "compel":
+            r.bad("promptWeighting", "'compel' syntax is not supported; use 'sdEmbeds' (A1111 syntax) or omit the key")
+        elif weighting.lower() not in _WEIGHTINGS:
+            r.bad("promptWeighting", f"must be 'sdEmbeds' (A1111 syntax) or absent (literal) (got {weighting!r})")
+        else:
+            request.prompt_weighting = _WEIGHTINGS[weighting.lower()]
     fmt = r.string("outputFormat")
     if fmt is not None:
         if fmt.upper() not in _FORMATS:
@@ -243,7 +257,7 @@ def requests_from_json(text: str, base_dir: Path | None = None) -> list[image_se
     """One task object, or an array of them as Runware's API sends (answered in order)."""
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError; an integer of > 4300 digits; deep nesting
         raise TaskError([("task", f"not valid JSON: {exc}")]) from exc
     tasks = data if isinstance(data, list) else [data]
     requests, violations = [], []
@@ -288,6 +302,8 @@ def task_from_request(request: image_service_pb2.GenerateRequest) -> dict:
     for key, items in (("lora", request.lora), ("embeddings", request.embeddings)):
         if items:
             task[key] = [{"model": x.model, **({"weight": x.weight} if x.HasField("weight") else {})} for x in items]
+    if request.prompt_weighting == encoder_service_pb2.PROMPT_WEIGHTING_A1111:
+        task["promptWeighting"] = "sdEmbeds"
     if request.control_net:
         task["controlNet"] = [_unit_json(unit) for unit in request.control_net]
     if request.HasField("refiner"):

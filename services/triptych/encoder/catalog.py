@@ -1,0 +1,114 @@
+"""What the encoder can encode with: the store's text-to-image models and its textual-inversion files.
+
+Read from config files and safetensors headers only: listing loads no weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from safetensors import safe_open
+
+from triptych.core.model_store import ModelInfo, ModelStore
+
+# The layer a family uses without clip skip, counted back from the last: SD1.x the last (normed), SDXL the
+# penultimate.
+DEFAULT_SKIP = {"sd1": 0, "sdxl": 1}
+
+
+def max_clip_skip(family: str, layers: int) -> int:
+    """The largest clip skip a family's encoders allow, given the fewest layers among them."""
+    return layers - 1 - DEFAULT_SKIP[family]
+
+
+@dataclass(frozen=True)
+class EncoderComponent:
+    """One text encoder of a model, from its config.json."""
+
+    component: str
+    class_name: str
+    hidden_size: int
+    num_hidden_layers: int
+    projection_dim: int  # 0 when the class has no projection
+
+
+@dataclass(frozen=True)
+class TextToImageModel:
+    """A model folder and the clip skip range its encoders allow."""
+
+    model: str
+    family: str
+    encoders: list[EncoderComponent]
+    max_clip_skip: int
+    zeros_for_empty_negative: bool
+
+
+@dataclass(frozen=True)
+class EmbeddingListing:
+    """A textual-inversion file: its id, token, halves and length in tokens."""
+
+    model: str
+    token: str
+    components: list[str]
+    vector_count: int
+
+
+def _encoders(info: ModelInfo) -> list[EncoderComponent]:
+    found = []
+    for name in ("text_encoder", "text_encoder_2"):
+        entry = info.index.get(name)
+        config_path = info.path / name / "config.json"
+        if not entry or entry[0] is None or not config_path.exists():
+            continue
+        config = json.loads(config_path.read_text())
+        class_name = entry[1]
+        projection = config.get("projection_dim", 0) if class_name == "CLIPTextModelWithProjection" else 0
+        found.append(EncoderComponent(name, class_name, config["hidden_size"], config["num_hidden_layers"], projection))
+    return found
+
+
+def _embedding(model_id: str, path) -> EmbeddingListing | None:
+    """The listing for a textual-inversion file, or None for any other .safetensors (LoRA, checkpoint)."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}  # noqa: SIM118 - not iterable
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not listed as an embedding
+        return None
+    if shapes and set(shapes) <= {"clip_l", "clip_g"}:  # SDXL
+        halves = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+        components = sorted(halves[key] for key in shapes)
+        shape = shapes.get("clip_g") or shapes["clip_l"]
+    elif set(shapes) == {"emb_params"} or (len(shapes) == 1 and "lora" not in next(iter(shapes)).lower()):
+        components, shape = ["text_encoder"], next(iter(shapes.values()))
+    else:
+        return None
+    if not 1 <= len(shape) <= 3:
+        return None
+    return EmbeddingListing(model_id, path.stem, components, math.prod(shape[:-1]))
+
+
+def list_catalog(store: ModelStore) -> tuple[list[TextToImageModel], list[EmbeddingListing]]:
+    """Every text-to-image model and every textual-inversion .safetensors file in the store, sorted by id."""
+    models, embeddings = [], []
+    for info in store.list():
+        if info.kind == "pipeline" and info.family in DEFAULT_SKIP:
+            encoders = _encoders(info)
+            if not encoders:
+                continue
+            layers = min(encoder.num_hidden_layers for encoder in encoders)
+            models.append(
+                TextToImageModel(
+                    model=info.model_id,
+                    family=info.family_name,
+                    encoders=encoders,
+                    max_clip_skip=max(0, max_clip_skip(info.family, layers)),
+                    zeros_for_empty_negative=bool(info.flag("force_zeros_for_empty_prompt", False)),
+                )
+            )
+        elif info.kind == "file" and info.path.suffix == ".safetensors":
+            listing = _embedding(info.model_id, info.path)
+            if listing is not None:
+                embeddings.append(listing)
+    return models, embeddings
