@@ -93,3 +93,39 @@ def test_unknown_lora_is_not_found(client):
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND and "tiny/nope" in raised.value.details()
     assert raised.value.details().startswith("lora[0].model"), "named as GenerateRequest names it"
     assert len(client.generate(image_service_pb2.GenerateRequest(**BASE))) == 1
+
+
+def test_adapter_cache_is_bounded_by_bytes_and_eviction_changes_no_result(services, model_root):
+    """A denoiser whose LoRA cache holds less than one adapter evicts on every switch, re-reads from disk,
+    and still returns exactly the latents of a denoiser that never evicted."""
+    from tests.e2e.processes import serve_role
+    from tests.e2e.test_services import runtime_info
+    from triptych.client import open_channel
+    from triptych.v1 import (
+        denoiser_service_pb2,
+        denoiser_service_pb2_grpc,
+        encoder_service_pb2,
+        encoder_service_pb2_grpc,
+    )
+
+    with open_channel(services.addresses["encoder"]) as channel:
+        encoded = encoder_service_pb2_grpc.TextEncoderServiceStub(channel).Encode(
+            encoder_service_pb2.EncodeRequest(model="tiny/sd15", positive_prompt="a fox", include_negative=True)
+        )
+
+    def latents(address: str, loras: list[tuple[str, float]]) -> bytes:
+        with open_channel(address) as channel:
+            stub = denoiser_service_pb2_grpc.DenoiserServiceStub(channel)
+            request = denoiser_service_pb2.DenoiseRequest(
+                model="tiny/sd15", positive=encoded.positive, negative=encoded.negative, steps=3,
+                guidance_scale=7.0, seed=5, width=64, height=64,
+                loras=[common_pb2.Lora(model=m, weight=w) for m, w in loras])
+            return [e.result for e in stub.Denoise(request) if e.HasField("result")][0].latents.data
+
+    sequence = [[(KOHYA, 0.8)], [(PEFT, 0.6)], [(KOHYA, 0.8)], [], [(PEFT, 0.6)]]
+    expected = [latents(services.addresses["denoiser"], loras) for loras in sequence]
+    with serve_role("denoiser", model_root, env={"TRIPTYCH_LORA_CACHE_BYTES": "1"}) as (_, address):
+        got = [latents(address, loras) for loras in sequence]
+        counters = runtime_info(address).counters
+    assert got == expected
+    assert counters["lora_disk_reads"] == 4 and counters["lora_evictions"] >= 3

@@ -35,10 +35,11 @@ def adapter_name(model_id: str) -> str:
 class LoraAdapters:
     """Loads, caches and activates LoRA adapters on the components of one service."""
 
-    def __init__(self, store: ModelStore, max_adapters: int):
+    def __init__(self, store: ModelStore, max_bytes: int):
         self.store = store
-        self.max_adapters = max(1, max_adapters)
+        self.max_bytes = max_bytes
         self.disk_reads = 0
+        self.evictions = 0
 
     def activate(self, family: str, modules: dict[str, torch.nn.Module], loras, field: str = "loras") -> None:
         """Makes exactly `loras` ((model id, weight), ...) active on `modules` ({"unet": unet} or text encoders).
@@ -58,7 +59,7 @@ class LoraAdapters:
             for module in modules.values():
                 _injected(module).move_to_end(name)
         for module in modules.values():
-            active = [(name, weight) for name, _, weight, _ in wanted if _injected(module)[name]]
+            active = [(name, weight) for name, _, weight, _ in wanted if _injected(module)[name] > 0]
             self._set(module, active)
             self._evict(module, {name for name, *_ in wanted})
 
@@ -83,7 +84,7 @@ class LoraAdapters:
                 loader.load_lora_into_text_encoder(
                     dict(state_dict), alphas, module, prefix=component, adapter_name=name, metadata=metadata
                 )
-            _injected(module)[name] = has_weights
+            _injected(module)[name] = _adapter_bytes(module, name) if has_weights else 0
 
     @staticmethod
     def _set(module: torch.nn.Module, active: list[tuple[str, float]]) -> None:
@@ -100,19 +101,31 @@ class LoraAdapters:
             set_adapters_for_text_encoder(names, module, weights)
 
     def _evict(self, module: torch.nn.Module, keep: set[str]) -> None:
-        """Deletes the least recently used adapters beyond max_adapters (never one the request uses)."""
+        """Deletes least recently used adapters while the module's adapters exceed max_bytes (never one the
+        current request uses, so a single oversized set still runs)."""
         record = _injected(module)
-        for name in list(record)[: max(0, len(record) - self.max_adapters)]:
-            if name not in keep and record.pop(name):
+        for name in list(record):
+            if sum(record.values()) <= self.max_bytes:
+                break
+            if name in keep:
+                continue
+            if record.pop(name):
                 if isinstance(module, ModelMixin):
                     module.delete_adapters(name)
                 else:
                     delete_adapter_layers(module, name)
+            self.evictions += 1
 
 
-def _injected(module: torch.nn.Module) -> OrderedDict[str, bool]:
-    """Adapters injected into this module (name -> whether the file had weights for it), LRU order. Kept on
-    the module itself so the record lives and dies with the weights it describes."""
+def _adapter_bytes(module: torch.nn.Module, name: str) -> int:
+    """Bytes of one adapter's weights in a module (peft names them `...lora_A.<adapter>.weight`)."""
+    marker = f".{name}."
+    return sum(p.numel() * p.element_size() for key, p in module.named_parameters() if marker in key)
+
+
+def _injected(module: torch.nn.Module) -> OrderedDict[str, int]:
+    """Adapters injected into this module (name -> bytes of its weights here, 0 if the file had none), in LRU
+    order. Kept on the module itself so the record lives and dies with the weights it describes."""
     record = module.__dict__.get("_triptych_loras")
     if record is None:
         record = module.__dict__["_triptych_loras"] = OrderedDict()

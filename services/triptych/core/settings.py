@@ -112,7 +112,9 @@ class Settings(BaseSettings):
     denoiser_queue_per_model: int = Field(
         16, description="denoise requests per model admitted at once (running + waiting); more → RESOURCE_EXHAUSTED"
     )
-    max_cached_loras: int = Field(16, description="LoRA adapters kept injected per model component (LRU)")
+    lora_cache_bytes: int = Field(
+        1024**3, description="bytes of LoRA adapters kept injected per model component (LRU beyond it)"
+    )
     encoder_cache_bytes: int = Field(
         256 * 1024 * 1024, description="encoder results kept for identical requests (LRU by bytes); 0 = no cache"
     )

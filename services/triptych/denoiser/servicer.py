@@ -214,7 +214,7 @@ def build(settings: Settings) -> Service:
     """The denoiser role for the server bootstrap."""
     cache = ComponentCache(settings.max_loaded_models)
     store = ModelStore(settings.model_root)
-    loras = LoraAdapters(store, settings.max_cached_loras)
+    loras = LoraAdapters(store, settings.lora_cache_bytes)
     engine = DenoiserEngine(store, cache, loras, settings.denoiser_queue_per_model)
     servicer = DenoiserServicer(engine, settings)
     return Service(
@@ -222,5 +222,10 @@ def build(settings: Settings) -> Service:
         ["triptych.v1.DenoiserService"],
         lambda server: denoiser_service_pb2_grpc.add_DenoiserServiceServicer_to_server(servicer, server),
         cache.loaded,
-        lambda: {"lora_disk_reads": loras.disk_reads, "denoise_rejected": engine.queue.rejected, **engine.counters},
+        lambda: {
+            "lora_disk_reads": loras.disk_reads,
+            "lora_evictions": loras.evictions,
+            "denoise_rejected": engine.queue.rejected,
+            **engine.counters,
+        },
     )

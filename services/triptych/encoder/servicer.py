@@ -88,7 +88,7 @@ def build(settings: Settings) -> Service:
     """The encoder role for the server bootstrap."""
     cache = ComponentCache(settings.max_loaded_models)
     store = ModelStore(settings.model_root)
-    loras = LoraAdapters(store, settings.max_cached_loras)
+    loras = LoraAdapters(store, settings.lora_cache_bytes)
     engine = TextEncoderEngine(
         store,
         cache,
@@ -104,5 +104,5 @@ def build(settings: Settings) -> Service:
         ["triptych.v1.TextEncoderService"],
         lambda server: encoder_service_pb2_grpc.add_TextEncoderServiceServicer_to_server(servicer, server),
         cache.loaded,
-        lambda: {"lora_disk_reads": loras.disk_reads, **engine.counters()},
+        lambda: {"lora_disk_reads": loras.disk_reads, "lora_evictions": loras.evictions, **engine.counters()},
     )
