@@ -78,12 +78,18 @@ class LoraAdapters:
         for component, module in targets:
             prefix = f"{component}."
             has_weights = any(key.startswith(prefix) for key in state_dict)
-            if has_weights and component == "unet":
-                loader.load_lora_into_unet(dict(state_dict), alphas, module, adapter_name=name, metadata=metadata)
-            elif has_weights:
-                loader.load_lora_into_text_encoder(
-                    dict(state_dict), alphas, module, prefix=component, adapter_name=name, metadata=metadata
-                )
+            try:  # diffusers removes a half-injected adapter itself before it re-raises
+                if has_weights and component == "unet":
+                    loader.load_lora_into_unet(dict(state_dict), alphas, module, adapter_name=name, metadata=metadata)
+                elif has_weights:
+                    loader.load_lora_into_text_encoder(
+                        dict(state_dict), alphas, module, prefix=component, adapter_name=name, metadata=metadata
+                    )
+            except (RuntimeError, ValueError, KeyError) as exc:  # shapes of another model family
+                why = str(exc).splitlines()[0]
+                raise InvalidArgument.one(
+                    field_name, f"{path.name} does not fit this model's {component}: {why}"
+                ) from exc
             _injected(module)[name] = _adapter_bytes(module, name) if has_weights else 0
 
     @staticmethod

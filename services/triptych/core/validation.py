@@ -16,12 +16,15 @@ def check_prompt(prompt: str, field: str, limits: Limits, violations: Violations
         violations.append((field, f"{len(prompt)} characters; at most {limits.max_prompt_chars}"))
 
 
+MIN_SIZE = 64  # A1111's smallest width/height; below it a UNet's deepest GroupNorm can see a single value
+
+
 def check_size(value: int | None, field: str, maximum: int, violations: Violations) -> None:
-    """Width/height: unset is fine (the model's default); else a multiple of 8 in [8, maximum]."""
+    """Width/height: unset is fine (the model's default); else a multiple of 8 in [MIN_SIZE, maximum]."""
     if value is None:
         return
-    if value < 8 or value > maximum or value % 8:
-        violations.append((field, f"must be a multiple of 8 between 8 and {maximum} (got {value})"))
+    if value < MIN_SIZE or value > maximum or value % 8:
+        violations.append((field, f"must be a multiple of 8 between {MIN_SIZE} and {maximum} (got {value})"))
 
 
 def check_steps(value: int, field: str, limits: Limits, violations: Violations) -> None:

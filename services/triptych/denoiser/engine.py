@@ -153,8 +153,13 @@ class DenoiserEngine:
             except RuntimeError as exc:
                 raise InvalidArgument.one("generator_state", f"not a CPU generator state ({exc})") from exc
 
-        scheduler.set_timesteps(job.steps, device="cpu")
-        timesteps = window_timesteps(scheduler, job.start_fraction, job.end_fraction)
+        try:
+            scheduler.set_timesteps(job.steps, device="cpu")
+            timesteps = window_timesteps(scheduler, job.start_fraction, job.end_fraction)
+        except ValueError as exc:  # e.g. PNDM with PRK steps needs >= 4, LCM <= its original_inference_steps
+            raise InvalidArgument.one(
+                "steps", f"{type(scheduler).__name__} cannot run {job.steps} steps ({exc})"
+            ) from exc
         shape = (1, unet.config.in_channels, height // VAE_SCALE, width // VAE_SCALE)
         if job.start_fraction > 0:
             if job.latents is None:

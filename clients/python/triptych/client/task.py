@@ -130,8 +130,15 @@ def read_image_bytes(value: str, base_dir: Path | None = None) -> bytes:
         _, _, payload = value.partition(",")
         return base64.b64decode(payload, validate=True)
     path = Path(value) if base_dir is None or Path(value).is_absolute() else base_dir / value
-    if len(value) < 4096 and path.is_file():
-        return path.read_bytes()
+    try:
+        is_file = len(value) < 4096 and path.is_file()
+    except OSError:  # e.g. ENAMETOOLONG: it cannot be a file name; try base64
+        is_file = False
+    if is_file:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
