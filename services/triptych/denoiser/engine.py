@@ -131,11 +131,7 @@ class DenoiserEngine:
         # so one request per model runs at a time.
         with self.queue.slot(job.model), parts["_lock"]:
             self.loras.activate(info.family, {"unet": parts["unet"]}, job.loras)
-            try:
-                yield from self._sample(info, parts, job, is_active)
-            except (Cancelled, GeneratorExit):  # GeneratorExit: gRPC dropped the stream of a cancelled call
-                self.counters["denoise_cancelled"] += 1
-                raise
+            yield from self._sample(info, parts, job, is_active)
 
     def _sample(self, info: ModelInfo, parts: dict, job: DenoiseJob, is_active: Callable[[], bool]):
         unet: UNet2DConditionModel = parts["unet"]

@@ -6,7 +6,7 @@ import math
 
 from triptych.core.codec import decode_tensor, encode_tensor
 from triptych.core.components import ComponentCache
-from triptych.core.errors import InvalidArgument
+from triptych.core.errors import Cancelled, InvalidArgument
 from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelStore
 from triptych.core.scheduler_table import parse_scheduler
@@ -175,9 +175,23 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
         )
 
     def Denoise(self, request, context):
+        # A call that ends before its result was sent was cancelled (by the caller or its deadline): count it
+        # when gRPC reports the end, since a dropped stream is never resumed to see is_active() turn false.
+        state = {"answered": False}
+        context.add_callback(lambda: state["answered"] or self.engine.counters.update(["denoise_cancelled"]))
+        try:
+            yield from self._events(request, context, state)
+        except Cancelled:
+            raise
+        except Exception:
+            state["answered"] = True  # an error answer, not a cancellation
+            raise
+
+    def _events(self, request, context, state: dict):
         job = self.job_from_pb(request)
         for event in self.engine.denoise(job, is_active=context.is_active):
             if isinstance(event, DenoiseOutcome):
+                state["answered"] = True
                 yield denoiser_service_pb2.DenoiseResponse(
                     result=denoiser_service_pb2.DenoiseResult(
                         latents=encode_tensor(event.latents),
