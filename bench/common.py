@@ -36,14 +36,9 @@ def serve_all(model_root: Path, extra_env: dict[str, str] | None = None):
         bufsize=1,
         env={**os.environ, **(extra_env or {})},
     )
-    addresses, pids = {}, {}
-    for line in process.stdout:
-        words = line.split()
-        if len(words) >= 4 and words[0] == "triptych" and words[2] == "SERVING" and "(pid" in line:
-            addresses[words[1]] = words[3]
-            pids[words[1]] = int(words[-1].rstrip(")"))
-        if line.startswith("all services SERVING"):
-            break
+    from triptych.cli import read_serving_lines
+
+    addresses, pids = read_serving_lines(process.stdout)
     threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
     try:
         yield addresses, pids

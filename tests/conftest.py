@@ -48,15 +48,10 @@ def services(model_root) -> Services:
         bufsize=1,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    addresses, pids = {}, {}
-    for line in process.stdout:
-        words = line.split()
-        if len(words) >= 4 and words[0] == "triptych" and words[2] == "SERVING" and "(pid" in line:
-            addresses[words[1]] = words[3]
-            pids[words[1]] = int(words[-1].rstrip(")"))
-        if line.startswith("all services SERVING"):
-            break
-    else:
+    from triptych.cli import read_serving_lines
+
+    addresses, pids = read_serving_lines(process.stdout)
+    if set(addresses) != set(ROLES):
         pytest.fail(f"triptych serve exited with {process.wait()} before serving")
     threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
     yield Services(process, addresses, pids)

@@ -50,6 +50,20 @@ def cmd_serve(args) -> int:
     return _serve_all(args)
 
 
+def read_serving_lines(lines) -> tuple[dict[str, str], dict[str, int]]:
+    """Reads `triptych serve`'s stdout up to "all services SERVING": ({role: address}, {role: pid}).
+    The one parser of the lines _serve_all prints, for supervisors, tests and benchmarks."""
+    addresses, pids = {}, {}
+    for line in lines:
+        words = line.split()
+        if len(words) >= 4 and words[0] == "triptych" and words[2] == "SERVING" and "(pid" in line:
+            addresses[words[1]] = words[3]
+            pids[words[1]] = int(words[-1].rstrip(")"))
+        if line.startswith("all services SERVING"):
+            break
+    return addresses, pids
+
+
 def _spawn(role: str, port: int, args, extra: list[str]) -> tuple[subprocess.Popen, str]:
     """Starts one role as its own OS process and returns it with the address it reported."""
     command = [sys.executable, "-m", "triptych.cli", "serve", role, "--port", str(port), *extra]

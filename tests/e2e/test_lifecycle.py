@@ -12,6 +12,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from triptych.cli import read_serving_lines
 from triptych.client import open_channel
 
 
@@ -24,14 +25,7 @@ def test_serve_starts_four_processes_and_stops_them_all(model_root, stop_signal)
         bufsize=1,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    addresses, pids = {}, {}
-    for line in process.stdout:
-        words = line.split()
-        if len(words) >= 4 and words[2] == "SERVING" and "(pid" in line:
-            addresses[words[1]] = words[3]
-            pids[words[1]] = int(words[-1].rstrip(")"))
-        if line.startswith("all services SERVING"):
-            break
+    addresses, pids = read_serving_lines(process.stdout)
     assert set(addresses) == {"encoder", "denoiser", "decoder", "gateway"}
     assert len(set(pids.values())) == 4 and process.pid not in pids.values()
     for address in addresses.values():
