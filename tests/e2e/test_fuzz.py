@@ -5,8 +5,9 @@ images) and sends them to the session's four processes.
 Over the module, at least 10,000 requests: none may be answered INTERNAL or UNKNOWN (only OK, INVALID_ARGUMENT with
 field violations, NOT_FOUND or RESOURCE_EXHAUSTED), none may hang (a deadline on every call), every process must
 still be alive and SERVING after each test, and each process's resident memory may grow by at most RSS_BOUND over
-the run (the encoder also by its own result cache's bound, `encoder_cache_bytes`). A leak of even 10 KB per
-request would be 100 MB over the run. Examples are derandomized, so CI sees the same requests every run.
+the run (the encoder also by its own result cache's bound, `encoder_cache_bytes`): 128 MiB, about three times the
+growth measured (at most ~40 MiB); a process that leaked 40 KB per request it received would exceed it. Examples
+are derandomized, so CI sees the same requests every run; run with -s for the counts and latencies per outcome.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ from triptych.v1.denoiser_service_pb2 import DenoisingWindow
 
 FUZZ_DEADLINE_S = 20.0
 MIB = 1024 * 1024
-RSS_BOUND = 256 * MIB
-EXAMPLES = {"gateway": 1800, "runware-json": 1400, "encoder": 3000, "denoiser": 2200, "decoder": 2600}
+RSS_BOUND = 128 * MIB
+EXAMPLES = {"gateway": 1200, "runware-json": 1000, "encoder": 3800, "denoiser": 2200, "decoder": 2600}
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
 SD15, SDXL, REFINER = "tiny/sd15", "tiny/sdxl", "tiny/sdxl-refiner"
 

@@ -258,6 +258,8 @@ CLI_ROWS = [
     ("unknown-refiner-key", task(refiner={"model": REFINER, "startFrom": 3}), "INVALID_ARGUMENT", "refiner.startFrom"),
     ("guide-image-not-base64", task(controlNet=[{"model": "tiny/controlnet-sd15", "guideImage": "%%%"}]),
      "INVALID_ARGUMENT", "controlNet[0].guideImage"),
+    ("guide-image-path-too-long", task(controlNet=[{"model": "tiny/controlnet-sd15", "guideImage": "d/" + "a" * 300}]),
+     "INVALID_ARGUMENT", "controlNet[0].guideImage"),
     ("task-type-unsupported", task(taskType="imageUpscale"), "INVALID_ARGUMENT", "taskType"),
     ("second-task-bad", f"[{task()}, {task(seed=-5)}]", "INVALID_ARGUMENT", "[1].seed"),
     ("not-json", "{", "INVALID_ARGUMENT", "task"),
