@@ -1,7 +1,9 @@
 """Hop cost at real sizes: an SDXL Encode response (2×77×2048 fp16, 630 KB) and SDXL latents
 (1×4×128×128 fp32, 262 KB) through the real message types, the real server bootstrap and our tensor codec,
-over TCP loopback and a unix socket. The servicers answer from memory, so only transport + (de)serialisation
-is measured. Baseline in the same run: an empty call.
+over TCP loopback and a unix socket, with the bytes in the message and through shared memory. Each case goes
+from a torch tensor on one side to a torch tensor on the other (encode_tensor, the call, decode_tensor); the
+servicers answer from memory, so only transport + (de)serialisation is measured. Baseline in the same run: an
+empty call.
 
     python -m bench.hop_cost [--calls 300]
 """
@@ -16,6 +18,7 @@ import grpc
 import torch
 
 from bench.common import machine, percentile
+from triptych.core import shm
 from triptych.core.codec import decode_tensor, encode_tensor
 from triptych.core.server import Service, start
 from triptych.core.settings import Settings
@@ -25,18 +28,32 @@ from triptych.v1 import (
     decoder_service_pb2_grpc,
     encoder_service_pb2,
     encoder_service_pb2_grpc,
+    tensor_pb2,
 )
 
 
 class FixedEncoder(encoder_service_pb2_grpc.TextEncoderServiceServicer):
     def __init__(self):
-        embeds = encode_tensor(torch.randn(1, 77, 2048).half())
-        pooled = encode_tensor(torch.randn(1, 1280).half())
-        conditioning = common_pb2.TextConditioning(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
-        self.response = encoder_service_pb2.EncodeResponse(positive=conditioning, negative=conditioning)
+        self.embeds, self.pooled = torch.randn(1, 77, 2048).half(), torch.randn(1, 1280).half()
+        half = common_pb2.TextConditioning(
+            prompt_embeds=encode_tensor(self.embeds), pooled_prompt_embeds=encode_tensor(self.pooled)
+        )
+        self.prebuilt = encoder_service_pb2.EncodeResponse(positive=half, negative=half)
 
     def Encode(self, request, context):
-        return self.response if request.positive_prompt else encoder_service_pb2.EncodeResponse()
+        if not request.positive_prompt:
+            return encoder_service_pb2.EncodeResponse()
+        if request.positive_prompt == "prebuilt":  # transport only: no tensor encoding on either side
+            return self.prebuilt
+        with shm.writer(request) as into:  # what the real encoder does: the caller's range when offered
+            halves = [
+                common_pb2.TextConditioning(
+                    prompt_embeds=encode_tensor(self.embeds, into),
+                    pooled_prompt_embeds=encode_tensor(self.pooled, into),
+                )
+                for _ in range(2)
+            ]
+        return encoder_service_pb2.EncodeResponse(positive=halves[0], negative=halves[1])
 
 
 class LatentSink(decoder_service_pb2_grpc.DecoderServiceServicer):
@@ -45,16 +62,36 @@ class LatentSink(decoder_service_pb2_grpc.DecoderServiceServicer):
         return decoder_service_pb2.DecodeResponse()
 
 
-def measure(address: str, calls: int) -> dict[str, float]:
-    latents = decoder_service_pb2.DecodeRequest(model="x", latents=encode_tensor(torch.randn(1, 4, 128, 128)))
+def measure(address: str, calls: int, region: shm.OwnedRegion) -> dict[str, float]:
+    latents = torch.randn(1, 4, 128, 128)
     options = Settings().grpc_options()
     with grpc.insecure_channel(address, options=options) as channel:
         encoder = encoder_service_pb2_grpc.TextEncoderServiceStub(channel)
         decoder = decoder_service_pb2_grpc.DecoderServiceStub(channel)
+
+        def encode(output: tensor_pb2.SharedMemoryRegion | None) -> None:
+            response = encoder.Encode(
+                encoder_service_pb2.EncodeRequest(positive_prompt="x", output_shared_memory=output)
+            )
+            for half in (response.positive, response.negative):
+                decode_tensor(half.prompt_embeds, "prompt_embeds"), decode_tensor(half.pooled_prompt_embeds, "pooled")
+
+        def decode(into: shm.Writer | None) -> None:
+            decoder.Decode(decoder_service_pb2.DecodeRequest(model="x", latents=encode_tensor(latents, into)))
+
+        def decode_shared() -> None:
+            with shm.Writer(region.slice(0, region.size), "latents") as into:
+                decode(into)
+
         cases = {
             "empty call": lambda: encoder.Encode(encoder_service_pb2.EncodeRequest()),
-            "encode response 630 KB": lambda: encoder.Encode(encoder_service_pb2.EncodeRequest(positive_prompt="x")),
-            "latents request 262 KB": lambda: decoder.Decode(latents),
+            "encode response 630 KB, transport only": lambda: encoder.Encode(
+                encoder_service_pb2.EncodeRequest(positive_prompt="prebuilt")
+            ),
+            "encode response 630 KB": lambda: encode(None),
+            "latents request 262 KB": lambda: decode(None),
+            "encode response 630 KB, shared memory": lambda: encode(region.slice(0, region.size)),
+            "latents request 262 KB, shared memory": decode_shared,
         }
         results = {}
         for name, call in cases.items():
@@ -81,18 +118,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     service = Service("bench", ["triptych.v1.TextEncoderService", "triptych.v1.DecoderService"], register)
     report = {"machine": machine()}
-    server, port, _ = start(service, Settings(), 0)
+    region = shm.OwnedRegion(4 << 20)
     try:
-        report["tcp"] = measure(f"127.0.0.1:{port}", args.calls)
-    finally:
-        server.stop(0)
-    with tempfile.TemporaryDirectory() as folder:
-        settings = Settings(host=f"unix:{folder}/hop.sock")
-        server, _, _ = start(service, settings, 0)
+        server, port, _ = start(service, Settings(), 0)
         try:
-            report["unix"] = measure(f"unix:{folder}/hop.sock", args.calls)
+            report["tcp"] = measure(f"127.0.0.1:{port}", args.calls, region)
         finally:
-            server.stop(0)
+            server.stop(0).wait()
+        with tempfile.TemporaryDirectory() as folder:
+            settings = Settings(host=f"unix:{folder}/hop.sock")
+            server, _, _ = start(service, settings, 0)
+            try:
+                report["unix"] = measure(f"unix:{folder}/hop.sock", args.calls, region)
+            finally:
+                server.stop(0).wait()
+    finally:
+        region.close()
     for transport in ("tcp", "unix"):
         rows = report[transport]
         print(f"{transport:5s} " + ", ".join(f"{k} {v:.2f} ms" for k, v in rows.items() if not k.endswith("p90")))

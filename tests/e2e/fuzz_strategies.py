@@ -126,6 +126,15 @@ def tensors(draw) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=dtype, shape=shape, data=data)
 
 
+# Shared-memory ranges: malformed names, names of objects that do not exist, every offset and size.
+shm_names = st.one_of(
+    st.sampled_from(["", "/", "/triptych-", "/triptych-absent", "triptych-a", "/triptych-../x", "/etc/passwd"]),
+    st.sampled_from(["/triptych-" + "a" * 65, "/triptych-\x00", "/dev/shm/triptych-a"]),
+    st.text(max_size=40),
+)
+shm_regions = st.builds(tensor_pb2.SharedMemoryRegion, name=shm_names, offset=uint64s, byte_size=uint64s)
+
+
 def _optional(message, name: str, value):
     if value is not None:
         setattr(message, name, value)
@@ -188,6 +197,7 @@ GENERATE_FIELDS = {
 ENCODE_FIELDS = {
     "model": model_ids, "positive_prompt": prompts, "negative_prompt": prompts, "include_negative": st.booleans(),
     "clip_skip": uint32s, "loras": loras, "embeddings": embeddings, "prompt_weighting": enums,
+    "output_shared_memory": shm_regions,
 }  # fmt: skip
 DENOISE_FIELDS = {
     "model": model_ids, "positive.prompt_embeds": tensors(), "negative.prompt_embeds": tensors(),
@@ -200,6 +210,8 @@ DENOISE_FIELDS = {
         st.binary(max_size=64), st.tuples(st.just("state-flip"), st.lists(st.integers(0, 5055), max_size=3))
     ),
     "aesthetic_score": floats, "negative_aesthetic_score": floats, "preview_interval_steps": uint32s,
+    "output_shared_memory": shm_regions, "latents.shared_memory": shm_regions,
+    "positive.prompt_embeds.shared_memory": shm_regions,
 }  # fmt: skip
 decoder_tensors = st.one_of(
     tensors(),
@@ -213,7 +225,7 @@ decoder_tensors = st.one_of(
 )  # fmt: skip
 DECODE_FIELDS = {
     "model": model_ids, "vae": model_ids, "latents": decoder_tensors, "output_format": enums, "quality": uint32s,
-    "png_text": st.dictionaries(texts, texts, max_size=3),
+    "png_text": st.dictionaries(texts, texts, max_size=3), "latents.shared_memory": shm_regions,
 }  # fmt: skip
 
 

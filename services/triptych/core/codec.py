@@ -8,6 +8,7 @@ import warnings
 
 import torch
 
+from triptych.core import shm
 from triptych.core.errors import InvalidArgument
 from triptych.v1 import tensor_pb2
 
@@ -22,16 +23,25 @@ _FROM_WIRE = {wire: dtype for dtype, wire in _TO_WIRE.items()}
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
-def encode_tensor(tensor: torch.Tensor) -> tensor_pb2.Tensor:
-    """Serialises a tensor (any device) into the wire format; bit-exact for every supported dtype."""
+def encode_tensor(tensor: torch.Tensor, into: shm.Writer | None = None) -> tensor_pb2.Tensor:
+    """Serialises a tensor (any device) into the wire format; bit-exact for every supported dtype.
+
+    With `into`, the bytes go to the caller's shared-memory range when they fit there, else in `data`.
+    """
     if tensor.dtype not in _TO_WIRE:
         raise TypeError(f"dtype {tensor.dtype} has no wire type")
     host = tensor.detach().to("cpu").contiguous()
     if _BIG_ENDIAN:  # pragma: no cover - every supported platform is little-endian
         host = host.view(torch.uint8).flip(-1)
     # A byte view of the storage: no element-wise conversion, so NaN payloads and -0.0 survive.
-    raw = host.reshape(-1).view(torch.uint8).numpy().tobytes() if host.numel() else b""
-    return tensor_pb2.Tensor(dtype=_TO_WIRE[tensor.dtype], shape=list(host.shape), data=raw)
+    raw = host.reshape(-1).view(torch.uint8).numpy() if host.numel() else b""
+    message = tensor_pb2.Tensor(dtype=_TO_WIRE[tensor.dtype], shape=list(host.shape))
+    placed = into.place(raw) if into is not None and len(raw) else None
+    if placed is not None:
+        message.shared_memory.CopyFrom(placed)
+    else:
+        message.data = raw.tobytes() if len(raw) else b""
+    return message
 
 
 def decode_tensor(message: tensor_pb2.Tensor, field: str, *, allow_non_finite: bool = False) -> torch.Tensor:
@@ -47,9 +57,20 @@ def decode_tensor(message: tensor_pb2.Tensor, field: str, *, allow_non_finite: b
         raise InvalidArgument.one(f"{field}.shape", f"negative dimension in {shape}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
-    if expected != len(message.data):
+    data = message.data
+    if message.HasField("shared_memory"):
+        region = message.shared_memory
+        if data:
+            raise InvalidArgument.one(f"{field}.shared_memory", "set data or shared_memory, not both")
+        if region.byte_size != expected:
+            raise InvalidArgument.one(
+                f"{field}.shared_memory.byte_size",
+                f"shape {shape} x {itemsize} bytes needs {expected} bytes, got {region.byte_size}",
+            )
+        data = shm.read(region, f"{field}.shared_memory") if expected else b""
+    elif expected != len(data):
         raise InvalidArgument.one(
-            f"{field}.data", f"shape {shape} x {itemsize} bytes needs {expected} bytes, got {len(message.data)}"
+            f"{field}.data", f"shape {shape} x {itemsize} bytes needs {expected} bytes, got {len(data)}"
         )
     if expected == 0:
         try:
@@ -58,7 +79,7 @@ def decode_tensor(message: tensor_pb2.Tensor, field: str, *, allow_non_finite: b
             raise InvalidArgument.one(f"{field}.shape", f"dimensions too large in {shape}") from exc
     with warnings.catch_warnings():  # protobuf bytes are immutable; we never write through this view
         warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(message.data, dtype=torch.uint8)
+        flat = torch.frombuffer(data, dtype=torch.uint8)
     tensor = flat.view(dtype).reshape(shape)
     if not allow_non_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise InvalidArgument.one(f"{field}.data", "contains NaN or Inf")

@@ -132,6 +132,46 @@ class ModelLoadFailed(TriptychError):
         return [packed]
 
 
+class SharedMemoryUnavailable(TriptychError):
+    """A tensor's shared-memory range cannot be used here: shared memory is off, or the object is not on this host
+    or not openable. FAILED_PRECONDITION with a PreconditionFailure of type SHARED_MEMORY: the request is fine,
+    and the same tensors sent as bytes will work (the gateway does exactly that, then stops using shared memory).
+    """
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    TYPE = "SHARED_MEMORY"
+
+    def __init__(self, field: str, why: str):
+        self.field = field
+        super().__init__(f"{field}: {why}; send the tensor in `data` instead")
+
+    def details(self) -> list[any_pb2.Any]:
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type=self.TYPE, subject=self.field, description=self.message
+                )
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(failure)
+        return [packed]
+
+    @classmethod
+    def matches(cls, error: grpc.RpcError) -> bool:
+        """Whether a call failed with this error (read from the status details, not the message)."""
+        if not hasattr(error, "code") or error.code() != cls.code:
+            return False
+        status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+        for detail in status.details if status else []:
+            if detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+                failure = error_details_pb2.PreconditionFailure()
+                detail.Unpack(failure)
+                if any(v.type == cls.TYPE for v in failure.violations):
+                    return True
+        return False
+
+
 class Relayed(TriptychError):
     """An error returned by a downstream Triptych service, passed on (code, message, details), with field names
     renamed where the caller's request names the same thing differently (the gateway's `lora` is the encoder's
@@ -141,6 +181,7 @@ class Relayed(TriptychError):
         self.code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         self._rich = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
         self._renames = renames or {}
+        self.shared_memory_refused = SharedMemoryUnavailable.matches(error)
         super().__init__(self._rename(error.details() if hasattr(error, "details") else str(error)))
 
     def _rename(self, text: str) -> str:

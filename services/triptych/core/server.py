@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from triptych.core import shm
 from triptych.core.components import LoadedComponent
 from triptych.core.errors import TriptychError
 from triptych.core.security import describe, server_credentials, server_interceptors
@@ -124,7 +125,7 @@ class RuntimeServicer(runtime_service_pb2_grpc.RuntimeServiceServicer):
             ],
             torch_threads=torch.get_num_threads() if torch is not None else 0,
             pid=os.getpid(),
-            counters=self._counters(),
+            counters={**shm.counters, **self._counters()},
         )
 
 
@@ -153,6 +154,7 @@ def start(service: Service, settings: Settings, port: int) -> tuple[grpc.Server,
     (ConfigurationError, before anything binds).
     """
     credentials = server_credentials(settings)
+    shm.configure(settings.shared_memory)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix=service.role),
         # ErrorInterceptor first (outermost): it maps what the token check raises, like any typed error.

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     encoder_batch_wait_ms: float = Field(
         2.0, description="longest the encoder waits for requests still being prepared to join a batch"
     )
+    shared_memory: bool = Field(
+        True,
+        description="pass tensors through /dev/shm between processes on one host: services accept and write "
+        "shared-memory ranges, the gateway offers them when every backend address is loopback or a unix socket "
+        "(bytes whenever a backend cannot use them)",
+    )
     # Each address may list replicas, comma-separated (IP:port,IP:port) or be one dns:///name:port target:
     # the gateway balances round-robin over them and retries UNAVAILABLE elsewhere.
     encoder_address: str = Field(f"127.0.0.1:{DEFAULT_PORTS['encoder']}", description="gateway → encoder(s)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from triptych.core import shm
 from triptych.core.codec import decode_tensor, encode_tensor
 from triptych.core.components import ComponentCache
 from triptych.core.errors import Cancelled, InvalidArgument
@@ -189,12 +190,16 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
 
     def _events(self, request, context, state: dict):
         job = self.job_from_pb(request)
+        with shm.writer(request) as into:
+            yield from self._run(job, context, state, into)
+
+    def _run(self, job: DenoiseJob, context, state: dict, into: shm.Writer | None):
         for event in self.engine.denoise(job, is_active=context.is_active):
             if isinstance(event, DenoiseOutcome):
                 state["answered"] = True
                 yield denoiser_service_pb2.DenoiseResponse(
                     result=denoiser_service_pb2.DenoiseResult(
-                        latents=encode_tensor(event.latents),
+                        latents=encode_tensor(event.latents, into),
                         seed=event.seed,
                         generator_state=event.generator_state,
                         scheduler_class=event.scheduler_class,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from triptych.core import shm
 from triptych.core.codec import encode_tensor
 from triptych.core.components import ComponentCache
 from triptych.core.errors import InvalidArgument
@@ -21,10 +22,10 @@ _WEIGHTINGS = {
 }
 
 
-def _conditioning_to_pb(conditioning: Conditioning) -> common_pb2.TextConditioning:
-    message = common_pb2.TextConditioning(prompt_embeds=encode_tensor(conditioning.prompt_embeds))
+def _conditioning_to_pb(conditioning: Conditioning, into: shm.Writer | None) -> common_pb2.TextConditioning:
+    message = common_pb2.TextConditioning(prompt_embeds=encode_tensor(conditioning.prompt_embeds, into))
     if conditioning.pooled_prompt_embeds is not None:
-        message.pooled_prompt_embeds.CopyFrom(encode_tensor(conditioning.pooled_prompt_embeds))
+        message.pooled_prompt_embeds.CopyFrom(encode_tensor(conditioning.pooled_prompt_embeds, into))
     return message
 
 
@@ -54,15 +55,16 @@ class TextEncoderServicer(encoder_service_pb2_grpc.TextEncoderServiceServicer):
             embeddings=embeddings,
             prompt_weighting=weighting,
         )
-        result = self.engine.encode(job)
-        response = encoder_service_pb2.EncodeResponse(
-            positive=_conditioning_to_pb(result.positive),
-            hidden_layer_index=result.hidden_layer_index,
-            notes=result.notes,
-            model_family=result.model_family,
-        )
-        if result.negative is not None:
-            response.negative.CopyFrom(_conditioning_to_pb(result.negative))
+        with shm.writer(request) as into:
+            result = self.engine.encode(job)
+            response = encoder_service_pb2.EncodeResponse(
+                positive=_conditioning_to_pb(result.positive, into),
+                hidden_layer_index=result.hidden_layer_index,
+                notes=result.notes,
+                model_family=result.model_family,
+            )
+            if result.negative is not None:
+                response.negative.CopyFrom(_conditioning_to_pb(result.negative, into))
         return response
 
     def ListTextEncoders(self, request, context):
