@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="tiny/sdxl")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--service-env", action="append", default=[], metavar="KEY=VALUE", help="extra environment of the services"
+    )
     args = parser.parse_args(argv)
 
     import diffusers
@@ -40,7 +43,12 @@ def main(argv: list[str] | None = None) -> dict:
     # Fair share: the chain's three torch processes run one after another, so each may use every core,
     # exactly like the in-process pipeline.
     threads = torch.get_num_threads()
-    with tiny_store() as root, serve_all(root, {"TRIPTYCH_TORCH_THREADS": str(threads)}) as (addresses, _):
+    with (
+        tiny_store() as root,
+        serve_all(
+            root, {"TRIPTYCH_TORCH_THREADS": str(threads), **dict(e.split("=", 1) for e in args.service_env)}
+        ) as (addresses, _),
+    ):
         cls = diffusers.StableDiffusionXLPipeline if "sdxl" in args.model else diffusers.StableDiffusionPipeline
         pipe = cls.from_pretrained(root / args.model)
         pipe.set_progress_bar_config(disable=True)

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     model_root: Path = Field(Path("models"), description="the model store directory")
     host: str = Field("127.0.0.1", description="address to bind; loopback unless deployed")
     torch_threads: int = Field(0, description="torch intra-op threads per process; 0 = torch's default")
+    keep_freed_memory: bool = Field(
+        True, description="glibc malloc keeps freed memory for reuse (no per-step page faults; RSS stays at its peak)"
+    )
     max_workers: int = Field(16, description="gRPC worker threads per process")
     max_message_bytes: int = Field(256 * 1024 * 1024, description="gRPC send/receive limit, both ends")
     shutdown_grace_seconds: float = Field(30.0, description="time in-flight calls get after SIGTERM")

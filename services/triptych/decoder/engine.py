@@ -7,6 +7,7 @@ imports grpc and never loads a text encoder or a UNet.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
@@ -14,6 +15,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from triptych.core.components import ComponentCache
+from triptych.core.compute import ComputeThreads
 from triptych.core.errors import InvalidArgument
 from triptych.core.model_store import ModelStore
 
@@ -28,26 +30,31 @@ class DecodeJob:
 class DecoderEngine:
     """Loads VAEs on demand (a model's own `vae` subfolder, or a standalone VAE folder) and decodes."""
 
-    def __init__(self, store: ModelStore, cache: ComponentCache):
+    def __init__(self, store: ModelStore, cache: ComponentCache, compute: ComputeThreads | None = None):
         self.store = store
         self.cache = cache
+        self.compute = compute or ComputeThreads("decoder")
 
-    def _vae(self, model_id: str, field: str) -> AutoencoderKL:
+    def _folder(self, model_id: str, field: str) -> Path:
+        """Where the VAE lies (a model's own `vae` subfolder, or a standalone VAE folder), without loading it."""
         info = self.store.resolve(model_id, field)
         if info.kind == "pipeline" and (info.path / "vae").is_dir():
-            folder = info.path / "vae"
-        elif info.kind == "vae":
-            folder = info.path
-        else:
-            raise InvalidArgument.one(field, f"{model_id!r} has no VAE (it is a {info.kind})")
+            return info.path / "vae"
+        if info.kind == "vae":
+            return info.path
+        raise InvalidArgument.one(field, f"{model_id!r} has no VAE (it is a {info.kind})")
 
+    def decode(self, job: DecodeJob) -> list[Image.Image]:
+        """Checks the VAE exists here, then loads it (once) and decodes on its compute thread."""
+        model_id, field = (job.vae, "vae") if job.vae else (job.model, "model")
+        folder = self._folder(model_id, field)
+        return self.compute.run(model_id, self._decode, model_id, folder, job)
+
+    def _decode(self, model_id: str, folder: Path, job: DecodeJob) -> list[Image.Image]:
         def load() -> dict:
             return {"vae": AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()}
 
-        return self.cache.get(model_id, load)["vae"]
-
-    def decode(self, job: DecodeJob) -> list[Image.Image]:
-        vae = self._vae(job.vae, "vae") if job.vae else self._vae(job.model, "model")
+        vae: AutoencoderKL = self.cache.get(model_id, load)["vae"]
         latents = job.latents
         channels = vae.config.latent_channels
         if latents.ndim != 4 or latents.shape[1] != channels or min(latents.shape[0], *latents.shape[2:]) < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from triptych.core.codec import decode_tensor
 from triptych.core.components import ComponentCache
+from triptych.core.compute import ComputeThreads
 from triptych.core.errors import InvalidArgument
 from triptych.core.model_store import ModelStore
 from triptych.core.server import Service
@@ -71,7 +72,8 @@ class DecoderServicer(decoder_service_pb2_grpc.DecoderServiceServicer):
 def build(settings: Settings) -> Service:
     """The decoder role for the server bootstrap."""
     cache = ComponentCache(settings.max_loaded_models)
-    servicer = DecoderServicer(DecoderEngine(ModelStore(settings.model_root), cache), settings)
+    compute = ComputeThreads("decoder", settings.max_loaded_models)
+    servicer = DecoderServicer(DecoderEngine(ModelStore(settings.model_root), cache, compute), settings)
     return Service(
         "decoder",
         ["triptych.v1.DecoderService"],

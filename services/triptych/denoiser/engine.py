@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from triptych.core.admission import BoundedQueue
 from triptych.core.components import ComponentCache
+from triptych.core.compute import ComputeThreads
 from triptych.core.errors import Cancelled, InvalidArgument
 from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelInfo, ModelStore
@@ -102,17 +103,30 @@ def window_timesteps(scheduler, start_fraction: float, end_fraction: float) -> t
 class DenoiserEngine:
     """Loads UNets on demand and runs sampling jobs."""
 
-    def __init__(self, store: ModelStore, cache: ComponentCache, loras: LoraAdapters, queue_per_model: int = 16):
+    def __init__(
+        self,
+        store: ModelStore,
+        cache: ComponentCache,
+        loras: LoraAdapters,
+        queue_per_model: int = 16,
+        compute: ComputeThreads | None = None,
+    ):
         self.store = store
         self.cache = cache
         self.loras = loras
+        self.compute = compute or ComputeThreads("denoiser")
         self.queue = BoundedQueue(queue_per_model, "denoise")
         self.counters = Counter()  # steps, cancelled: reported through RuntimeService
 
-    def model(self, model_id: str, field: str = "model") -> tuple[ModelInfo, dict]:
+    def resolve(self, model_id: str, field: str = "model") -> ModelInfo:
+        """The model's store entry, without loading it: NOT_FOUND / INVALID_ARGUMENT before any queueing."""
         info = self.store.resolve(model_id, field)
         if info.kind != "pipeline" or info.family is None:
             raise InvalidArgument.one(field, f"{model_id!r} is not a text-to-image model folder ({info.kind})")
+        return info
+
+    def model(self, model_id: str, field: str = "model") -> tuple[ModelInfo, dict]:
+        info = self.resolve(model_id, field)
 
         def load() -> dict:
             unet = UNet2DConditionModel.from_pretrained(info.path / "unet", use_safetensors=True).eval()
@@ -126,10 +140,17 @@ class DenoiserEngine:
     ) -> Iterator[StepDone | DenoiseOutcome]:
         """Yields a StepDone after each step, then one DenoiseOutcome. Stops with CANCELLED when
         is_active() turns false (checked before every step)."""
+        self.resolve(job.model)
+        # Admission first, in the caller's thread (refused at once when full); then the model's compute thread,
+        # where requests for one model run one at a time (LoRA state lives in the shared UNet).
+        with self.queue.slot(job.model):
+            yield from self.compute.stream(job.model, lambda: self._run(job, is_active))
+
+    def _run(self, job: DenoiseJob, is_active: Callable[[], bool]) -> Iterator[StepDone | DenoiseOutcome]:
+        if not is_active():  # cancelled while it waited for the compute thread
+            raise Cancelled("the caller went away before the job started")
         info, parts = self.model(job.model)
-        # Admission first (refused at once when full), then the model lock: LoRA state lives in the shared UNet,
-        # so one request per model runs at a time.
-        with self.queue.slot(job.model), parts["_lock"]:
+        with parts["_lock"]:
             self.loras.activate(info.family, {"unet": parts["unet"]}, job.loras)
             yield from self._sample(info, parts, job, is_active)
 

@@ -7,6 +7,7 @@ import math
 from triptych.core import shm
 from triptych.core.codec import decode_tensor, encode_tensor
 from triptych.core.components import ComponentCache
+from triptych.core.compute import ComputeThreads
 from triptych.core.errors import Cancelled, InvalidArgument
 from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelStore
@@ -234,7 +235,8 @@ def build(settings: Settings) -> Service:
     cache = ComponentCache(settings.max_loaded_models)
     store = ModelStore(settings.model_root)
     loras = LoraAdapters(store, settings.lora_cache_bytes)
-    engine = DenoiserEngine(store, cache, loras, settings.denoiser_queue_per_model)
+    compute = ComputeThreads("denoiser", settings.max_loaded_models)
+    engine = DenoiserEngine(store, cache, loras, settings.denoiser_queue_per_model, compute)
     servicer = DenoiserServicer(engine, settings)
     return Service(
         "denoiser",
