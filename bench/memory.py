@@ -1,25 +1,48 @@
-"""Resident memory of each service process with the tiny family loaded (SD1.5 + SDXL generated once each),
-and which components each holds (the denoiser holds no encoder or VAE weights).
+"""Resident memory of each service process, and which components each holds (the denoiser holds no encoder or
+VAE weights): with the tiny family loaded (SD1.5 + SDXL generated once each), and with `--full-size`, with one
+full-size SD1.5 (the real architecture, random weights: triptych.models.full_size) generated once at 512².
 
-    python -m bench.memory
+    python -m bench.memory [--full-size]
 """
 
 from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+from pathlib import Path
 
 import psutil
 
 from bench.common import machine, serve_all, tiny_store
 
 
+@contextlib.contextmanager
+def full_size_store():
+    from triptych.models.full_size import build_full_size
+
+    with tempfile.TemporaryDirectory(prefix="triptych-bench-") as root:
+        build_full_size(Path(root), "sd15")
+        yield Path(root)
+
+
 def main(argv: list[str] | None = None) -> dict:
     from triptych.client import ImageClient, open_channel
     from triptych.v1 import image_service_pb2, runtime_service_pb2, runtime_service_pb2_grpc
 
-    report = {"machine": machine(), "services": {}}
-    with tiny_store() as root, serve_all(root) as (addresses, pids):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--full-size", action="store_true", help="one full-size SD1.5 instead of the tiny family")
+    args = parser.parse_args(argv)
+    store, models, steps = (
+        (full_size_store, ("full-size/sd15",), 1) if args.full_size else (tiny_store, ("tiny/sd15", "tiny/sdxl"), 2)
+    )
+    report = {"machine": machine(), "models": models, "services": {}}
+    with store() as root, serve_all(root) as (addresses, pids):
         with ImageClient(addresses["gateway"]) as client:
-            for model in ("tiny/sd15", "tiny/sdxl"):
-                client.generate(image_service_pb2.GenerateRequest(model=model, positive_prompt="x", steps=2, seed=1))
+            for model in models:
+                client.generate(
+                    image_service_pb2.GenerateRequest(model=model, positive_prompt="x", steps=steps, seed=1)
+                )
         for role, address in addresses.items():
             with open_channel(address) as channel:
                 info = runtime_service_pb2_grpc.RuntimeServiceStub(channel).GetRuntimeInfo(

@@ -23,6 +23,7 @@ def main() -> None:
     split = importlib.import_module("bench.split_overhead").main(["--runs", "5" if quick else "15"])
     hops = importlib.import_module("bench.hop_cost").main(["--calls", "100" if quick else "300"])
     memory = importlib.import_module("bench.memory").main([])
+    full_size = importlib.import_module("bench.memory").main(["--full-size"])
     rows = [
         f"Measured {datetime.date.today().isoformat()} on {split['machine']} with `python -m bench.run"
         f"{' --quick' if quick else ''}`.",
@@ -38,17 +39,26 @@ def main() -> None:
     ]
     for transport in ("tcp", "unix"):
         h = hops[transport]
+        empty = h["empty call"]
         rows.append(
-            f"| hop p50 over {transport}: SDXL Encode response 630 KB / latents 262 KB | "
-            f"{h['encode response 630 KB']:.2f} ms / {h['latents request 262 KB']:.2f} ms | empty call "
-            f"{h['empty call']:.2f} ms | {h['encode response 630 KB'] / h['empty call']:.1f}× / "
-            f"{h['latents request 262 KB'] / h['empty call']:.1f}× |"
+            f"| hop p50 over {transport}, transport only: SDXL Encode response 630 KB, prebuilt | "
+            f"{h['encode response 630 KB, transport only']:.2f} ms | empty call {empty:.2f} ms | "
+            f"{h['encode response 630 KB, transport only'] / empty:.1f}× |"
         )
-    for role, m in memory["services"].items():
-        rows.append(
-            f"| RSS {role} (tiny SD1.5 + SDXL loaded) | {m['rss_mb']:.0f} MiB (weights {m['weights_mb']:.1f} "
-            f"MiB: {', '.join(m['holds']) or 'none'}) | | |"
-        )
+        for path in ("bytes", "shared memory"):
+            suffix = "" if path == "bytes" else ", shared memory"
+            encode, latents = h["encode response 630 KB" + suffix], h["latents request 262 KB" + suffix]
+            rows.append(
+                f"| hop p50 over {transport}, tensor to tensor, {path}: SDXL Encode response 630 KB / latents 262 KB "
+                f"| {encode:.2f} ms / {latents:.2f} ms | empty call {empty:.2f} ms | {encode / empty:.1f}× / "
+                f"{latents / empty:.1f}× |"
+            )
+    for what, report in (("tiny SD1.5 + SDXL loaded", memory), ("full-size SD1.5 (random weights), 512²", full_size)):
+        for role, m in report["services"].items():
+            rows.append(
+                f"| RSS {role} ({what}) | {m['rss_mb']:.0f} MiB (weights {m['weights_mb']:.1f} "
+                f"MiB: {', '.join(m['holds']) or 'none'}) | | |"
+            )
     text = RESULTS.read_text()
     block = BEGIN + "\n" + "\n".join(rows) + "\n" + END
     RESULTS.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))

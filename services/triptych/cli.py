@@ -214,6 +214,11 @@ def cmd_models(args) -> int:
         for model_id in build_tiny_family(root):
             print(f"built {model_id}")
         return 0
+    if args.action == "build-full-size":
+        from triptych.models.full_size import build_full_size
+
+        print(f"built {build_full_size(root, args.family)}")
+        return 0
     for info in ModelStore(root).list():
         print(f"{info.model_id:40s} {info.kind:10s} {info.family or '':6s} {info.path}")
     return 0
@@ -260,7 +265,14 @@ def parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     models = sub.add_parser("models", help="list or build models in the store")
-    models.add_argument("action", choices=("list", "build-tiny"))
+    models.add_argument("action", choices=("list", "build-tiny", "build-full-size"))
+    models.add_argument(
+        "family",
+        nargs="?",
+        default="sd15",
+        choices=("sd15", "sdxl"),
+        help="build-full-size: which real architecture to write with random weights (default sd15)",
+    )
     models.add_argument("--root", help="model store (default $TRIPTYCH_MODEL_ROOT or ./models)")
     models.set_defaults(func=cmd_models)
     return top

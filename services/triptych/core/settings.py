@@ -7,7 +7,7 @@ are what an A1111 or Runware user would expect; an operator raises them with e.g
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -104,6 +104,13 @@ class Settings(BaseSettings):
 
     model_root: Path = Field(Path("models"), description="the model store directory")
     host: str = Field("127.0.0.1", description="address to bind; loopback unless deployed")
+    device: str = Field(
+        "cpu", description='torch device of the denoiser and decoder: "cpu", "cuda", "cuda:1", "mps" (encoders: cpu)'
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="weights and activations of UNets, ControlNets and VAEs (fp16 VAEs that overflow upcast)"
+    )
+    channels_last: bool = Field(False, description="UNets and ControlNets in channels-last memory format (GPU)")
     torch_threads: int = Field(0, description="torch intra-op threads per process; 0 = torch's default")
     keep_freed_memory: bool = Field(
         True, description="glibc malloc keeps freed memory for reuse (no per-step page faults; RSS stays at its peak)"

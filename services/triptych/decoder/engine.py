@@ -6,6 +6,7 @@ imports grpc and never loads a text encoder or a UNet.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from triptych.core.components import ComponentCache
 from triptych.core.compute import ComputeThreads
 from triptych.core.errors import InvalidArgument
 from triptych.core.model_store import ModelStore
+from triptych.core.placement import CPU_FLOAT32, Placement
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,16 @@ class DecodeJob:
 class DecoderEngine:
     """Loads VAEs on demand (a model's own `vae` subfolder, or a standalone VAE folder) and decodes."""
 
-    def __init__(self, store: ModelStore, cache: ComponentCache, compute: ComputeThreads | None = None):
+    def __init__(
+        self,
+        store: ModelStore,
+        cache: ComponentCache,
+        compute: ComputeThreads | None = None,
+        placement: Placement = CPU_FLOAT32,
+    ):
         self.store = store
         self.cache = cache
+        self.placement = placement
         self.compute = compute or ComputeThreads("decoder")
 
     def _folder(self, model_id: str, field: str) -> Path:
@@ -52,7 +61,12 @@ class DecoderEngine:
 
     def _decode(self, model_id: str, folder: Path, job: DecodeJob) -> list[Image.Image]:
         def load() -> dict:
-            return {"vae": AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()}
+            vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
+            place = self.placement
+            if place.dtype == torch.float16 and vae.config.force_upcast:
+                # fp16 VAEs that overflow stay float32, as the diffusers pipelines upcast them to decode.
+                place = dataclasses.replace(place, dtype=torch.float32)
+            return {"vae": place.module(vae, convolutional=False)}
 
         vae: AutoencoderKL = self.cache.get(model_id, load)["vae"]
         latents = job.latents
@@ -64,16 +78,13 @@ class DecoderEngine:
         depth = len(vae.config.block_out_channels) - 1
         processor = VaeImageProcessor(vae_scale_factor=2**depth)
         with torch.no_grad():
-            # fp16 VAEs that overflow (force_upcast) decode in float32, as StableDiffusionXLPipeline does.
-            if vae.dtype == torch.float16 and vae.config.force_upcast:
-                vae = vae.to(torch.float32)
-            latents = latents.to(vae.dtype)
+            latents = latents.to(device=vae.device, dtype=vae.dtype)
             mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
             if mean is not None and std is not None:
-                mean = torch.tensor(mean).view(1, channels, 1, 1).to(latents.dtype)
-                std = torch.tensor(std).view(1, channels, 1, 1).to(latents.dtype)
+                mean = torch.tensor(mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+                std = torch.tensor(std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
                 latents = latents * std / vae.config.scaling_factor + mean
             else:
                 latents = latents / vae.config.scaling_factor
-            image = vae.decode(latents, return_dict=False)[0]
+            image = vae.decode(latents, return_dict=False)[0].cpu()
         return processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])

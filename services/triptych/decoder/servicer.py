@@ -7,6 +7,7 @@ from triptych.core.components import ComponentCache
 from triptych.core.compute import ComputeThreads
 from triptych.core.errors import InvalidArgument
 from triptych.core.model_store import ModelStore
+from triptych.core.placement import Placement
 from triptych.core.server import Service
 from triptych.core.settings import Settings
 from triptych.decoder.engine import DecodeJob, DecoderEngine
@@ -73,7 +74,8 @@ def build(settings: Settings) -> Service:
     """The decoder role for the server bootstrap."""
     cache = ComponentCache(settings.max_loaded_models)
     compute = ComputeThreads("decoder", settings.max_loaded_models)
-    servicer = DecoderServicer(DecoderEngine(ModelStore(settings.model_root), cache, compute), settings)
+    engine = DecoderEngine(ModelStore(settings.model_root), cache, compute, Placement.from_settings(settings))
+    servicer = DecoderServicer(engine, settings)
     return Service(
         "decoder",
         ["triptych.v1.DecoderService"],

@@ -74,14 +74,20 @@ def check_family(net: ControlNetModel, unet, field: str, model: str) -> None:
 
 
 def prepare_units(
-    units: list[ControlUnit], nets: list[ControlNetModel], width: int, height: int, do_cfg: bool
+    units: list[ControlUnit],
+    nets: list[ControlNetModel],
+    width: int,
+    height: int,
+    do_cfg: bool,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> list[PreparedUnit]:
     """Decodes and resizes each guide image as the pipelines' prepare_image does."""
     processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
     prepared = []
     for unit, net in zip(units, nets, strict=True):
         image = decode_guide_image(unit.guide_image, f"{unit.field}.guide_image")
-        tensor = processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+        tensor = processor.preprocess(image, height=height, width=width).to(device=device, dtype=dtype)
         # As prepare_image: repeat_interleave copies the channels-last view preprocess returns into a standard
         # layout. Convolutions round differently on the two layouts, so this is needed for bit equality.
         tensor = tensor.repeat_interleave(1, dim=0)

@@ -25,6 +25,7 @@ from triptych.core.compute import ComputeThreads
 from triptych.core.errors import Cancelled, InvalidArgument
 from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelInfo, ModelStore
+from triptych.core.placement import CPU_FLOAT32, Placement
 from triptych.core.scheduler_table import SchedulerChoice
 from triptych.denoiser.controlnet import ControlUnit, check_family, prepare_units, residuals
 from triptych.denoiser.preview import preview_png
@@ -110,8 +111,10 @@ class DenoiserEngine:
         loras: LoraAdapters,
         queue_per_model: int = 16,
         compute: ComputeThreads | None = None,
+        placement: Placement = CPU_FLOAT32,
     ):
         self.store = store
+        self.placement = placement
         self.cache = cache
         self.loras = loras
         self.compute = compute or ComputeThreads("denoiser")
@@ -130,6 +133,7 @@ class DenoiserEngine:
 
         def load() -> dict:
             unet = UNet2DConditionModel.from_pretrained(info.path / "unet", use_safetensors=True).eval()
+            unet = self.placement.module(unet)
             config = json.loads((info.path / "scheduler" / "scheduler_config.json").read_text())
             return {"unet": unet, "scheduler_config": config}
 
@@ -156,6 +160,7 @@ class DenoiserEngine:
 
     def _sample(self, info: ModelInfo, parts: dict, job: DenoiseJob, is_active: Callable[[], bool]):
         unet: UNet2DConditionModel = parts["unet"]
+        place = self.placement
         scheduler = build_scheduler(job.scheduler, parts["scheduler_config"])
         default_size = unet.config.sample_size * VAE_SCALE
         height, width = job.height or default_size, job.width or default_size
@@ -171,7 +176,7 @@ class DenoiserEngine:
                 raise InvalidArgument.one("generator_state", f"not a CPU generator state ({exc})") from exc
 
         try:
-            scheduler.set_timesteps(job.steps, device="cpu")
+            scheduler.set_timesteps(job.steps, device=place.device)
             timesteps = window_timesteps(scheduler, job.start_fraction, job.end_fraction)
         except ValueError as exc:  # e.g. PNDM with PRK steps needs >= 4, LCM <= its original_inference_steps
             raise InvalidArgument.one(
@@ -183,13 +188,16 @@ class DenoiserEngine:
                 raise InvalidArgument.one("latents", "a window with start_fraction > 0 needs the previous latents")
             if tuple(job.latents.shape) != shape:
                 raise InvalidArgument.one("latents", f"expected shape {list(shape)}, got {list(job.latents.shape)}")
-            latents = job.latents.to(torch.float32).clone()
+            latents = place.tensor(job.latents).clone()
         else:
-            latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+            # Noise from the CPU generator in the UNet's dtype, then moved: the same numbers on every device, as
+            # diffusers' randn_tensor gives them for a CPU generator.
+            latents = randn_tensor(shape, generator=generator, device=place.device, dtype=place.dtype)
             latents = latents * scheduler.init_noise_sigma
 
-        prompt_embeds, added_cond_kwargs = self._unet_conditioning(info, unet, job, do_cfg, height, width)
-        control = prepare_units(list(job.control_units), self._control_nets(job, unet), width, height, do_cfg)
+        prompt_embeds, added_cond_kwargs = self._unet_conditioning(info, unet, job, do_cfg, height, width, place)
+        nets = self._control_nets(job, unet)
+        control = prepare_units(list(job.control_units), nets, width, height, do_cfg, place.device, place.dtype)
         step_params = set(inspect.signature(scheduler.step).parameters)
         extra_step_kwargs = {}
         if "eta" in step_params:
@@ -240,7 +248,7 @@ class DenoiserEngine:
                 yield StepDone(i + 1, len(timesteps), time.perf_counter() - started, preview)
 
         yield DenoiseOutcome(
-            latents=latents,
+            latents=latents.to(device="cpu", dtype=torch.float32),  # the wire's latents are float32
             seed=seed,
             generator_state=generator.get_state().numpy().tobytes(),
             scheduler_class=type(scheduler).__name__,
@@ -258,7 +266,8 @@ class DenoiserEngine:
                 raise InvalidArgument.one(field, f"{unit.model!r} is not a ControlNet folder ({info.kind})")
 
             def load(path=info.path) -> dict:
-                return {"controlnet": ControlNetModel.from_pretrained(path, use_safetensors=True).eval()}
+                net = ControlNetModel.from_pretrained(path, use_safetensors=True).eval()
+                return {"controlnet": self.placement.module(net)}
 
             net = self.cache.get(unit.model, load)["controlnet"]
             check_family(net, unet, field, unit.model)
@@ -292,12 +301,14 @@ class DenoiserEngine:
             raise InvalidArgument(violations)
 
     @staticmethod
-    def _unet_conditioning(info: ModelInfo, unet, job: DenoiseJob, do_cfg: bool, height: int, width: int):
+    def _unet_conditioning(
+        info: ModelInfo, unet, job: DenoiseJob, do_cfg: bool, height: int, width: int, place: Placement
+    ):
         """prompt_embeds and added_cond_kwargs as the diffusers pipelines build them, CFG batch [neg, pos]."""
         positive, negative = job.positive, job.negative
-        prompt_embeds = positive.prompt_embeds.to(torch.float32)
+        prompt_embeds = place.tensor(positive.prompt_embeds)
         if do_cfg:
-            prompt_embeds = torch.cat([negative.prompt_embeds.to(torch.float32), prompt_embeds])
+            prompt_embeds = torch.cat([place.tensor(negative.prompt_embeds), prompt_embeds])
         if info.family != "sdxl":
             return prompt_embeds, None
         # StableDiffusionXL(Img2Img)Pipeline._get_add_time_ids: original = target = (h, w), crop (0, 0).
@@ -313,9 +324,11 @@ class DenoiserEngine:
                 "positive.pooled_prompt_embeds",
                 f"{job.model!r} expects {expected} added-embedding features, got {passed}",
             )
-        add_text_embeds = positive.pooled_prompt_embeds.to(torch.float32)
-        add_time_ids = torch.tensor([time_ids], dtype=torch.float32)
+        add_text_embeds = place.tensor(positive.pooled_prompt_embeds)
+        add_time_ids = place.tensor(torch.tensor([time_ids], dtype=torch.float32))
         if do_cfg:
-            add_text_embeds = torch.cat([negative.pooled_prompt_embeds.to(torch.float32), add_text_embeds])
-            add_time_ids = torch.cat([torch.tensor([negative_time_ids], dtype=torch.float32), add_time_ids])
+            add_text_embeds = torch.cat([place.tensor(negative.pooled_prompt_embeds), add_text_embeds])
+            add_time_ids = torch.cat(
+                [place.tensor(torch.tensor([negative_time_ids], dtype=torch.float32)), add_time_ids]
+            )
         return prompt_embeds, {"text_embeds": add_text_embeds, "time_ids": add_time_ids}

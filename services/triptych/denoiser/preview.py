@@ -29,7 +29,7 @@ def preview_png(latents: torch.Tensor, family: str) -> bytes:
     weights = torch.tensor(factors, dtype=torch.float32)
     if latents.shape[1] != weights.shape[0]:
         return b""
-    rgb = latents[0].float().permute(1, 2, 0) @ weights + torch.tensor(bias)
+    rgb = latents[0].float().cpu().permute(1, 2, 0) @ weights + torch.tensor(bias)
     pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")

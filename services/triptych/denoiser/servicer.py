@@ -11,6 +11,7 @@ from triptych.core.compute import ComputeThreads
 from triptych.core.errors import Cancelled, InvalidArgument
 from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelStore
+from triptych.core.placement import Placement
 from triptych.core.scheduler_table import parse_scheduler
 from triptych.core.server import Service
 from triptych.core.settings import Settings
@@ -236,7 +237,8 @@ def build(settings: Settings) -> Service:
     store = ModelStore(settings.model_root)
     loras = LoraAdapters(store, settings.lora_cache_bytes)
     compute = ComputeThreads("denoiser", settings.max_loaded_models)
-    engine = DenoiserEngine(store, cache, loras, settings.denoiser_queue_per_model, compute)
+    placement = Placement.from_settings(settings)
+    engine = DenoiserEngine(store, cache, loras, settings.denoiser_queue_per_model, compute, placement)
     servicer = DenoiserServicer(engine, settings)
     return Service(
         "denoiser",

@@ -1,0 +1,44 @@
+"""Where a service's networks run: torch device, dtype and memory format, from Settings (device, dtype,
+channels_last). On the default (cpu, float32) every conversion here is a no-op, so results stay bit-identical
+to diffusers' fp32 pipelines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from triptych.core.settings import ConfigurationError, Settings
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+    channels_last: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Placement:
+        try:
+            device = torch.device(settings.device)
+        except RuntimeError as exc:
+            raise ConfigurationError(f"TRIPTYCH_DEVICE: {exc}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigurationError(f"TRIPTYCH_DEVICE={settings.device}, but torch sees no CUDA device")
+        return cls(device, DTYPES[settings.dtype], settings.channels_last)
+
+    def module(self, module: torch.nn.Module, *, convolutional: bool = True) -> torch.nn.Module:
+        """Moves a freshly loaded network to the device and dtype (and channels-last, for UNets/ControlNets)."""
+        module = module.to(device=self.device, dtype=self.dtype)
+        if self.channels_last and convolutional:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    def tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+
+CPU_FLOAT32 = Placement(torch.device("cpu"), torch.float32)

@@ -1,0 +1,68 @@
+"""TRIPTYCH_DTYPE: a denoiser and a decoder in bfloat16 against diffusers' pipeline in bfloat16, same weights.
+
+There is no GPU here, so the device stays cpu; the dtype path (weights, noise, conditioning, scheduler steps and
+the VAE in the chosen dtype, float32 on the wire) is the one a GPU runs in fp16/bf16. The reference gets our
+encoder's float32 embeddings, as a pipeline in bfloat16 casts them itself: the encoder stays float32.
+"""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from tests.e2e.processes import serve_role
+from tests.e2e.reference import pixels
+from triptych.client import ImageClient, open_channel
+from triptych.core.codec import decode_tensor
+from triptych.v1 import encoder_service_pb2, encoder_service_pb2_grpc, image_service_pb2
+
+BF16 = {"TRIPTYCH_DTYPE": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def bf16_gateway(services, model_root):
+    with (
+        serve_role("denoiser", model_root, BF16) as (_, denoiser),
+        serve_role("decoder", model_root, BF16) as (_, decoder),
+    ):
+        backends = (
+            f"--encoder-address={services.addresses['encoder']}",
+            f"--denoiser-address={denoiser}",
+            f"--decoder-address={decoder}",
+        )
+        with serve_role("gateway", model_root, args=backends) as (_, address):
+            yield address
+
+
+@pytest.mark.parametrize("scheduler", ["", "Euler a"])
+def test_bfloat16_chain_equals_diffusers_in_bfloat16(services, model_root, bf16_gateway, scheduler):
+    request = dict(model="tiny/sd15", positive_prompt="a red fox", negative_prompt="blurry", seed=11, steps=6)
+    with open_channel(services.addresses["encoder"]) as channel:
+        encoded = encoder_service_pb2_grpc.TextEncoderServiceStub(channel).Encode(
+            encoder_service_pb2.EncodeRequest(
+                model="tiny/sd15", positive_prompt="a red fox", negative_prompt="blurry", include_negative=True
+            )
+        )
+    with ImageClient(bf16_gateway) as client:
+        ours = pixels(client.generate(image_service_pb2.GenerateRequest(**request, scheduler=scheduler))[0].image.data)
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_root / "tiny/sd15", torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler:
+        pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    reference = pipe(
+        prompt_embeds=decode_tensor(encoded.positive.prompt_embeds, "positive").clone(),
+        negative_prompt_embeds=decode_tensor(encoded.negative.prompt_embeds, "negative").clone(),
+        num_inference_steps=6,
+        guidance_scale=7.0,
+        generator=torch.Generator("cpu").manual_seed(11),
+    ).images[0]
+    assert np.array_equal(ours, np.asarray(reference))
+
+    with ImageClient(services.gateway) as client:  # and bfloat16 really is another computation than float32
+        float32 = pixels(
+            client.generate(image_service_pb2.GenerateRequest(**request, scheduler=scheduler))[0].image.data
+        )
+    assert not np.array_equal(ours, float32)
