@@ -33,6 +33,9 @@ def main() -> None:
         f"| split overhead, tiny SDXL 128² × 20 steps, CFG 7 (median of interleaved runs) | chain "
         f"{split['chain_s'] * 1000:.0f} ms | in-process diffusers {split['in_process_s'] * 1000:.0f} ms | "
         f"**{split['ratio']:.3f}×** |",
+        f"| … the same, progress_interval_ms 60000 (a caller without a progress bar: one progress event) | chain "
+        f"{split['chain_quiet_s'] * 1000:.0f} ms | in-process diffusers {split['in_process_s'] * 1000:.0f} ms | "
+        f"**{split['ratio_quiet']:.3f}×** |",
         f"| … where the chain's time goes | encode {split['encode_s'] * 1000:.1f} ms, denoise "
         f"{split['denoise_s'] * 1000:.1f} ms, decode {split['decode_s'] * 1000:.1f} ms, gateway + hops "
         f"{split['gateway_and_hops_s'] * 1000:.1f} ms | | |",

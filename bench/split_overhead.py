@@ -76,9 +76,14 @@ def main(argv: list[str] | None = None) -> dict:
 
         client = ImageClient(addresses["gateway"])
 
-        def chain() -> float:
+        # A caller without a progress bar: one progress event (the last step's) instead of one per step.
+        quiet = image_service_pb2.GenerateRequest()
+        quiet.CopyFrom(request)
+        quiet.progress_interval_ms = 60_000
+
+        def chain(which=request) -> float:
             started = time.perf_counter()
-            client.generate(request)
+            client.generate(which)
             return time.perf_counter() - started
 
         encoder = encoder_service_pb2_grpc.TextEncoderServiceStub(open_channel(addresses["encoder"]))
@@ -112,11 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
             return t1 - t0, t2 - t1, time.perf_counter() - t2
 
         for _ in range(2):  # warm-up: loads, allocator, caches
-            in_process(), chain(), stages()
-        local, split, parts = [], [], []
+            in_process(), chain(), chain(quiet), stages()
+        local, split, split_quiet, parts = [], [], [], []
         for _ in range(args.runs):
             local.append(in_process())
             split.append(chain())
+            split_quiet.append(chain(quiet))
             parts.append(stages())
         result = {
             "machine": machine(),
@@ -124,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
             "in_process_s": median(local),
             "chain_s": median(split),
             "ratio": median(split) / median(local),
+            "chain_quiet_s": median(split_quiet),
+            "ratio_quiet": median(split_quiet) / median(local),
             "encode_s": median([p[0] for p in parts]),
             "denoise_s": median([p[1] for p in parts]),
             "decode_s": median([p[2] for p in parts]),
@@ -132,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"split overhead ({args.model}, {args.size}², {args.steps} steps, {args.runs} interleaved runs, "
         f"torch threads {threads}): in-process {result['in_process_s'] * 1000:.0f} ms, chain "
-        f"{result['chain_s'] * 1000:.0f} ms, ratio {result['ratio']:.3f}×"
+        f"{result['chain_s'] * 1000:.0f} ms, ratio {result['ratio']:.3f}×; without per-step progress "
+        f"{result['chain_quiet_s'] * 1000:.0f} ms, ratio {result['ratio_quiet']:.3f}×"
     )
     print(
         f"  chain stages: encode {result['encode_s'] * 1000:.1f} ms, denoise {result['denoise_s'] * 1000:.1f} ms, "

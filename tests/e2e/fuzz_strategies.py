@@ -193,6 +193,7 @@ GENERATE_FIELDS = {
     "clip_skip": uint32s, "vae": model_ids, "number_results": counts, "output_format": enums,
     "output_quality": uint32s, "lora": loras, "embeddings": embeddings, "control_net": control_nets,
     "refiner": refiners(), "prompt_weighting": enums, "preview_interval_steps": uint32s,
+    "progress_interval_ms": uint32s,
 }  # fmt: skip
 ENCODE_FIELDS = {
     "model": model_ids, "positive_prompt": prompts, "negative_prompt": prompts, "include_negative": st.booleans(),
@@ -210,7 +211,7 @@ DENOISE_FIELDS = {
         st.binary(max_size=64), st.tuples(st.just("state-flip"), st.lists(st.integers(0, 5055), max_size=3))
     ),
     "aesthetic_score": floats, "negative_aesthetic_score": floats, "preview_interval_steps": uint32s,
-    "output_shared_memory": shm_regions, "latents.shared_memory": shm_regions,
+    "output_shared_memory": shm_regions, "latents.shared_memory": shm_regions, "progress_interval_ms": uint32s,
     "positive.prompt_embeds.shared_memory": shm_regions,
 }  # fmt: skip
 decoder_tensors = st.one_of(

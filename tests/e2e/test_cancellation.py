@@ -87,3 +87,16 @@ def test_progress_reports_every_step_and_previews_on_request(client):
     assert previews == [2, 4, 6]
     assert Image.open(io.BytesIO(denoise[1].preview_png)).size == (8, 8)  # 1/8 of the image
     assert events[-1].HasField("image")
+
+
+def test_progress_interval_sends_fewer_events_but_always_the_last_and_the_previews(client):
+    request = image_service_pb2.GenerateRequest(
+        model="tiny/sd15", positive_prompt="a red fox", width=64, height=64, steps=6, seed=1, scheduler="Euler"
+    )
+    every_step = list(client.stream(request))
+    request.progress_interval_ms = 60_000
+    request.preview_interval_steps = 4
+    sparse = list(client.stream(request))
+    denoise = [e.progress for e in sparse if e.HasField("progress") and e.progress.stage == "denoise"]
+    assert [(p.step, bool(p.preview_png)) for p in denoise] == [(4, True), (6, False)]
+    assert sparse[-1].image.image.data == every_step[-1].image.image.data, "the same image"

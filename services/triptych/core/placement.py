@@ -32,7 +32,9 @@ class Placement:
 
     def module(self, module: torch.nn.Module, *, convolutional: bool = True) -> torch.nn.Module:
         """Moves a freshly loaded network to the device and dtype (and channels-last, for UNets/ControlNets)."""
-        module = module.to(device=self.device, dtype=self.dtype)
+        if next(module.parameters()).dtype != self.dtype:
+            module = module.to(dtype=self.dtype)
+        module = module.to(device=self.device)
         if self.channels_last and convolutional:
             module = module.to(memory_format=torch.channels_last)
         return module

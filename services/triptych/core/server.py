@@ -103,6 +103,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+def _cuda_counters(torch) -> dict[str, int]:
+    """Peak GPU memory of this process (PyTorch's allocator), once CUDA is in use."""
+    if torch is None or not torch.cuda.is_initialized():
+        return {}
+    return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated()}
+
+
 class RuntimeServicer(runtime_service_pb2_grpc.RuntimeServiceServicer):
     """Answers GetRuntimeInfo for any role."""
 
@@ -126,7 +133,7 @@ class RuntimeServicer(runtime_service_pb2_grpc.RuntimeServiceServicer):
             ],
             torch_threads=torch.get_num_threads() if torch is not None else 0,
             pid=os.getpid(),
-            counters={**shm.counters, **self._counters()},
+            counters={**shm.counters, **_cuda_counters(torch), **self._counters()},
         )
 
 

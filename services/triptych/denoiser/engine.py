@@ -62,6 +62,7 @@ class DenoiseJob:
     loras: tuple[tuple[str, float], ...] = ()
     control_units: tuple[ControlUnit, ...] = ()
     preview_interval_steps: int = 0
+    progress_interval_s: float = 0.0
 
 
 @dataclass
@@ -205,7 +206,7 @@ class DenoiserEngine:
         if "generator" in step_params:
             extra_step_kwargs["generator"] = generator
 
-        started = time.perf_counter()
+        started = last_sent = time.perf_counter()
         with torch.no_grad():
             for i, t in enumerate(timesteps):
                 if not is_active():
@@ -245,7 +246,10 @@ class DenoiserEngine:
                 preview = b""
                 if job.preview_interval_steps and (i + 1) % job.preview_interval_steps == 0:
                     preview = preview_png(latents, info.family)
-                yield StepDone(i + 1, len(timesteps), time.perf_counter() - started, preview)
+                now = time.perf_counter()
+                if preview or i + 1 == len(timesteps) or now - last_sent >= job.progress_interval_s:
+                    last_sent = now
+                    yield StepDone(i + 1, len(timesteps), now - started, preview)
 
         yield DenoiseOutcome(
             latents=latents.to(device="cpu", dtype=torch.float32),  # the wire's latents are float32

@@ -175,6 +175,7 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
             loras=loras,
             control_units=control_units,
             preview_interval_steps=request.preview_interval_steps,
+            progress_interval_s=request.progress_interval_ms / 1000.0,
         )
 
     def Denoise(self, request, context):

@@ -286,6 +286,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                 loras=request.lora,
                 control_net=request.control_net,
                 preview_interval_steps=request.preview_interval_steps,
+                progress_interval_ms=request.progress_interval_ms,
             )
             if encoded.HasField("negative"):
                 denoise_request.negative.CopyFrom(encoded.negative)

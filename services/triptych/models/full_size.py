@@ -117,4 +117,3 @@ def build_full_size(root: Path, family: str) -> Path:
     tokenizers = {"tokenizer": EOS_TOKEN} if family == "sd15" else {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}
     _save_pipeline(pipe, out, tokenizers)
     return out
-
