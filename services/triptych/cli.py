@@ -149,7 +149,13 @@ def cmd_generate(args) -> int:
     try:
         if args.request:
             path = Path(args.request)
-            requests = requests_from_json(path.read_text(), base_dir=path.parent)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                print(f"cannot read request file {path}: {why}", file=sys.stderr)
+                return 2
+            requests = requests_from_json(text, base_dir=path.parent)
         else:
             if not args.prompt:
                 print("give a prompt or --request FILE", file=sys.stderr)

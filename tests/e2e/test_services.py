@@ -161,3 +161,11 @@ def test_cli_reports_status_and_field_and_exits_non_zero(services, tmp_path):
     (tmp_path / "task.json").write_text(json.dumps({"positivePrompt": "x", "model": "tiny/sd15", "sampler": "x"}))
     done = run_cli("generate", "--request", str(tmp_path / "task.json"), "--address", services.gateway)
     assert done.returncode != 0 and "INVALID_ARGUMENT" in done.stderr and "field sampler" in done.stderr
+
+
+def test_cli_names_an_unreadable_request_file_without_a_traceback(services, tmp_path):
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    for path, why in ((tmp_path / "missing.json", "No such file"), (tmp_path / "binary.json", "not UTF-8")):
+        done = run_cli("generate", "--request", str(path), "--address", services.gateway)
+        assert done.returncode == 2 and why in done.stderr and str(path) in done.stderr
+        assert "Traceback" not in done.stderr

@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 
 from triptych.core import shm
 from triptych.core.components import LoadedComponent
-from triptych.core.errors import TriptychError
+from triptych.core.errors import TriptychError, Unavailable
 from triptych.core.security import describe, server_credentials, server_interceptors
 from triptych.core.settings import Settings
 from triptych.v1 import runtime_service_pb2, runtime_service_pb2_grpc
@@ -51,56 +51,81 @@ def _status_for(method: str, exc: BaseException) -> grpc.Status:
     return _internal(method, exc)
 
 
+# Health and reflection answer during a drain (health says NOT_SERVING) and never hold it up.
+_UNTRACKED = ("/grpc.health.", "/grpc.reflection.")
+
+
+class Drain:
+    """Graceful shutdown. Once started, new calls get UNAVAILABLE (callers and the gateway retry them on another
+    replica) while the calls in flight run to their end; wait() returns when none is left or at the deadline."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._in_flight = 0
+        self._draining = False
+
+    def admit(self, context: grpc.ServicerContext) -> None:
+        """Counts a new call until gRPC reports its end (completed, failed or cancelled); refuses it if draining."""
+        with self._condition:
+            if self._draining:
+                raise Unavailable("this server is shutting down; retry on another replica")
+            self._in_flight += 1
+        if not context.add_callback(self._done):  # the call has already ended
+            self._done()
+
+    def _done(self) -> None:
+        with self._condition:
+            self._in_flight -= 1
+            self._condition.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Starts draining and waits for the calls in flight; False if some were still running at the deadline."""
+        with self._condition:
+            self._draining = True
+            return self._condition.wait_for(lambda: self._in_flight == 0, timeout)
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions raised by servicers to statuses, in one place. Unknown exceptions become INTERNAL."""
+    """Maps exceptions raised by servicers to statuses, in one place (unknown exceptions become INTERNAL), and
+    admits each call through the server's Drain."""
+
+    def __init__(self, drain: Drain | None = None):
+        self.drain = drain or Drain()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
-
-        if handler.unary_unary:
-            inner = handler.unary_unary
-
-            def unary_unary(request, context):
-                try:
-                    return inner(request, context)
-                except Exception as exc:  # noqa: BLE001 - this is the one mapping point
-                    context.abort_with_status(_status_for(method, exc))
-
-            return handler._replace(unary_unary=unary_unary)
-        if handler.unary_stream:
-            inner_stream = handler.unary_stream
-
-            def unary_stream(request, context):
-                try:
-                    yield from inner_stream(request, context)
-                except Exception as exc:  # noqa: BLE001
-                    context.abort_with_status(_status_for(method, exc))
-
-            return handler._replace(unary_stream=unary_stream)
-        if handler.stream_unary:
-            inner_client_stream = handler.stream_unary
-
-            def stream_unary(requests, context):
-                try:
-                    return inner_client_stream(requests, context)
-                except Exception as exc:  # noqa: BLE001
-                    context.abort_with_status(_status_for(method, exc))
-
-            return handler._replace(stream_unary=stream_unary)
-        if handler.stream_stream:
-            inner_bidi = handler.stream_stream
-
-            def stream_stream(requests, context):
-                try:
-                    yield from inner_bidi(requests, context)
-                except Exception as exc:  # noqa: BLE001
-                    context.abort_with_status(_status_for(method, exc))
-
-            return handler._replace(stream_stream=stream_stream)
+        tracked = not method.startswith(_UNTRACKED)
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            inner = getattr(handler, kind)
+            if inner is not None:
+                wrap = self._streaming if kind.endswith("_stream") else self._single
+                return handler._replace(**{kind: wrap(inner, method, tracked)})
         return handler
+
+    def _single(self, inner, method: str, tracked: bool):
+        def handle(request, context):
+            try:
+                if tracked:
+                    self.drain.admit(context)
+                return inner(request, context)
+            except Exception as exc:  # noqa: BLE001 - this is the one mapping point
+                context.abort_with_status(_status_for(method, exc))
+
+        return handle
+
+    def _streaming(self, inner, method: str, tracked: bool):
+        def handle(request, context):
+            try:
+                if tracked:
+                    self.drain.admit(context)
+                yield from inner(request, context)
+            except Exception as exc:  # noqa: BLE001 - this is the one mapping point
+                context.abort_with_status(_status_for(method, exc))
+
+        return handle
 
 
 def _cuda_counters(torch) -> dict[str, int]:
@@ -155,7 +180,9 @@ class Service:
         self.counters = counters
 
 
-def start(service: Service, settings: Settings, port: int) -> tuple[grpc.Server, int, health.HealthServicer]:
+def start(
+    service: Service, settings: Settings, port: int, drain: Drain | None = None
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Builds and starts a server for `service` on host:port (0 = any free port); returns the bound port.
 
     TLS/mTLS and bearer tokens come from settings.security; plaintext is refused off loopback unless allowed
@@ -166,7 +193,7 @@ def start(service: Service, settings: Settings, port: int) -> tuple[grpc.Server,
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix=service.role),
         # ErrorInterceptor first (outermost): it maps what the token check raises, like any typed error.
-        interceptors=[ErrorInterceptor(), *server_interceptors(settings)],
+        interceptors=[ErrorInterceptor(drain), *server_interceptors(settings)],
         options=settings.grpc_options(),
     )
     service.register(server)
@@ -207,13 +234,15 @@ def keep_freed_memory() -> bool:
 
 
 def serve_forever(service: Service, settings: Settings, port: int) -> None:
-    """Runs until SIGTERM/SIGINT: then health goes NOT_SERVING, in-flight calls get the grace period."""
+    """Runs until SIGTERM/SIGINT: then health goes NOT_SERVING, new calls get UNAVAILABLE and the calls in flight
+    get up to the grace period to finish before the server stops."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {service.role} %(levelname)s %(message)s")
     if settings.keep_freed_memory and not keep_freed_memory():
         log.info("keep_freed_memory: not glibc, left as it is")
     if settings.torch_threads > 0 and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(settings.torch_threads)
-    server, bound, health_servicer = start(service, settings, port)
+    drain = Drain()
+    server, bound, health_servicer = start(service, settings, port, drain)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -226,5 +255,7 @@ def serve_forever(service: Service, settings: Settings, port: int) -> None:
     print(f"triptych {service.role} SERVING {settings.host}:{bound}", flush=True)
     stop.wait()
     health_servicer.enter_graceful_shutdown()
-    server.stop(settings.shutdown_grace_seconds).wait()
+    if not drain.wait(settings.shutdown_grace_seconds):
+        log.warning("calls still running after %.0f s of grace are cancelled", settings.shutdown_grace_seconds)
+    server.stop(0).wait()
     log.info("stopped")
