@@ -49,7 +49,7 @@ def _pipeline(root: Path, family: str, tiny: bool, dtype: torch.dtype, device: t
         from triptych.models.full_size import build_full_size
 
         model = f"full-size/{family}"
-        build_full_size(root, family)
+        build_full_size(root, family, dtype=dtype, device=device)
     cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
     pipe = cls.from_pretrained(root / model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -109,11 +109,18 @@ def sdxl_pipeline(out: Path) -> StableDiffusionXLPipeline:
     )
 
 
-def build_full_size(root: Path, family: str) -> Path:
-    """Writes root/full-size/<family> (fp32 safetensors, the diffusers folder layout) and returns its path."""
+def build_full_size(
+    root: Path, family: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Path:
+    """Writes root/full-size/<family> (safetensors in `dtype`, the diffusers folder layout) and returns its path.
+
+    `device` is where the random weights are drawn: a GPU draws SDXL's 2.6B parameters in a second or two.
+    """
     out = _fresh(root / FULL_SIZE_DIR / family)
     out.mkdir(parents=True)
-    pipe = sd15_pipeline(out) if family == "sd15" else sdxl_pipeline(out)
+    with torch.device(device):
+        pipe = sd15_pipeline(out) if family == "sd15" else sdxl_pipeline(out)
+    pipe.to(dtype=dtype)
     tokenizers = {"tokenizer": EOS_TOKEN} if family == "sd15" else {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}
     _save_pipeline(pipe, out, tokenizers)
     return out

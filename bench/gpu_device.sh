@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# There (a lent GPU machine, repo root, carrying .whl and clients/python/triptych/v1): install the carried
+# wheels beside the image's torch, then run the GPU benchmark and send back RESULTS.md and the log in $OUT.
+#   device run: bash bench/gpu_device.sh            (carry: [".whl", "clients/python/triptych/v1"])
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ -z "${SKIP_WHEELS:-}" ]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/services:$PWD/clients/python:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/triptych-gpu-out}
+mkdir -p "$OUT"
+"$PYTHON" -c 'import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'
+set -o pipefail
+"$PYTHON" -m bench.gpu --record "$@" 2>&1 | tee "$OUT/gpu.log"
+cp bench/RESULTS.md "$OUT/RESULTS.md"
