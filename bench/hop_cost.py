@@ -1,6 +1,7 @@
 """Hop cost at real sizes: an SDXL Encode response (2×77×2048 fp16, 630 KB) and SDXL latents
 (1×4×128×128 fp32, 262 KB) through the real message types, the real server bootstrap and our tensor codec,
-over TCP loopback and a unix socket, with the bytes in the message and through shared memory. Each case goes
+over TCP loopback and a unix socket, with the bytes in the message and through shared memory, to a server in
+another process. Each case goes
 from a torch tensor on one side to a torch tensor on the other (encode_tensor, the call, decode_tensor); the
 servicers answer from memory, so only transport + (de)serialisation is measured. Baseline in the same run: an
 empty call.
@@ -11,6 +12,9 @@ empty call.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -107,31 +111,51 @@ def measure(address: str, calls: int, region: shm.OwnedRegion) -> dict[str, floa
     return results
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--calls", type=int, default=300)
-    args = parser.parse_args(argv)
+def serve(host: str) -> None:
+    """The far end, in its own process (as in a deployment: no GIL shared with the caller); prints its address."""
 
     def register(server):
         encoder_service_pb2_grpc.add_TextEncoderServiceServicer_to_server(FixedEncoder(), server)
         decoder_service_pb2_grpc.add_DecoderServiceServicer_to_server(LatentSink(), server)
 
     service = Service("bench", ["triptych.v1.TextEncoderService", "triptych.v1.DecoderService"], register)
+    settings = Settings(host=host)
+    server, port, _ = start(service, settings, 0)
+    print(host if host.startswith("unix:") else f"{host}:{port}", flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    server.stop(0).wait()
+
+
+@contextlib.contextmanager
+def far_end(host: str):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.hop_cost", "--serve", host],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process.stdout.readline().strip()
+    finally:
+        process.stdin.close()
+        process.wait(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--serve", metavar="HOST", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.serve)
+        return {}
     report = {"machine": machine()}
     region = shm.OwnedRegion(4 << 20)
     try:
-        server, port, _ = start(service, Settings(), 0)
-        try:
-            report["tcp"] = measure(f"127.0.0.1:{port}", args.calls, region)
-        finally:
-            server.stop(0).wait()
-        with tempfile.TemporaryDirectory() as folder:
-            settings = Settings(host=f"unix:{folder}/hop.sock")
-            server, _, _ = start(service, settings, 0)
-            try:
-                report["unix"] = measure(f"unix:{folder}/hop.sock", args.calls, region)
-            finally:
-                server.stop(0).wait()
+        with far_end("127.0.0.1") as address:
+            report["tcp"] = measure(address, args.calls, region)
+        with tempfile.TemporaryDirectory() as folder, far_end(f"unix:{folder}/hop.sock") as address:
+            report["unix"] = measure(address, args.calls, region)
     finally:
         region.close()
     for transport in ("tcp", "unix"):
