@@ -120,7 +120,8 @@ def build_full_size(
     out.mkdir(parents=True)
     with torch.device(device):
         pipe = sd15_pipeline(out) if family == "sd15" else sdxl_pipeline(out)
-    pipe.to(dtype=dtype)
+    if dtype != torch.float32:  # (the networks are built in float32)
+        pipe.to(dtype=dtype)
     tokenizers = {"tokenizer": EOS_TOKEN} if family == "sd15" else {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}
     _save_pipeline(pipe, out, tokenizers)
     return out
