@@ -1,8 +1,9 @@
-"""TRIPTYCH_DTYPE: a denoiser and a decoder in bfloat16 against diffusers' pipeline in bfloat16, same weights.
+"""TRIPTYCH_DTYPE: the services in bfloat16 against diffusers' pipeline in bfloat16, same weights, same seed.
 
 There is no GPU here, so the device stays cpu; the dtype path (weights, noise, conditioning, scheduler steps and
-the VAE in the chosen dtype, float32 on the wire) is the one a GPU runs in fp16/bf16. The reference gets our
-encoder's float32 embeddings, as a pipeline in bfloat16 casts them itself: the encoder stays float32.
+the VAE in the chosen dtype, float32 on the wire) is the one a GPU runs in fp16/bf16. Two chains: an encoder in
+bfloat16 too (the reference encodes the prompt strings itself), and the session's float32 encoder (the reference
+gets its embeddings, which a pipeline in bfloat16 casts as our denoiser does).
 """
 
 from __future__ import annotations
@@ -22,18 +23,53 @@ BF16 = {"TRIPTYCH_DTYPE": "bfloat16"}
 
 
 @pytest.fixture(scope="module")
-def bf16_gateway(services, model_root):
+def bf16_backends(model_root):
     with (
+        serve_role("encoder", model_root, BF16) as (_, encoder),
         serve_role("denoiser", model_root, BF16) as (_, denoiser),
         serve_role("decoder", model_root, BF16) as (_, decoder),
     ):
-        backends = (
-            f"--encoder-address={services.addresses['encoder']}",
-            f"--denoiser-address={denoiser}",
-            f"--decoder-address={decoder}",
-        )
-        with serve_role("gateway", model_root, args=backends) as (_, address):
-            yield address
+        yield {"encoder": encoder, "denoiser": denoiser, "decoder": decoder}
+
+
+@pytest.fixture(scope="module")
+def bf16_gateway(services, model_root, bf16_backends):
+    """bfloat16 denoiser and decoder behind the session's float32 encoder."""
+    backends = (
+        f"--encoder-address={services.addresses['encoder']}",
+        f"--denoiser-address={bf16_backends['denoiser']}",
+        f"--decoder-address={bf16_backends['decoder']}",
+    )
+    with serve_role("gateway", model_root, args=backends) as (_, address):
+        yield address
+
+
+@pytest.fixture(scope="module")
+def all_bf16_gateway(model_root, bf16_backends):
+    backends = tuple(f"--{role}-address={address}" for role, address in bf16_backends.items())
+    with serve_role("gateway", model_root, args=backends) as (_, address):
+        yield address
+
+
+@pytest.fixture(scope="module")
+def bf16_pipe(model_root):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_root / "tiny/sd15", torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_all_services_in_bfloat16_equal_diffusers_in_bfloat16(all_bf16_gateway, bf16_pipe):
+    request = dict(model="tiny/sd15", positive_prompt="a red fox", negative_prompt="blurry", seed=3, steps=5)
+    with ImageClient(all_bf16_gateway) as client:
+        ours = pixels(client.generate(image_service_pb2.GenerateRequest(**request))[0].image.data)
+    reference = bf16_pipe(
+        prompt="a red fox",
+        negative_prompt="blurry",
+        num_inference_steps=5,
+        guidance_scale=7.0,
+        generator=torch.Generator("cpu").manual_seed(3),
+    ).images[0]
+    assert np.array_equal(ours, np.asarray(reference))
 
 
 @pytest.mark.parametrize("scheduler", ["", "Euler a"])

@@ -105,10 +105,10 @@ class Settings(BaseSettings):
     model_root: Path = Field(Path("models"), description="the model store directory")
     host: str = Field("127.0.0.1", description="address to bind; loopback unless deployed")
     device: str = Field(
-        "cpu", description='torch device of the denoiser and decoder: "cpu", "cuda", "cuda:1", "mps" (encoders: cpu)'
+        "cpu", description='torch device of the text encoders, UNets, ControlNets and VAEs: "cpu", "cuda", "mps"'
     )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="weights and activations of UNets, ControlNets and VAEs (fp16 VAEs that overflow upcast)"
+        "float32", description="weights and activations of the networks (fp16 VAEs that overflow stay float32)"
     )
     channels_last: bool = Field(False, description="UNets and ControlNets in channels-last memory format (GPU)")
     torch_threads: int = Field(0, description="torch intra-op threads per process; 0 = torch's default")

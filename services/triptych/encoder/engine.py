@@ -19,6 +19,7 @@ from triptych.core.components import ComponentCache
 from triptych.core.errors import InvalidArgument
 from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelInfo, ModelStore
+from triptych.core.placement import CPU_FLOAT32, Placement
 from triptych.core.settings import Limits
 from triptych.encoder.batching import Batcher
 from triptych.encoder.cache import ByteBoundedLRU
@@ -51,6 +52,14 @@ class Conditioning:
 
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor | None = None
+
+    def to_host(self) -> Conditioning:
+        """float32 on the CPU (no copy when it already is)."""
+        pooled = self.pooled_prompt_embeds
+        return Conditioning(
+            self.prompt_embeds.to(device="cpu", dtype=torch.float32),
+            None if pooled is None else pooled.to(device="cpu", dtype=torch.float32),
+        )
 
 
 @dataclass
@@ -99,8 +108,10 @@ class TextEncoderEngine:
         result_cache_bytes: int = 0,
         max_batch_rows: int = 1,
         batch_wait_s: float = 0.0,
+        placement: Placement = CPU_FLOAT32,
     ):
         self.store = store
+        self.placement = placement
         self.cache = cache
         self.loras = loras
         self.limits = limits
@@ -131,7 +142,8 @@ class TextEncoderEngine:
                     CLIPTextModelWithProjection if entry[1] == "CLIPTextModelWithProjection" else CLIPTextModel
                 )
                 parts[tok_name] = CLIPTokenizer.from_pretrained(info.path / tok_name)
-                parts[enc_name] = encoder_class.from_pretrained(info.path / enc_name, use_safetensors=True).eval()
+                encoder = encoder_class.from_pretrained(info.path / enc_name, use_safetensors=True).eval()
+                parts[enc_name] = self.placement.module(encoder, convolutional=False)
                 make_rows_independent(parts[enc_name])  # so a row's bits never depend on its batch
             return parts
 
@@ -234,7 +246,9 @@ class TextEncoderEngine:
             row = 0
             for index, work in enumerate(works):
                 for prompt in work.prompts:
-                    results[index].append(_assemble(parts, encoder_names, per_encoder, prompt, row))
+                    # Results (the cache, the wire) are float32 on the CPU whatever the encoders run on.
+                    conditioning = _assemble(parts, encoder_names, per_encoder, prompt, row)
+                    results[index].append(conditioning.to_host())
                     row += len(prompt.chunks[encoder_names[0]])
         for index, conditionings in enumerate(results):
             for prompt, conditioning in zip(works[index].prompts, conditionings, strict=True):

@@ -55,7 +55,7 @@ def encode_rows(text_encoder, family: str, chunks: list[Chunk], clip_skips: list
     (k = 0 is the last layer, already normed); SDXL hidden_states[-(k+2)] without the norm. Callers hold the
     model lock and torch.no_grad.
     """
-    input_ids = torch.tensor([chunk.input_ids for chunk in chunks])
+    input_ids = torch.tensor([chunk.input_ids for chunk in chunks], device=text_encoder.device)
     substitutions = [
         (row, position, vector) for row, chunk in enumerate(chunks) for position, vector in chunk.substitutions
     ]

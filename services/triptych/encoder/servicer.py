@@ -8,6 +8,7 @@ from triptych.core.components import ComponentCache
 from triptych.core.errors import InvalidArgument
 from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelStore
+from triptych.core.placement import Placement
 from triptych.core.server import Service
 from triptych.core.settings import Settings
 from triptych.core.validation import check_prompt, weighted
@@ -99,6 +100,7 @@ def build(settings: Settings) -> Service:
         result_cache_bytes=settings.encoder_cache_bytes,
         max_batch_rows=settings.encoder_max_batch_rows,
         batch_wait_s=settings.encoder_batch_wait_ms / 1000.0,
+        placement=Placement.from_settings(settings),
     )
     servicer = TextEncoderServicer(engine, settings)
     return Service(

@@ -109,7 +109,7 @@ def substituted(text_encoder, substitutions: list[tuple[int, int, torch.Tensor]]
     def hook(module, inputs, output):
         output = output.clone()
         for row, position, vector in substitutions:
-            output[row, position] = vector.to(output.dtype)
+            output[row, position] = vector.to(device=output.device, dtype=output.dtype)
         return output
 
     for _, _, vector in substitutions:
@@ -129,5 +129,5 @@ def emphasise(hidden: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
     if bool((multipliers == 1).all()):
         return hidden
     original_mean = hidden.mean()
-    scaled = hidden * multipliers.reshape(1, -1, 1).to(hidden.dtype)
+    scaled = hidden * multipliers.reshape(1, -1, 1).to(device=hidden.device, dtype=hidden.dtype)
     return scaled * (original_mean / scaled.mean())
