@@ -4,8 +4,8 @@ Full-size SD1.5 at 512² and SDXL at 1024² (the real architectures with random 
 trained ones do: triptych.models.full_size), 30 steps, CFG 7, fp16. For each: seconds per image and it/s of
 diffusers eager (pipeline to latents, prompt embeddings given) and of a real `triptych serve denoiser` process
 (TRIPTYCH_DEVICE / TRIPTYCH_DTYPE / TRIPTYCH_CHANNELS_LAST) called over gRPC with the same embeddings; the
-FLOPs of one CFG step (torch.utils.flop_counter) and each figure's share of the GPU's dense peak; the denoiser's
-peak GPU memory (RuntimeService counter cuda_max_allocated_bytes).
+FLOPs of one CFG step (torch.utils.flop_counter) and each figure's share of the GPU's dense peak; the peak GPU
+memory of the denoiser, and of the text encoders on the same device (RuntimeService cuda_max_allocated_bytes).
 
     python -m bench.gpu [--families sd15 sdxl] [--runs 3] [--peak-tflops 989] [--record]
     python -m bench.gpu --device cpu --tiny      # smoke test of this script on the tiny family (no GPU)
@@ -81,6 +81,8 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> d
         common_pb2,
         denoiser_service_pb2,
         denoiser_service_pb2_grpc,
+        encoder_service_pb2,
+        encoder_service_pb2_grpc,
         runtime_service_pb2,
         runtime_service_pb2_grpc,
     )
@@ -157,6 +159,14 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> d
             info = runtime_service_pb2_grpc.RuntimeServiceStub(channel).GetRuntimeInfo(
                 runtime_service_pb2.GetRuntimeInfoRequest()
             )
+        # The text encoders on the same device, in a process of their own (as `triptych serve` co-locates them).
+        with serve_role("encoder", root, env) as (_, address), open_channel(address) as channel:
+            encoder_service_pb2_grpc.TextEncoderServiceStub(channel).Encode(
+                encoder_service_pb2.EncodeRequest(model=model, positive_prompt="a red fox", include_negative=True)
+            )
+            encoder_info = runtime_service_pb2_grpc.RuntimeServiceStub(channel).GetRuntimeInfo(
+                runtime_service_pb2.GetRuntimeInfoRequest()
+            )
     result = {"family": family, "size": size, "steps": steps, "step_tflop": flops / 1e12}
     for name, times in (("diffusers", eager), ("triptych", ours)):
         seconds = statistics.median(times)
@@ -167,6 +177,7 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> d
         }
     result["speedup"] = result["diffusers"]["s_per_image"] / result["triptych"]["s_per_image"]
     result["denoiser_peak_gib"] = info.counters.get("cuda_max_allocated_bytes", 0) / 2**30
+    result["encoder_peak_gib"] = encoder_info.counters.get("cuda_max_allocated_bytes", 0) / 2**30
     return result
 
 
@@ -200,7 +211,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(
                 f"| {what} | {label} | {m['s_per_image']:.3f} | {m['it_per_s']:.2f} | {m['peak_share']:.1%} | {speed} |"
             )
-        rows.append(f"| {what} | denoiser peak GPU memory | {r['denoiser_peak_gib']:.2f} GiB | | | |")
+        rows.append(
+            f"| {what} | peak GPU memory (PyTorch allocator): denoiser / encoders co-located in their own process | "
+            f"{r['denoiser_peak_gib']:.2f} GiB / +{r['encoder_peak_gib']:.2f} GiB | | | |"
+        )
     print("\n".join(rows))
     if args.record:
         block = BEGIN + "\n" + "\n".join(rows) + "\n" + END
