@@ -24,6 +24,7 @@ def main() -> None:
     hops = importlib.import_module("bench.hop_cost").main(["--calls", "100" if quick else "300"])
     memory = importlib.import_module("bench.memory").main([])
     full_size = importlib.import_module("bench.memory").main(["--full-size"])
+    lora = importlib.import_module("bench.lora_switch").main([])
     rows = [
         f"Measured {datetime.date.today().isoformat()} on {split['machine']} with `python -m bench.run"
         f"{' --quick' if quick else ''}`.",
@@ -56,6 +57,11 @@ def main() -> None:
                 f"| {encode:.2f} ms / {latents:.2f} ms | empty call {empty:.2f} ms | {encode / empty:.1f}× / "
                 f"{latents / empty:.1f}× |"
             )
+    rows.append(
+        f"| LoRA set switch, full-size SD1.5 UNet, eager, rank {lora['rank']} ({lora['file_mb']:.1f} MB each): "
+        f"between injected sets / two LoRAs / off | {lora['switch_ms']:.1f} ms / {lora['two_loras_ms']:.1f} ms / "
+        f"{lora['off_ms']:.1f} ms | first use (file read + injection) {lora['first_use_ms']:.0f} ms | target < 100 ms |"
+    )
     for what, report in (("tiny SD1.5 + SDXL loaded", memory), ("full-size SD1.5 (random weights), 512²", full_size)):
         for role, m in report["services"].items():
             rows.append(
