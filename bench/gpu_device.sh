@@ -16,4 +16,6 @@ mkdir -p "$OUT"
 "$PYTHON" -c 'import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'
 set -o pipefail
 "$PYTHON" -m bench.gpu --record "$@" 2>&1 | tee "$OUT/gpu.log"
+# LoRA set switch latency on the GPU (eager): a line for bench/RESULTS.md by hand.
+"$PYTHON" -m bench.lora_switch --device "${LORA_DEVICE:-cuda}" 2>&1 | tee -a "$OUT/gpu.log"
 cp bench/RESULTS.md "$OUT/RESULTS.md"
