@@ -47,6 +47,20 @@ def serve_all(model_root: Path, extra_env: dict[str, str] | None = None):
         process.wait(timeout=60)
 
 
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def rewrite_results(table: str, rows: list[str]) -> None:
+    """Replaces the lines between `<!-- {table}-results:begin -->` and its end marker in bench/RESULTS.md."""
+    import re
+
+    begin, end = f"<!-- {table}-results:begin -->", f"<!-- {table}-results:end -->"
+    block = begin + "\n" + "\n".join(rows) + "\n" + end
+    text = RESULTS.read_text()
+    RESULTS.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S))
+    print(f"rewrote the {table} table of {RESULTS}")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]

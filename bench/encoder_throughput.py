@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import itertools
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,10 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import machine, median, tiny_store
+from bench.common import machine, median, rewrite_results, tiny_store
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- encoder-results:begin -->", "<!-- encoder-results:end -->"
 _unique = itertools.count()
 
 
@@ -157,10 +154,7 @@ def record(figures: dict, argv: list[str] | None) -> None:
         f"| cache hit p50 | | {figures['hit_p50_ms']:.2f} ms | miss p50 {figures['miss_p50_ms']:.2f} ms | "
         f"**{figures['miss_p50_ms'] / figures['hit_p50_ms']:.1f}×** faster |"
     )
-    text = RESULTS.read_text()
-    block = BEGIN + "\n" + "\n".join(rows) + "\n" + END
-    RESULTS.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
-    print(f"rewrote the encoder table of {RESULTS}")
+    rewrite_results("encoder", rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Peak: H100 SXM and H200 are 989 TFLOP/s dense fp16/bf16 (1979 is with sparsity).
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import tempfile
 import time
@@ -24,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import machine
+from bench.common import machine, rewrite_results
 from tests.e2e.processes import serve_role
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- gpu-results:begin -->", "<!-- gpu-results:end -->"
 SIZES = {"sd15": 512, "sdxl": 1024}
 
 
@@ -190,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense fp16/bf16 peak")
     parser.add_argument("--tiny", action="store_true", help="tiny family at 128², 4 steps: a smoke test")
-    parser.add_argument("--record", action="store_true", help=f"rewrite the GPU table of {RESULTS.name}")
+    parser.add_argument("--record", action="store_true", help="rewrite the GPU table of bench/RESULTS.md")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -217,9 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     print("\n".join(rows))
     if args.record:
-        block = BEGIN + "\n" + "\n".join(rows) + "\n" + END
-        text = RESULTS.read_text()
-        RESULTS.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+        rewrite_results("gpu", rows)
     return results
 
 

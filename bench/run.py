@@ -8,11 +8,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import re
-from pathlib import Path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- cpu-results:begin -->", "<!-- cpu-results:end -->"
+from bench.common import rewrite_results
 
 
 def main() -> None:
@@ -68,10 +65,7 @@ def main() -> None:
                 f"| RSS {role} ({what}) | {m['rss_mb']:.0f} MiB (weights {m['weights_mb']:.1f} "
                 f"MiB: {', '.join(m['holds']) or 'none'}) | | |"
             )
-    text = RESULTS.read_text()
-    block = BEGIN + "\n" + "\n".join(rows) + "\n" + END
-    RESULTS.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
-    print(f"rewrote {RESULTS}")
+    rewrite_results("cpu", rows)
 
 
 if __name__ == "__main__":
