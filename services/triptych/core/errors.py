@@ -14,6 +14,18 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 
+def _precondition_failure(kind: str, subject: str, description: str) -> any_pb2.Any:
+    """A packed google.rpc.PreconditionFailure with one violation."""
+    failure = error_details_pb2.PreconditionFailure(
+        violations=[
+            error_details_pb2.PreconditionFailure.Violation(type=kind, subject=subject, description=description)
+        ]
+    )
+    packed = any_pb2.Any()
+    packed.Pack(failure)
+    return packed
+
+
 class TriptychError(Exception):
     """Base class: an error with a gRPC status code and a message for the caller."""
 
@@ -120,16 +132,7 @@ class ModelLoadFailed(TriptychError):
         )
 
     def details(self) -> list[any_pb2.Any]:
-        failure = error_details_pb2.PreconditionFailure(
-            violations=[
-                error_details_pb2.PreconditionFailure.Violation(
-                    type="MODEL_LOAD", subject=self.model_id, description=self.message
-                )
-            ]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(failure)
-        return [packed]
+        return [_precondition_failure("MODEL_LOAD", self.model_id, self.message)]
 
 
 class SharedMemoryUnavailable(TriptychError):
@@ -146,24 +149,19 @@ class SharedMemoryUnavailable(TriptychError):
         super().__init__(f"{field}: {why}; send the tensor in `data` instead")
 
     def details(self) -> list[any_pb2.Any]:
-        failure = error_details_pb2.PreconditionFailure(
-            violations=[
-                error_details_pb2.PreconditionFailure.Violation(
-                    type=self.TYPE, subject=self.field, description=self.message
-                )
-            ]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(failure)
-        return [packed]
+        return [_precondition_failure(self.TYPE, self.field, self.message)]
 
     @classmethod
     def matches(cls, error: grpc.RpcError) -> bool:
         """Whether a call failed with this error (read from the status details, not the message)."""
-        if not hasattr(error, "code") or error.code() != cls.code:
+        return cls.in_status(rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None)
+
+    @classmethod
+    def in_status(cls, status: status_pb2.Status | None) -> bool:
+        """Whether a call's rich status (rpc_status.from_call) is this error."""
+        if status is None or status.code != cls.code.value[0]:
             return False
-        status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
-        for detail in status.details if status else []:
+        for detail in status.details:
             if detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
                 failure = error_details_pb2.PreconditionFailure()
                 detail.Unpack(failure)
@@ -181,7 +179,7 @@ class Relayed(TriptychError):
         self.code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         self._rich = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
         self._renames = renames or {}
-        self.shared_memory_refused = SharedMemoryUnavailable.matches(error)
+        self.shared_memory_refused = SharedMemoryUnavailable.in_status(self._rich)
         super().__init__(self._rename(error.details() if hasattr(error, "details") else str(error)))
 
     def _rename(self, text: str) -> str:
