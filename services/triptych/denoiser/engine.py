@@ -129,8 +129,8 @@ class DenoiserEngine:
             raise InvalidArgument.one(field, f"{model_id!r} is not a text-to-image model folder ({info.kind})")
         return info
 
-    def model(self, model_id: str, field: str = "model") -> tuple[ModelInfo, dict]:
-        info = self.resolve(model_id, field)
+    def _parts(self, info: ModelInfo) -> dict:
+        """The resolved model's UNet (loaded once, then cached) and scheduler config."""
 
         def load() -> dict:
             unet = UNet2DConditionModel.from_pretrained(info.path / "unet", use_safetensors=True).eval()
@@ -138,23 +138,25 @@ class DenoiserEngine:
             config = json.loads((info.path / "scheduler" / "scheduler_config.json").read_text())
             return {"unet": unet, "scheduler_config": config}
 
-        return info, self.cache.get(model_id, load)
+        return self.cache.get(info.model_id, load)
 
     def denoise(
         self, job: DenoiseJob, is_active: Callable[[], bool] = lambda: True
     ) -> Iterator[StepDone | DenoiseOutcome]:
         """Yields a StepDone after each step, then one DenoiseOutcome. Stops with CANCELLED when
         is_active() turns false (checked before every step)."""
-        self.resolve(job.model)
+        info = self.resolve(job.model)
         # Admission first, in the caller's thread (refused at once when full); then the model's compute thread,
         # where requests for one model run one at a time (LoRA state lives in the shared UNet).
         with self.queue.slot(job.model):
-            yield from self.compute.stream(job.model, lambda: self._run(job, is_active))
+            yield from self.compute.stream(job.model, lambda: self._run(job, info, is_active))
 
-    def _run(self, job: DenoiseJob, is_active: Callable[[], bool]) -> Iterator[StepDone | DenoiseOutcome]:
+    def _run(
+        self, job: DenoiseJob, info: ModelInfo, is_active: Callable[[], bool]
+    ) -> Iterator[StepDone | DenoiseOutcome]:
         if not is_active():  # cancelled while it waited for the compute thread
             raise Cancelled("the caller went away before the job started")
-        info, parts = self.model(job.model)
+        parts = self._parts(info)
         with parts["_lock"]:
             self.loras.activate(info.family, {"unet": parts["unet"]}, job.loras)
             yield from self._sample(info, parts, job, is_active)
