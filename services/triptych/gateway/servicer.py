@@ -6,19 +6,15 @@ downstream errors are relayed unchanged (code, message, field violations).
 
 from __future__ import annotations
 
-import atexit
 import json
-import logging
 import math
 import secrets
-import threading
 import time
 
 import grpc
 
 from triptych.client.task import task_from_request
 from triptych.client.transport import address_hosts
-from triptych.core import shm
 from triptych.core.errors import InvalidArgument, Relayed
 from triptych.core.scheduler_table import parse_scheduler
 from triptych.core.security import is_loopback, outgoing_channel
@@ -32,6 +28,7 @@ from triptych.core.validation import (
     check_steps,
     weighted,
 )
+from triptych.gateway.calls import DOWNSTREAM_FIELDS, Calls, CancelledByCaller, SharedMemory, Transport
 from triptych.gateway.metadata import a1111_parameters
 from triptych.v1 import (
     common_pb2,
@@ -45,112 +42,8 @@ from triptych.v1 import (
     image_service_pb2_grpc,
 )
 
-log = logging.getLogger(__name__)
-
 DEFAULT_STEPS = 20
-# Downstream field names that GenerateRequest spells differently, for relayed errors.
-DOWNSTREAM_FIELDS = {"loras": "lora"}
 DEFAULT_CFG_SCALE = 7.0
-
-
-class _Calls:
-    """Downstream calls in flight for one Generate; cancelled together when the caller goes away."""
-
-    def __init__(self, context: grpc.ServicerContext, transport: _Transport):
-        self._context = context
-        self.transport = transport
-        self._lock = threading.Lock()
-        self._active: list = []
-        context.add_callback(self.cancel_all)
-
-    def timeout(self) -> float | None:
-        remaining = self._context.time_remaining()
-        return remaining if remaining is not None and remaining < 1e8 else None
-
-    def track(self, call):
-        with self._lock:
-            self._active.append(call)
-        return call
-
-    def cancel_all(self) -> None:
-        with self._lock:
-            for call in self._active:
-                call.cancel()
-
-    def unary(self, method, request, renames: dict[str, str] = DOWNSTREAM_FIELDS, output: str | None = None):
-        """One downstream call; again in bytes if the backend refused shared memory."""
-        self.transport.prepare(request, output)
-        try:
-            return self._unary(method, request, renames)
-        except Relayed as exc:
-            if not self.transport.refused(exc):
-                raise
-        self.transport.prepare(request, output)
-        return self._unary(method, request, renames)
-
-    def _unary(self, method, request, renames: dict[str, str]):
-        try:
-            return self.track(method.future(request, timeout=self.timeout())).result()
-        except grpc.RpcError as exc:
-            raise Relayed(exc, renames) from exc
-        except grpc.FutureCancelledError as exc:
-            raise Relayed(_CancelledError()) from exc
-
-
-class _Transport:
-    """How one Generate passes tensors: through a shared-memory region it owns (backends on this host), or bytes.
-
-    The region is split in fixed slices, one per kind of downstream output; a backend that cannot use shared
-    memory (FAILED_PRECONDITION, SHARED_MEMORY) gets the call again in bytes, and the gateway stops offering it.
-    """
-
-    # An SDXL encode at the prompt limit (2 prompts x 10 chunks x 77 x 2048 float32) is 12.6 MB; latents at
-    # 2048² are 1 MiB. Sparse in /dev/shm: only what a call writes takes memory.
-    SLICES = {"encode": 16 << 20, "refiner_encode": 16 << 20, "denoise": 4 << 20, "refine": 4 << 20}
-    SIZE = sum(SLICES.values())
-
-    def __init__(self, servicer: ImageServicer):
-        self._servicer = servicer
-        self.region = servicer.regions.take() if servicer.shared_memory else None
-        self.clean = False
-
-    def prepare(self, request, output: str | None = None) -> None:
-        """Offers `output`'s slice to the backend, or (no shared memory) inlines tensors that point into it."""
-        if self.region is not None and self._servicer.shared_memory:
-            if output is not None:
-                offset = 0
-                for name, size in self.SLICES.items():
-                    if name == output:
-                        request.output_shared_memory.CopyFrom(self.region.slice(offset, size))
-                        return
-                    offset += size
-            return
-        if output is not None:
-            request.ClearField("output_shared_memory")
-        if self.region is not None:
-            shm.inline(request)
-
-    def refused(self, exc: Relayed) -> bool:
-        """Whether a failed call only refused shared memory; if so, stops offering it (the caller retries)."""
-        if self.region is None or not exc.shared_memory_refused:
-            return False
-        shm.counters["shared_memory_refused"] += 1
-        if self._servicer.shared_memory:
-            self._servicer.shared_memory = False
-            log.warning("a backend cannot use shared memory (%s); passing tensors as bytes from now on", exc.message)
-        return True
-
-    def close(self) -> None:
-        if self.region is not None:
-            self._servicer.regions.give_back(self.region, self.clean)
-
-
-class _CancelledError(grpc.RpcError):
-    def code(self):
-        return grpc.StatusCode.CANCELLED
-
-    def details(self):
-        return "cancelled by the caller"
 
 
 class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
@@ -164,13 +57,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
 
         addresses = (settings.encoder_address, settings.denoiser_address, settings.decoder_address)
         # Shared memory only when every backend is on this host (they answer SHARED_MEMORY if not after all).
-        self.shared_memory = (
-            settings.shared_memory
-            and shm.enabled()
-            and all(is_loopback(host) for address in addresses for host in address_hosts(address))
-        )
-        self.regions = shm.RegionPool(_Transport.SIZE, keep=settings.max_workers)
-        atexit.register(self.regions.close)
+        local = all(is_loopback(host) for address in addresses for host in address_hosts(address))
+        self.shared_memory = SharedMemory(settings.shared_memory and local, keep=settings.max_workers)
         self.encoder = encoder_service_pb2_grpc.TextEncoderServiceStub(channel(settings.encoder_address))
         self.denoiser = denoiser_service_pb2_grpc.DenoiserServiceStub(channel(settings.denoiser_address))
         self.decoder = decoder_service_pb2_grpc.DecoderServiceStub(channel(settings.decoder_address))
@@ -230,14 +118,14 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
 
     def Generate(self, request, context):
         self.validate(request)
-        transport = _Transport(self)
+        transport = Transport(self.shared_memory)
         try:
-            yield from self._generate(request, _Calls(context, transport))
+            yield from self._generate(request, Calls(context, transport))
             transport.clean = True  # every downstream call has returned: nothing writes into the region any more
         finally:
             transport.close()
 
-    def _generate(self, request, calls: _Calls):
+    def _generate(self, request, calls: Calls):
         steps = request.steps if request.HasField("steps") else DEFAULT_STEPS
         cfg_scale = request.cfg_scale if request.HasField("cfg_scale") else DEFAULT_CFG_SCALE
         base_seed = request.seed if request.HasField("seed") else secrets.randbits(64)
@@ -349,7 +237,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                 )
             )
 
-    def _denoise(self, calls: _Calls, request, stage: str, index: int):
+    def _denoise(self, calls: Calls, request, stage: str, index: int):
         """Relays a Denoise stream's progress (tagged with stage and image index) and returns its result.
 
         `stage` ("denoise" or "refine") also names the shared-memory slice the result is written to. A backend
@@ -364,7 +252,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         calls.transport.prepare(request, stage)
         return (yield from self._stream(calls, request, stage, index))
 
-    def _stream(self, calls: _Calls, request, stage: str, index: int):
+    def _stream(self, calls: Calls, request, stage: str, index: int):
         try:
             for event in calls.track(self.denoiser.Denoise(request, timeout=calls.timeout())):
                 if event.HasField("progress"):
@@ -376,7 +264,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                     return event.result
         except grpc.RpcError as exc:
             raise Relayed(exc, DOWNSTREAM_FIELDS) from exc
-        raise Relayed(_CancelledError())
+        raise Relayed(CancelledByCaller())
 
 
 def _progress(stage: str, step: int, total: int, started: float, index: int) -> image_service_pb2.GenerateResponse:

@@ -1,0 +1,132 @@
+"""The gateway's downstream calls for one Generate: deadline, cancellation together, relayed errors, and how
+tensors travel (a shared-memory region the gateway owns, or bytes when a backend cannot use it).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import threading
+
+import grpc
+
+from triptych.core import shm
+from triptych.core.errors import Relayed
+
+log = logging.getLogger(__name__)
+
+# Downstream field names that GenerateRequest spells differently, for relayed errors.
+DOWNSTREAM_FIELDS = {"loras": "lora"}
+
+
+class Calls:
+    """Downstream calls in flight for one Generate; cancelled together when the caller goes away."""
+
+    def __init__(self, context: grpc.ServicerContext, transport: Transport):
+        self._context = context
+        self.transport = transport
+        self._lock = threading.Lock()
+        self._active: list = []
+        context.add_callback(self.cancel_all)
+
+    def timeout(self) -> float | None:
+        remaining = self._context.time_remaining()
+        return remaining if remaining is not None and remaining < 1e8 else None
+
+    def track(self, call):
+        with self._lock:
+            self._active.append(call)
+        return call
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for call in self._active:
+                call.cancel()
+
+    def unary(self, method, request, renames: dict[str, str] = DOWNSTREAM_FIELDS, output: str | None = None):
+        """One downstream call; again in bytes if the backend refused shared memory."""
+        self.transport.prepare(request, output)
+        try:
+            return self._unary(method, request, renames)
+        except Relayed as exc:
+            if not self.transport.refused(exc):
+                raise
+        self.transport.prepare(request, output)
+        return self._unary(method, request, renames)
+
+    def _unary(self, method, request, renames: dict[str, str]):
+        try:
+            return self.track(method.future(request, timeout=self.timeout())).result()
+        except grpc.RpcError as exc:
+            raise Relayed(exc, renames) from exc
+        except grpc.FutureCancelledError as exc:
+            raise Relayed(CancelledByCaller()) from exc
+
+
+class SharedMemory:
+    """The gateway's shared-memory state: whether it still offers regions, and the pool they come from.
+
+    Each Generate's region is split in fixed slices, one per kind of downstream output. A backend that cannot use
+    shared memory (FAILED_PRECONDITION, SHARED_MEMORY) gets the call again in bytes, and the gateway stops offering
+    it to anyone.
+    """
+
+    # An SDXL encode at the prompt limit (2 prompts x 10 chunks x 77 x 2048 float32) is 12.6 MB; latents at
+    # 2048² are 1 MiB. Sparse in /dev/shm: only what a call writes takes memory.
+    SLICES = {"encode": 16 << 20, "refiner_encode": 16 << 20, "denoise": 4 << 20, "refine": 4 << 20}
+    OFFSETS = dict(zip(SLICES, itertools.accumulate(SLICES.values(), initial=0), strict=False))
+    SIZE = sum(SLICES.values())
+
+    def __init__(self, enabled: bool, keep: int):
+        self.enabled = enabled and shm.enabled()
+        self.regions = shm.RegionPool(self.SIZE, keep=keep)
+        atexit.register(self.regions.close)
+
+    def refused(self, exc: Relayed) -> bool:
+        """Whether a failed call only refused shared memory; if so, stops offering it (the caller retries)."""
+        if not exc.shared_memory_refused:
+            return False
+        shm.counters["shared_memory_refused"] += 1
+        if self.enabled:
+            self.enabled = False
+            log.warning("a backend cannot use shared memory (%s); passing tensors as bytes from now on", exc.message)
+        return True
+
+
+class Transport:
+    """How one Generate passes tensors: through a region it owns (backends on this host), or bytes."""
+
+    def __init__(self, shared: SharedMemory):
+        self._shared = shared
+        self.region = shared.regions.take() if shared.enabled else None
+        self.clean = False
+
+    def prepare(self, request, output: str | None = None) -> None:
+        """Offers `output`'s slice to the backend, or (no shared memory) inlines tensors that point into it."""
+        if self.region is not None and self._shared.enabled:
+            if output is not None:
+                slice_ = self.region.slice(SharedMemory.OFFSETS[output], SharedMemory.SLICES[output])
+                request.output_shared_memory.CopyFrom(slice_)
+            return
+        if output is not None:
+            request.ClearField("output_shared_memory")
+        if self.region is not None:
+            shm.inline(request)
+
+    def refused(self, exc: Relayed) -> bool:
+        return self.region is not None and self._shared.refused(exc)
+
+    def close(self) -> None:
+        if self.region is not None:
+            self._shared.regions.give_back(self.region, self.clean)
+
+
+class CancelledByCaller(grpc.RpcError):
+    """What a downstream call that the gateway cancelled itself (the caller went away) is relayed as."""
+
+    def code(self):
+        return grpc.StatusCode.CANCELLED
+
+    def details(self):
+        return "cancelled by the caller"
