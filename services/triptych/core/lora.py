@@ -6,6 +6,11 @@ parsing), injected with `load_lora_into_unet` / `load_lora_into_text_encoder`, a
 `set_adapters` calls `pipe.set_adapters(names, weights)` makes, so results equal diffusers'. Injected
 adapters stay in the module (LRU, bounded): a repeated LoRA set reads nothing from disk; a request without
 LoRAs disables the layers, which then compute the base weights alone.
+
+`MergedLoras` (the denoiser with TRIPTYCH_LORA_MODE=merged, the default under TRIPTYCH_COMPILE) adds the active
+set's deltas into the UNet's own weights instead, with peft's `merge` as diffusers' `fuse_lora` does, and restores
+the touched weights from exact copies before the next set. The module's structure never changes, so a compiled
+UNet is never recompiled for a LoRA switch, and no step pays for LoRA matmuls (ComfyUI patches weights the same way).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLL
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.peft_utils import delete_adapter_layers, set_adapter_layers
+from peft.tuners.lora import LoraLayer
 
 from triptych.core.errors import InvalidArgument
 from triptych.core.model_store import ModelStore
@@ -46,16 +52,13 @@ class LoraAdapters:
 
         Callers hold the model's lock: adapters are per-module state shared by every request on that model.
         """
-        wanted = []
-        for i, (model_id, weight) in enumerate(loras):
-            info = self.store.resolve(model_id, f"{field}[{i}].model")
-            if info.kind != "file" or info.path.suffix != ".safetensors":
-                raise InvalidArgument.one(f"{field}[{i}].model", f"{model_id!r} is not a .safetensors LoRA file")
-            wanted.append((adapter_name(model_id), info.path, weight, f"{field}[{i}].model"))
+        wanted = self._wanted(loras, field)
         for name, path, _, field_name in wanted:
             missing = [(c, m) for c, m in modules.items() if name not in _injected(m)]
             if missing:
-                self._inject(family, missing, name, path, field_name)
+                had = self._inject(family, missing, name, path, field_name)
+                for (_, module), has_weights in zip(missing, had, strict=True):
+                    _injected(module)[name] = _adapter_bytes(module, name) if has_weights else 0
             for module in modules.values():
                 _injected(module).move_to_end(name)
         for module in modules.values():
@@ -63,7 +66,19 @@ class LoraAdapters:
             self._set(module, active)
             self._evict(module, {name for name, *_ in wanted})
 
-    def _inject(self, family: str, targets, name: str, path, field_name: str) -> None:
+    def _wanted(self, loras, field: str) -> list[tuple[str, object, float, str]]:
+        """(adapter name, file path, weight, field) per requested LoRA, each resolved in the model store."""
+        wanted = []
+        for i, (model_id, weight) in enumerate(loras):
+            info = self.store.resolve(model_id, f"{field}[{i}].model")
+            if info.kind != "file" or info.path.suffix != ".safetensors":
+                raise InvalidArgument.one(f"{field}[{i}].model", f"{model_id!r} is not a .safetensors LoRA file")
+            wanted.append((adapter_name(model_id), info.path, weight, f"{field}[{i}].model"))
+        return wanted
+
+    def _inject(self, family: str, targets, name: str, path, field_name: str) -> list[bool]:
+        """Reads one LoRA file and injects it as adapter `name` into each (component, module) of targets; says
+        per target whether the file had weights for it."""
         loader = _LOADERS[family]
         try:
             state_dict, alphas, metadata = loader.lora_state_dict(
@@ -75,6 +90,7 @@ class LoraAdapters:
         if not state_dict or not all("lora" in key for key in state_dict):
             raise InvalidArgument.one(field_name, f"{path.name} is not a LoRA (its keys are not LoRA weights)")
         self.disk_reads += 1
+        injected = []
         for component, module in targets:
             prefix = f"{component}."
             has_weights = any(key.startswith(prefix) for key in state_dict)
@@ -90,7 +106,8 @@ class LoraAdapters:
                 raise InvalidArgument.one(
                     field_name, f"{path.name} does not fit this model's {component}: {why}"
                 ) from exc
-            _injected(module)[name] = _adapter_bytes(module, name) if has_weights else 0
+            injected.append(has_weights)
+        return injected
 
     @staticmethod
     def _set(module: torch.nn.Module, active: list[tuple[str, float]]) -> None:
@@ -121,6 +138,88 @@ class LoraAdapters:
                 else:
                     delete_adapter_layers(module, name)
             self.evictions += 1
+
+
+class MergedLoras(LoraAdapters):
+    """LoRAs merged into the weights of one module (the UNet). Each file is injected once by diffusers' loader,
+    its peft layers are detached from the module (which gets its own layers back, `unload_lora`), and kept
+    (LRU, bounded by max_bytes). Activating a set restores every weight a previous set changed from its copy,
+    then merges the set in request order, each layer scaled as `set_adapters(names, weights)` scales it. So
+    the weights equal diffusers' `set_adapters(...)` + `fuse_lora(adapter_names=...)` bit for bit, and a set
+    that is already active costs nothing.
+    """
+
+    def activate(self, family: str, modules: dict[str, torch.nn.Module], loras, field: str = "loras") -> None:
+        ((component, module),) = modules.items()
+        wanted = self._wanted(loras, field)
+        state = _merge_state(module)
+        for name, path, _, field_name in wanted:
+            if name not in state.layers:
+                self._detach(family, component, module, name, path, field_name, state)
+            state.layers.move_to_end(name)
+        applied = tuple((name, weight) for name, _, weight, _ in wanted)
+        if applied != state.applied:
+            state.applied = None  # until the merge below completes: the next call restores first
+            self._merge(state, applied)
+            state.applied = applied
+        keep = {name for name, *_ in wanted}
+        for name in list(state.layers):
+            if sum(state.bytes.values()) <= self.max_bytes:
+                break
+            if name not in keep:
+                del state.layers[name], state.bytes[name]
+                self.evictions += 1
+
+    def _detach(self, family, component, module, name, path, field_name, state: _MergeState) -> None:
+        if not self._inject(family, [(component, module)], name, path, field_name)[0]:
+            state.layers[name], state.bytes[name] = [], 0  # nothing for this component (a text-encoder-only file)
+            return
+        layers = [m for m in module.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+        module.unload_lora()  # every peft layer out: the module's own layers are back, its graph unchanged
+        if any(name in layer.lora_variant or layer.lora_bias[name] for layer in layers):
+            raise InvalidArgument.one(field_name, f"{path.name}: DoRA and LoRA biases are not supported merged")
+        state.layers[name] = layers
+        state.bytes[name] = sum(
+            p.numel() * p.element_size()
+            for layer in layers
+            for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters())
+        )
+
+    @staticmethod
+    @torch.no_grad()
+    def _merge(state: _MergeState, applied: tuple[tuple[str, float], ...]) -> None:
+        for base, weight in state.backups.items():
+            base.weight.copy_(weight)  # in place: a compiled graph (or CUDA graph) keeps reading this storage
+        backups = {}
+        for name, scale in applied:
+            for layer in state.layers[name]:
+                base = layer.get_base_layer()
+                if base not in backups:
+                    backups[base] = state.backups.pop(base, None)
+                    if backups[base] is None:
+                        backups[base] = base.weight.detach().clone()
+                layer.set_scale(name, scale)
+                layer.merge(adapter_names=[name])  # peft's own delta (conv and linear) added into base.weight
+                layer.merged_adapters.clear()
+        state.backups = backups  # copies of weights no set changes any more are dropped
+
+
+class _MergeState:
+    """What MergedLoras keeps per module: detached peft layers per adapter (LRU), their bytes, the original of
+    every weight the active set changed, and the active set itself."""
+
+    def __init__(self):
+        self.layers: OrderedDict[str, list[LoraLayer]] = OrderedDict()
+        self.bytes: dict[str, int] = {}
+        self.backups: dict[torch.nn.Module, torch.Tensor] = {}
+        self.applied: tuple[tuple[str, float], ...] | None = ()
+
+
+def _merge_state(module: torch.nn.Module) -> _MergeState:
+    state = module.__dict__.get("_triptych_merged")
+    if state is None:
+        state = module.__dict__["_triptych_merged"] = _MergeState()
+    return state
 
 
 def _adapter_bytes(module: torch.nn.Module, name: str) -> int:

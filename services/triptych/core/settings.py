@@ -111,6 +111,17 @@ class Settings(BaseSettings):
         "float32", description="weights and activations of the networks (fp16 VAEs that overflow stay float32)"
     )
     channels_last: bool = Field(False, description="UNets and ControlNets in channels-last memory format (GPU)")
+    compile: bool = Field(
+        False, description="torch.compile each UNet on its first request (a new shape compiles again); denoiser"
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description='torch.compile mode; "reduce-overhead" adds CUDA graphs'
+    )
+    lora_mode: Literal["auto", "adapters", "merged"] = Field(
+        "auto",
+        description="denoiser LoRAs: peft adapter layers beside the weights, or merged into the weights (a LoRA "
+        "switch never recompiles a compiled UNet); auto = merged when compile is on",
+    )
     torch_threads: int = Field(0, description="torch intra-op threads per process; 0 = torch's default")
     keep_freed_memory: bool = Field(
         True, description="glibc malloc keeps freed memory for reuse (no per-step page faults; RSS stays at its peak)"

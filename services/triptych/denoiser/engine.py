@@ -83,6 +83,13 @@ class DenoiseOutcome:
     model_calls: int
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (each first use of a shape, and every recompile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def window_timesteps(scheduler, start_fraction: float, end_fraction: float) -> torch.Tensor:
     """The part of scheduler.timesteps a window runs, by timestep value as diffusers cuts it."""
     timesteps = scheduler.timesteps
@@ -113,9 +120,11 @@ class DenoiserEngine:
         queue_per_model: int = 16,
         compute: ComputeThreads | None = None,
         placement: Placement = CPU_FLOAT32,
+        compile_mode: str | None = None,
     ):
         self.store = store
         self.placement = placement
+        self.compile_mode = compile_mode  # None = eager; else a torch.compile mode for every UNet
         self.cache = cache
         self.loras = loras
         self.compute = compute or ComputeThreads("denoiser")
@@ -135,6 +144,10 @@ class DenoiserEngine:
         def load() -> dict:
             unet = UNet2DConditionModel.from_pretrained(info.path / "unet", use_safetensors=True).eval()
             unet = self.placement.module(unet)
+            if self.compile_mode is not None:
+                # In place: the module stays the one LoRAs patch. Parameters are graph inputs, not constants,
+                # so weights changed in place (merged LoRAs) are read by the compiled graph as they are.
+                unet.compile(mode=self.compile_mode)
             config = json.loads((info.path / "scheduler" / "scheduler_config.json").read_text())
             return {"unet": unet, "scheduler_config": config}
 

@@ -9,7 +9,7 @@ from triptych.core.codec import decode_tensor, encode_tensor
 from triptych.core.components import ComponentCache
 from triptych.core.compute import ComputeThreads
 from triptych.core.errors import Cancelled, InvalidArgument
-from triptych.core.lora import LoraAdapters
+from triptych.core.lora import LoraAdapters, MergedLoras
 from triptych.core.model_store import ModelStore
 from triptych.core.placement import Placement
 from triptych.core.scheduler_table import parse_scheduler
@@ -17,7 +17,7 @@ from triptych.core.server import Service
 from triptych.core.settings import Settings
 from triptych.core.validation import check_fraction, check_guidance, check_size, check_steps, weighted
 from triptych.denoiser.controlnet import BALANCED, CONTROLNET, PROMPT, ControlUnit
-from triptych.denoiser.engine import Conditioning, DenoiseJob, DenoiseOutcome, DenoiserEngine
+from triptych.denoiser.engine import Conditioning, DenoiseJob, DenoiseOutcome, DenoiserEngine, compiled_graphs
 from triptych.denoiser.schedulers import scheduler_rows
 from triptych.v1 import common_pb2, denoiser_service_pb2, denoiser_service_pb2_grpc
 
@@ -236,10 +236,12 @@ def build(settings: Settings) -> Service:
     """The denoiser role for the server bootstrap."""
     cache = ComponentCache(settings.max_loaded_models)
     store = ModelStore(settings.model_root)
-    loras = LoraAdapters(store, settings.lora_cache_bytes)
+    merged = settings.lora_mode == "merged" or (settings.lora_mode == "auto" and settings.compile)
+    loras = (MergedLoras if merged else LoraAdapters)(store, settings.lora_cache_bytes)
     compute = ComputeThreads("denoiser", settings.max_loaded_models)
     placement = Placement.from_settings(settings)
-    engine = DenoiserEngine(store, cache, loras, settings.denoiser_queue_per_model, compute, placement)
+    compile_mode = settings.compile_mode if settings.compile else None
+    engine = DenoiserEngine(store, cache, loras, settings.denoiser_queue_per_model, compute, placement, compile_mode)
     servicer = DenoiserServicer(engine, settings)
     return Service(
         "denoiser",
@@ -250,6 +252,7 @@ def build(settings: Settings) -> Service:
             "lora_disk_reads": loras.disk_reads,
             "lora_evictions": loras.evictions,
             "denoise_rejected": engine.queue.rejected,
+            "compiled_graphs": compiled_graphs(),
             **engine.counters,
         },
     )

@@ -1,0 +1,115 @@
+"""Merged LoRAs (TRIPTYCH_LORA_MODE=merged) and a compiled UNet (TRIPTYCH_COMPILE=1), through real processes.
+
+Merged: the denoiser adds the LoRA deltas into the UNet's weights, so the oracle is diffusers' own
+`set_adapters` + `fuse_lora(components=["unet"])` (the encoder keeps the text half as adapters, as the pipeline
+does after a UNet-only fuse). Bit-identical, across a sequence of switches that must each restore exactly.
+
+Compiled: inductor reorders float arithmetic, so the compiled chain is compared with the eager merged chain
+within a pixel, and the LoRA must still change the image: the compiled graph reads weights patched in place.
+Its graph count must not grow when the LoRA set changes (no recompile on a switch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from tests.e2e.processes import serve_role
+from tests.e2e.reference import pixels
+from tests.e2e.test_services import runtime_info
+from triptych.client import ImageClient, field_violations
+from triptych.v1 import common_pb2, image_service_pb2
+
+KOHYA, PEFT = "tiny/lora-sd15-kohya", "tiny/lora-sd15-peft"
+BASE = dict(
+    model="tiny/sd15", positive_prompt="a red fox", negative_prompt="blurry", seed=23, width=64, height=64, steps=5
+)
+# Each set differs from the one before it, so every step is a switch (and the last repeats the first).
+SWITCHES = [[(KOHYA, 0.7)], [(PEFT, 1.0)], [], [(KOHYA, 0.5), (PEFT, 0.8)], [(KOHYA, 0.7)]]
+
+
+@contextlib.contextmanager
+def chain_with_denoiser(services, model_root, env: dict[str, str]):
+    """The session's encoder and decoder behind a gateway, with a denoiser of its own started with `env`."""
+    with serve_role("denoiser", model_root, env) as (_, denoiser):
+        backends = (
+            f"--encoder-address={services.addresses['encoder']}",
+            f"--denoiser-address={denoiser}",
+            f"--decoder-address={services.addresses['decoder']}",
+        )
+        with serve_role("gateway", model_root, args=backends) as (_, gateway):
+            yield gateway, denoiser
+
+
+@pytest.fixture(scope="module")
+def merged(services, model_root):
+    with chain_with_denoiser(services, model_root, {"TRIPTYCH_LORA_MODE": "merged"}) as chain:
+        yield chain
+
+
+def generate(gateway: str, loras) -> np.ndarray:
+    request = image_service_pb2.GenerateRequest(**BASE, lora=[common_pb2.Lora(model=m, weight=w) for m, w in loras])
+    with ImageClient(gateway) as client:
+        return pixels(client.generate(request)[0].image.data)
+
+
+def fused_reference(model_root, loras) -> np.ndarray:
+    pipe = StableDiffusionPipeline.from_pretrained(model_root / "tiny/sd15")
+    pipe.set_progress_bar_config(disable=True)
+    names = [f"a{i}" for i in range(len(loras))]
+    for name, (model, _) in zip(names, loras, strict=True):
+        pipe.load_lora_weights(model_root / "tiny", weight_name=model.split("/")[1] + ".safetensors", adapter_name=name)
+    if loras:
+        pipe.set_adapters(names, [w for _, w in loras])
+        pipe.fuse_lora(components=["unet"], adapter_names=names)
+    image = pipe(
+        prompt=BASE["positive_prompt"],
+        negative_prompt=BASE["negative_prompt"],
+        width=64,
+        height=64,
+        num_inference_steps=BASE["steps"],
+        guidance_scale=7.0,
+        generator=torch.Generator("cpu").manual_seed(BASE["seed"]),
+    ).images[0]
+    return np.asarray(image)
+
+
+def test_merged_loras_equal_diffusers_fuse_lora_across_switches(merged, model_root):
+    gateway, denoiser = merged
+    images = [generate(gateway, loras) for loras in SWITCHES]
+    for loras, image in zip(SWITCHES, images, strict=True):
+        assert np.array_equal(image, fused_reference(model_root, loras)), loras
+    assert np.array_equal(images[0], images[-1]), "the same set after others gives the same image"
+    assert not np.array_equal(images[0], images[2]), "a weighted LoRA changes the image"
+    assert runtime_info(denoiser).counters["lora_disk_reads"] == 2, "each file is read once"
+
+
+def test_merged_lora_errors_leave_the_weights_alone(merged, model_root):
+    gateway, _ = merged
+    before = generate(gateway, [(KOHYA, 0.7)])
+    request = image_service_pb2.GenerateRequest(
+        **BASE, lora=[common_pb2.Lora(model=KOHYA, weight=0.3), common_pb2.Lora(model="tiny/sd15", weight=1.0)]
+    )
+    with ImageClient(gateway) as client, pytest.raises(grpc.RpcError) as error:
+        client.generate(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(error.value)] == ["lora[1].model"]
+    assert np.array_equal(generate(gateway, [(KOHYA, 0.7)]), before)
+
+
+def test_compiled_unet_switches_loras_without_recompiling(services, model_root, merged):
+    eager = {i: generate(merged[0], loras) for i, loras in enumerate(SWITCHES[:3])}
+    with chain_with_denoiser(services, model_root, {"TRIPTYCH_COMPILE": "1"}) as (gateway, denoiser):
+        first = generate(gateway, SWITCHES[0])  # compiles
+        graphs = runtime_info(denoiser).counters["compiled_graphs"]
+        assert graphs > 0, "the UNet was compiled"
+        compiled = {0: first, **{i: generate(gateway, SWITCHES[i]) for i in (1, 2)}}
+        assert runtime_info(denoiser).counters["compiled_graphs"] == graphs, "a LoRA switch recompiled the UNet"
+    for i, image in compiled.items():
+        assert np.abs(image.astype(int) - eager[i]).max() <= 1, SWITCHES[i]
+    assert not np.array_equal(compiled[0], compiled[2]), "the compiled graph reads the merged weights"
