@@ -3,12 +3,13 @@
 Full-size SD1.5 at 512² and SDXL at 1024² (the real architectures with random weights, which cost exactly what
 trained ones do: triptych.models.full_size), 30 steps, CFG 7, fp16. For each: seconds per image and it/s of
 diffusers eager (pipeline to latents, prompt embeddings given) and of a real `triptych serve denoiser` process
-(TRIPTYCH_DEVICE / TRIPTYCH_DTYPE / TRIPTYCH_CHANNELS_LAST) called over gRPC with the same embeddings; the
+(TRIPTYCH_DEVICE / TRIPTYCH_DTYPE / TRIPTYCH_CHANNELS_LAST) called over gRPC with the same embeddings, eager
+and compiled (TRIPTYCH_COMPILE, --compile-mode; its first call, which compiles, is reported apart); the
 FLOPs of one CFG step (torch.utils.flop_counter) and each figure's share of the GPU's dense peak; the peak GPU
 memory of the denoiser, and of the text encoders on the same device (RuntimeService cuda_max_allocated_bytes).
 
     python -m bench.gpu [--families sd15 sdxl] [--runs 3] [--peak-tflops 989] [--record]
-    python -m bench.gpu --device cpu --tiny      # smoke test of this script on the tiny family (no GPU)
+    python -m bench.gpu --device cpu --tiny --compile-mode default   # smoke test on the tiny family (no GPU)
 
 Peak: H100 SXM and H200 are 989 TFLOP/s dense fp16/bf16 (1979 is with sparsity).
 """
@@ -16,6 +17,7 @@ Peak: H100 SXM and H200 are 989 TFLOP/s dense fp16/bf16 (1979 is with sparsity).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -138,22 +140,30 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> d
             "TRIPTYCH_DTYPE": args.dtype,
             "TRIPTYCH_CHANNELS_LAST": "1" if device.type == "cuda" else "0",
         }
-        with serve_role("denoiser", root, env) as (_, address), open_channel(address) as channel:
-            denoiser = denoiser_service_pb2_grpc.DenoiserServiceStub(channel)
+        compiled_env = {**env, "TRIPTYCH_COMPILE": "1", "TRIPTYCH_COMPILE_MODE": args.compile_mode}
+        paths = {"triptych": env, **({"compiled": compiled_env} if args.compile_mode != "off" else {})}
+        with contextlib.ExitStack() as stack:
+            stubs, times, first_call = {}, {name: [] for name in paths}, {}
+            for name, path_env in paths.items():
+                _, address = stack.enter_context(serve_role("denoiser", root, path_env))
+                stubs[name] = stack.enter_context(open_channel(address))
 
-            def triptych() -> float:
+            def triptych(name: str) -> float:
                 started = time.perf_counter()
-                events = list(denoiser.Denoise(request))
+                events = list(denoiser_service_pb2_grpc.DenoiserServiceStub(stubs[name]).Denoise(request))
                 assert events[-1].HasField("result")
                 return time.perf_counter() - started
 
-            for _ in range(2):  # warm-up: loading, cuDNN autotuning, allocator
-                diffusers_eager(), triptych()
-            eager, ours = [], []
+            for name in paths:  # the first call loads the model (and compiles it)
+                first_call[name] = triptych(name)
+            for _ in range(2):  # warm-up: cuDNN autotuning, allocator
+                diffusers_eager(), [triptych(name) for name in paths]
+            eager = []
             for _ in range(args.runs):
                 eager.append(diffusers_eager())
-                ours.append(triptych())
-            info = runtime_service_pb2_grpc.RuntimeServiceStub(channel).GetRuntimeInfo(
+                for name in paths:
+                    times[name].append(triptych(name))
+            info = runtime_service_pb2_grpc.RuntimeServiceStub(stubs["triptych"]).GetRuntimeInfo(
                 runtime_service_pb2.GetRuntimeInfoRequest()
             )
         # The text encoders on the same device, in a process of their own (as `triptych serve` co-locates them).
@@ -165,14 +175,15 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> d
                 runtime_service_pb2.GetRuntimeInfoRequest()
             )
     result = {"family": family, "size": size, "steps": steps, "step_tflop": flops / 1e12}
-    for name, times in (("diffusers", eager), ("triptych", ours)):
-        seconds = statistics.median(times)
+    for name, runs in (("diffusers", eager), *times.items()):
+        seconds = statistics.median(runs)
         result[name] = {
             "s_per_image": seconds,
             "it_per_s": steps / seconds,
             "peak_share": flops * steps / seconds / (args.peak_tflops * 1e12),
+            "speedup": statistics.median(eager) / seconds,
+            "first_call_s": first_call.get(name, 0.0),
         }
-    result["speedup"] = result["diffusers"]["s_per_image"] / result["triptych"]["s_per_image"]
     result["denoiser_peak_gib"] = info.counters.get("cuda_max_allocated_bytes", 0) / 2**30
     result["encoder_peak_gib"] = encoder_info.counters.get("cuda_max_allocated_bytes", 0) / 2**30
     return result
@@ -185,6 +196,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        help='TRIPTYCH_COMPILE_MODE of a third path, a compiled denoiser ("max-autotune" tunes for minutes per '
+        'shape); "off" leaves it out',
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense fp16/bf16 peak")
     parser.add_argument("--tiny", action="store_true", help="tiny family at 128², 4 steps: a smoke test")
     parser.add_argument("--record", action="store_true", help="rewrite the GPU table of bench/RESULTS.md")
@@ -202,9 +219,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]
     for r in results:
         what = f"{r['family']} {r['size']}² × {r['steps']}, CFG ({r['step_tflop']:.2f} TFLOP/step), {args.dtype}"
-        for name, label in (("diffusers", "diffusers eager pipeline"), ("triptych", "Triptych denoiser (gRPC)")):
+        labels = {
+            "diffusers": "diffusers eager pipeline",
+            "triptych": "Triptych denoiser (gRPC), eager",
+            "compiled": f"Triptych denoiser (gRPC), compiled {args.compile_mode}",
+        }
+        for name, label in labels.items():
+            if name not in r:
+                continue
             m = r[name]
-            speed = f"**{r['speedup']:.2f}×**" if name == "triptych" else "1.00×"
+            if name == "compiled":
+                label += f" (first call, with compiling: {m['first_call_s']:.0f} s)"
+            speed = f"**{m['speedup']:.2f}×**" if name != "diffusers" else "1.00×"
             rows.append(
                 f"| {what} | {label} | {m['s_per_image']:.3f} | {m['it_per_s']:.2f} | {m['peak_share']:.1%} | {speed} |"
             )

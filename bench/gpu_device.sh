@@ -16,6 +16,10 @@ mkdir -p "$OUT"
 "$PYTHON" -c 'import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'
 set -o pipefail
 "$PYTHON" -m bench.gpu --record "$@" 2>&1 | tee "$OUT/gpu.log"
-# LoRA set switch latency on the GPU (eager): a line for bench/RESULTS.md by hand.
-"$PYTHON" -m bench.lora_switch --device "${LORA_DEVICE:-cuda}" 2>&1 | tee -a "$OUT/gpu.log"
 cp bench/RESULTS.md "$OUT/RESULTS.md"
+# LoRA set switch latency on the GPU, full-size SD1.5: lines for bench/RESULTS.md by hand. Eager (peft layers and
+# merged), then compiled: merged (no recompile) and peft layers (a recompile per new set; two switches suffice).
+LORA="$PYTHON -m bench.lora_switch --device ${LORA_DEVICE:-cuda}"
+$LORA 2>&1 | tee -a "$OUT/gpu.log" || true
+timeout 150 $LORA --compile --modes merged --switches 5 2>&1 | tee -a "$OUT/gpu.log" || true
+timeout 150 $LORA --compile --modes adapters --switches 1 2>&1 | tee -a "$OUT/gpu.log" || true

@@ -1,11 +1,16 @@
-"""LoRA set switch latency on a full-size SD1.5 UNet (random weights), eager (no compiled graph to rebuild).
+"""LoRA set switch latency, as a request meets it: LoraAdapters (peft layers beside the weights) against
+MergedLoras (deltas merged into the weights), optionally on a compiled UNet.
 
 Two rank-16 LoRAs on every attention projection (as most SD1.5 LoRAs), saved by diffusers' own
-save_lora_weights, then activated through the denoiser's LoraAdapters exactly as a request does: the first
-use of each (file read + injection), switching between sets that are already injected, and turning LoRAs off.
-The target is < 100 ms per switch.
+save_lora_weights, then activated exactly as the denoiser does for a request: the first use of each (file read +
+injection), switching between sets already loaded, two LoRAs at once, and turning LoRAs off. The target is
+< 100 ms per switch.
 
-    python -m bench.lora_switch [--device cpu] [--rank 16] [--switches 10]
+With --compile the UNet is compiled first and each switch is timed up to the end of the next UNet step (a CFG
+batch), so a recompile shows: peft layers put each set's names and weights into the graph as constants, so every
+new (set, weights) recompiles; merged weights are graph inputs, so nothing does. The step alone is the baseline.
+
+    python -m bench.lora_switch [--model sd15|tiny] [--compile] [--device cpu] [--rank 16] [--switches 10]
 """
 
 from __future__ import annotations
@@ -39,57 +44,112 @@ def _write_lora(unet, folder: Path, name: str, rank: int, seed: int) -> None:
     unet.delete_adapters(name)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--switches", type=int, default=10)
-    args = parser.parse_args(argv)
+def _unet(model: str):
+    if model == "tiny":
+        from triptych.models.tiny import _sd15_unet
 
-    from triptych.core.lora import LoraAdapters
-    from triptych.core.model_store import ModelStore
+        return _sd15_unet()
     from triptych.models.full_size import sd15_unet
 
-    torch.manual_seed(0)
-    unet = sd15_unet().eval()
-    with tempfile.TemporaryDirectory(prefix="triptych-bench-") as root:
-        folder = Path(root) / "loras"
-        folder.mkdir()
-        for seed, name in enumerate(("a", "b")):
-            _write_lora(unet, folder, name, args.rank, seed)
-        unet = unet.to(args.device)
-        adapters = LoraAdapters(ModelStore(Path(root)), 1 << 30)
-        modules = {"unet": unet}
+    return sd15_unet()
 
-        def timed(loras) -> float:
+
+def _measure(unet, root: Path, mode: str, args) -> dict:
+    from triptych.core.lora import LoraAdapters, MergedLoras
+    from triptych.core.model_store import ModelStore
+    from triptych.denoiser.engine import compiled_graphs
+
+    adapters = (MergedLoras if mode == "merged" else LoraAdapters)(ModelStore(root), 1 << 30)
+    modules = {"unet": unet}
+    config = unet.config
+    side = config.sample_size
+    sample = torch.randn(2, config.in_channels, side, side, device=args.device)
+    context = torch.randn(2, 77, config.cross_attention_dim, device=args.device)
+    timestep = torch.tensor(500, device=args.device)
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def step():
+        with torch.no_grad():
+            unet(sample, timestep, encoder_hidden_states=context, return_dict=False)
+        sync()
+
+    def timed(loras) -> float:
+        started = time.perf_counter()
+        adapters.activate("sd1", modules, loras)
+        sync()
+        if args.compile:
+            step()
+        return time.perf_counter() - started
+
+    if args.compile:
+        step()  # the first compile, before any LoRA
+    first = [timed((("loras/a", 1.0),)), timed((("loras/b", 0.8),))]
+    graphs = compiled_graphs()
+    switches, offs, both = [], [], []
+    for i in range(args.switches):
+        # New weights each round: a graph that holds the weights as constants must recompile for every one.
+        switches.append(timed((("loras/a" if i % 2 else "loras/b", 1.0 - i / 100),)))
+        offs.append(timed(()))
+        both.append(timed((("loras/a", 0.7), ("loras/b", 0.5 - i / 100))))
+    steps = []
+    if args.compile:
+        for _ in range(3):
             started = time.perf_counter()
-            adapters.activate("sd1", modules, loras)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            return time.perf_counter() - started
-
-        first = [timed((("loras/a", 1.0),)), timed((("loras/b", 0.8),))]
-        switches, offs, both = [], [], []
-        for i in range(args.switches):
-            switches.append(timed((("loras/a" if i % 2 else "loras/b", 1.0),)))
-            offs.append(timed(()))
-            both.append(timed((("loras/a", 0.7), ("loras/b", 0.5))))
-        size_mb = (folder / "a.safetensors").stat().st_size / 2**20
+            step()
+            steps.append(time.perf_counter() - started)
     result = {
-        "machine": machine(),
-        "device": args.device,
-        "rank": args.rank,
-        "file_mb": size_mb,
         "first_use_ms": statistics.median(first) * 1000,
         "switch_ms": statistics.median(switches) * 1000,
         "off_ms": statistics.median(offs) * 1000,
         "two_loras_ms": statistics.median(both) * 1000,
+        "recompiles": compiled_graphs() - graphs,
+        "step_ms": statistics.median(steps) * 1000 if steps else 0.0,
     }
-    print(
-        f"LoRA switch, full-size SD1.5 UNet on {args.device}, rank {args.rank} ({size_mb:.1f} MB file): first use "
-        f"{result['first_use_ms']:.0f} ms, switch between injected sets {result['switch_ms']:.1f} ms, off "
-        f"{result['off_ms']:.1f} ms, two LoRAs {result['two_loras_ms']:.1f} ms"
-    )
+    adapters.activate("sd1", modules, ())
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--switches", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="compile the UNet; time each switch + one step")
+    parser.add_argument("--modes", default="adapters,merged")
+    args = parser.parse_args(argv)
+
+    from triptych.core.server import keep_freed_memory
+
+    keep_freed_memory()  # as every service process does at start
+    result = {"machine": machine(), "device": args.device, "rank": args.rank, "model": args.model}
+    with tempfile.TemporaryDirectory(prefix="triptych-bench-") as root:
+        folder = Path(root) / "loras"
+        folder.mkdir()
+        for mode in args.modes.split(","):
+            torch.manual_seed(0)
+            unet = _unet(args.model).eval()
+            if not any(folder.iterdir()):
+                for seed, name in enumerate(("a", "b")):
+                    _write_lora(unet, folder, name, args.rank, seed)
+            unet = unet.to(args.device)
+            if args.compile:
+                torch._dynamo.reset()
+                unet.compile()
+            result[mode] = _measure(unet, Path(root), mode, args)
+            del unet
+        result["file_mb"] = (folder / "a.safetensors").stat().st_size / 2**20
+    for mode in args.modes.split(","):
+        r = result[mode]
+        compiled = f", compiled (switch + one step; step alone {r['step_ms']:.1f} ms), {r['recompiles']} recompiles"
+        print(
+            f"LoRA switch, {mode}, {args.model} SD1.5 UNet on {args.device}{compiled if args.compile else ''}, rank "
+            f"{args.rank} ({result['file_mb']:.1f} MB file): first use {r['first_use_ms']:.0f} ms, switch "
+            f"{r['switch_ms']:.1f} ms, off {r['off_ms']:.1f} ms, two LoRAs {r['two_loras_ms']:.1f} ms"
+        )
     return result
 
 

@@ -22,6 +22,9 @@ def main() -> None:
     memory = importlib.import_module("bench.memory").main([])
     full_size = importlib.import_module("bench.memory").main(["--full-size"])
     lora = importlib.import_module("bench.lora_switch").main([])
+    compiled = importlib.import_module("bench.lora_switch").main(
+        ["--model", "tiny", "--compile", "--rank", "4", "--switches", "2" if quick else "3"]
+    )
     rows = [
         f"Measured {datetime.date.today().isoformat()} on {split['machine']} with `python -m bench.run"
         f"{' --quick' if quick else ''}`.",
@@ -54,10 +57,19 @@ def main() -> None:
                 f"| {encode:.2f} ms / {latents:.2f} ms | empty call {empty:.2f} ms | {encode / empty:.1f}× / "
                 f"{latents / empty:.1f}× |"
             )
+    for mode, how in (("adapters", "peft layers beside the weights"), ("merged", "merged into the weights")):
+        r = lora[mode]
+        rows.append(
+            f"| LoRA set switch, full-size SD1.5 UNet, eager, rank {lora['rank']} ({lora['file_mb']:.1f} MB each), "
+            f"{how}: between loaded sets / two LoRAs / off | {r['switch_ms']:.1f} ms / {r['two_loras_ms']:.1f} ms / "
+            f"{r['off_ms']:.1f} ms | first use (file read + injection) {r['first_use_ms']:.0f} ms | target < 100 ms |"
+        )
+    adapters, merged = compiled["adapters"], compiled["merged"]
     rows.append(
-        f"| LoRA set switch, full-size SD1.5 UNet, eager, rank {lora['rank']} ({lora['file_mb']:.1f} MB each): "
-        f"between injected sets / two LoRAs / off | {lora['switch_ms']:.1f} ms / {lora['two_loras_ms']:.1f} ms / "
-        f"{lora['off_ms']:.1f} ms | first use (file read + injection) {lora['first_use_ms']:.0f} ms | target < 100 ms |"
+        f"| LoRA set switch + the next UNet step, tiny SD1.5 UNet compiled (inductor), new weights each switch: merged "
+        f"({merged['recompiles']} recompiles) against peft layers ({adapters['recompiles']} recompiles) | "
+        f"{merged['switch_ms']:.1f} ms (step alone {merged['step_ms']:.1f} ms) | {adapters['switch_ms']:.0f} ms | "
+        f"{adapters['switch_ms'] / merged['switch_ms']:.0f}× faster |"
     )
     for what, report in (("tiny SD1.5 + SDXL loaded", memory), ("full-size SD1.5 (random weights), 512²", full_size)):
         for role, m in report["services"].items():
