@@ -102,6 +102,8 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 TRUNCATED_PNG = encode_image(Image.new("RGB", (64, 64), (1, 2, 3)))[:60]
+# Images PIL decodes, but in a format the proto does not promise (PNG, JPEG, WEBP): refused, not decoded.
+OTHER_FORMATS = {fmt: encode_image(Image.new("RGB", (64, 64), (1, 2, 3)), fmt) for fmt in ("GIF", "BMP", "TIFF")}
 
 
 def cond_of(model: str) -> dict[str, Any]:
@@ -209,6 +211,10 @@ GATEWAY = [
      "control_net[0].guide_image"),
     ("controlnet-guide-truncated-png", {"control_net": [cn(guide_image=TRUNCATED_PNG)]}, IA,
      "control_net[0].guide_image"),
+    *(
+        (f"controlnet-guide-{fmt.lower()}", {"control_net": [cn(guide_image=data)]}, IA, "control_net[0].guide_image")
+        for fmt, data in OTHER_FORMATS.items()
+    ),
     ("controlnet-guide-bomb-20000x20000", {"control_net": [cn(guide_image=png_header_only(20_000, 20_000))]}, IA,
      "control_net[0].guide_image"),
     ("controlnet-guide-5000x5000-header", {"control_net": [cn(guide_image=png_header_only(5_000, 5_000))]}, IA,

@@ -21,6 +21,7 @@ from PIL import Image
 
 from tests.e2e.matrix_rows import IA, MAX_MESSAGE, NF, REFINER, ROWS, SD15, Context, build, f32
 from tests.e2e.stubs import (
+    DEADLINE_S,
     answer,
     conditioning,
     encode_image,
@@ -296,6 +297,32 @@ def test_every_bad_key_of_a_request_file_is_reported_at_once(services, tmp_path)
     assert done.returncode != 0
     for field in ("seed", "CFGScale", "sampler", "lora[0].weight"):
         assert f"field {field}:" in done.stderr, done.stderr
+
+
+# Bytes that are no protobuf message: a truncated length-delimited field, a field number 0, a truncated varint.
+NOT_PROTOBUF = {"truncated-field": b"\x0a\x05ab", "field-zero": b"\x00\x01", "truncated-varint": b"\x08\xff\xff"}
+MAIN_METHODS = {
+    "encoder": ("/triptych.v1.TextEncoderService/Encode", False),
+    "denoiser": ("/triptych.v1.DenoiserService/Denoise", True),
+    "decoder": ("/triptych.v1.DecoderService/Decode", False),
+    "gateway": ("/triptych.v1.ImageService/Generate", True),
+}
+
+
+@pytest.mark.parametrize("role", list(MAIN_METHODS))
+@pytest.mark.parametrize("payload", list(NOT_PROTOBUF))
+def test_bytes_that_are_no_request_message_are_invalid_argument(ctx, services, role, payload):
+    """grpcio itself answers an unparsable request with INTERNAL; every service answers INVALID_ARGUMENT."""
+    method, streaming = MAIN_METHODS[role]
+    address = services.gateway if role == "gateway" else services.addresses[role]
+    with grpc.insecure_channel(address) as channel:
+        call = (channel.unary_stream if streaming else channel.unary_unary)(method)  # raw bytes both ways
+        with pytest.raises(grpc.RpcError) as raised:
+            response = call(NOT_PROTOBUF[payload], timeout=DEADLINE_S)
+            list(response) if streaming else response
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    assert [f for f, _ in field_violations(raised.value)] == ["request"]
+    assert answer(role, ctx.stubs.call(role, tiny_request(role, ctx.encoded))), "and the next request is served"
 
 
 def test_all_four_processes_still_serve_after_the_matrix(services):

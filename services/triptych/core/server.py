@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 
 from triptych.core import shm
 from triptych.core.components import LoadedComponent
-from triptych.core.errors import TriptychError, Unavailable
+from triptych.core.errors import InvalidArgument, TriptychError, Unavailable
 from triptych.core.security import describe, server_credentials, server_interceptors
 from triptych.core.settings import Settings
 from triptych.v1 import runtime_service_pb2, runtime_service_pb2_grpc
@@ -102,7 +102,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             inner = getattr(handler, kind)
             if inner is not None:
                 wrap = self._streaming if kind.endswith("_stream") else self._single
-                return handler._replace(**{kind: wrap(inner, method, tracked)})
+                handler = handler._replace(**{kind: wrap(inner, method, tracked)})
+                if not handler.request_streaming and handler.request_deserializer is not None:
+                    handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+                return handler
         return handler
 
     def _single(self, inner, method: str, tracked: bool):
@@ -110,6 +113,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             try:
                 if tracked:
                     self.drain.admit(context)
+                _check_parsed(request, method)
                 return inner(request, context)
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
                 context.abort_with_status(_status_for(method, exc))
@@ -121,11 +125,36 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             try:
                 if tracked:
                     self.drain.admit(context)
+                _check_parsed(request, method)
                 yield from inner(request, context)
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
                 context.abort_with_status(_status_for(method, exc))
 
         return handle
+
+
+class _Unparsable:
+    """What a request that is not a valid protobuf message parses to, so that the handler can refuse it."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def _lenient(deserialize):
+    """grpcio answers a request its deserializer cannot parse with INTERNAL; ours says INVALID_ARGUMENT."""
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or anything a parser raises
+            return _Unparsable(f"{type(exc).__name__}: {exc}")
+
+    return parse
+
+
+def _check_parsed(request, method: str) -> None:
+    if isinstance(request, _Unparsable):
+        raise InvalidArgument.one("request", f"not a serialized request message of {method} ({request.why})")
 
 
 def _cuda_counters(torch) -> dict[str, int]:

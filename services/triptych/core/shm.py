@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -117,16 +118,30 @@ class Writer:
 
 
 class OwnedRegion:
-    """A shared-memory object this process created (mode 0600) and removes in close(); sparse until written."""
+    """A shared-memory object this process created (mode 0600) and removes in close(); sparse until written.
+
+    Named /triptych-gw-…, and locked (flock) for as long as it lives: the lock goes with the process, so
+    `sweep_orphans` can tell the object of a killed owner (SIGKILL, OOM) from one in use.
+    """
+
+    PREFIX = "/triptych-gw-"
 
     def __init__(self, size: int):
-        self.name = f"/triptych-{secrets.token_hex(16)}"
+        token = secrets.token_hex(16)
+        self.name = self.PREFIX + token
         self.size = size
-        fd = os.open(SHM_DIR + self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # Created and locked under a name no sweep looks at, then renamed: never visible unlocked.
+        draft = f"{SHM_DIR}/.triptych-draft-{token}"
+        self._fd = os.open(draft, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(self._fd, size)
+            os.rename(draft, SHM_DIR + self.name)
+        except BaseException:
+            os.close(self._fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(draft)
+            raise
 
     def slice(self, offset: int, size: int) -> tensor_pb2.SharedMemoryRegion:
         return tensor_pb2.SharedMemoryRegion(name=self.name, offset=offset, byte_size=size)
@@ -134,6 +149,41 @@ class OwnedRegion:
     def close(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(SHM_DIR + self.name)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def sweep_orphans() -> int:
+    """Removes this user's /triptych-gw-… objects whose owner is gone (nobody holds their lock); returns how many.
+
+    Regions are removed at a normal exit, but a killed gateway leaves them in /dev/shm (sparse: what its last
+    calls wrote). Objects other callers own under other /triptych- names are never touched.
+    """
+    removed = 0
+    prefix = OwnedRegion.PREFIX.lstrip("/")
+    with contextlib.suppress(OSError), os.scandir(SHM_DIR) as entries:
+        for entry in entries:
+            if not entry.name.startswith(prefix) or not NAME.fullmatch("/" + entry.name):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its owner is alive
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+    if removed:
+        log.warning("removed %d shared-memory regions left by a gateway that was killed", removed)
+    return removed
 
 
 class RegionPool:
@@ -144,6 +194,7 @@ class RegionPool:
     """
 
     def __init__(self, size: int, keep: int = 8):
+        sweep_orphans()
         self.size = size
         self.keep = keep
         self._free: list[OwnedRegion] = []

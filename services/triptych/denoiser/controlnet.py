@@ -22,6 +22,8 @@ from triptych.core.errors import InvalidArgument
 
 BALANCED, PROMPT, CONTROLNET = "balanced", "prompt", "controlnet"
 MAX_GUIDE_PIXELS = 4096 * 4096  # checked from the header, before decoding (decompression bombs)
+# What the proto promises, and all PIL may try: no TIFF, BMP, GIF, PSD, EPS ... decoders reachable from a request.
+GUIDE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class PreparedUnit:
 def decode_guide_image(data: bytes, field: str) -> Image.Image:
     """Opens an encoded guide image; INVALID_ARGUMENT if it is not a decodable image or too large."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=GUIDE_FORMATS)
         width, height = image.size
         if width * height > MAX_GUIDE_PIXELS:
             raise InvalidArgument.one(field, f"{width}x{height} exceeds {MAX_GUIDE_PIXELS} pixels")
