@@ -21,6 +21,7 @@ from diffusers import StableDiffusionPipeline
 
 from tests.e2e.processes import serve_role
 from tests.e2e.reference import pixels
+from tests.e2e.stubs import unit
 from tests.e2e.test_services import runtime_info
 from triptych.client import ImageClient, field_violations
 from triptych.v1 import common_pb2, image_service_pb2
@@ -102,14 +103,31 @@ def test_merged_lora_errors_leave_the_weights_alone(merged, model_root):
     assert np.array_equal(generate(gateway, [(KOHYA, 0.7)]), before)
 
 
-def test_compiled_unet_switches_loras_without_recompiling(services, model_root, merged):
+@pytest.fixture(scope="module")
+def compiled(services, model_root):
+    with chain_with_denoiser(services, model_root, {"TRIPTYCH_COMPILE": "1"}) as chain:
+        yield chain
+
+
+def test_compiled_unet_switches_loras_without_recompiling(merged, compiled):
     eager = {i: generate(merged[0], loras) for i, loras in enumerate(SWITCHES[:3])}
-    with chain_with_denoiser(services, model_root, {"TRIPTYCH_COMPILE": "1"}) as (gateway, denoiser):
-        first = generate(gateway, SWITCHES[0])  # compiles
-        graphs = runtime_info(denoiser).counters["compiled_graphs"]
-        assert graphs > 0, "the UNet was compiled"
-        compiled = {0: first, **{i: generate(gateway, SWITCHES[i]) for i in (1, 2)}}
-        assert runtime_info(denoiser).counters["compiled_graphs"] == graphs, "a LoRA switch recompiled the UNet"
-    for i, image in compiled.items():
+    gateway, denoiser = compiled
+    first = generate(gateway, SWITCHES[0])  # compiles (and once more for the first LoRA file: docs/decisions.md)
+    graphs = runtime_info(denoiser).counters["compiled_graphs"]
+    assert graphs > 0, "the UNet was compiled"
+    images = {0: first, **{i: generate(gateway, SWITCHES[i]) for i in (1, 2)}}
+    assert runtime_info(denoiser).counters["compiled_graphs"] == graphs, "a LoRA switch recompiled the UNet"
+    for i, image in images.items():
         assert np.abs(image.astype(int) - eager[i]).max() <= 1, SWITCHES[i]
-    assert not np.array_equal(compiled[0], compiled[2]), "the compiled graph reads the merged weights"
+    assert not np.array_equal(images[0], images[2]), "the compiled graph reads the merged weights"
+
+
+def test_compiled_unet_takes_controlnet_residuals(merged, compiled):
+    request = image_service_pb2.GenerateRequest(**BASE, control_net=[unit(weight=1.5)])
+    with ImageClient(merged[0]) as client:
+        eager = pixels(client.generate(request)[0].image.data)
+        plain = pixels(client.generate(image_service_pb2.GenerateRequest(**BASE))[0].image.data)
+    with ImageClient(compiled[0]) as client:
+        ours = pixels(client.generate(request)[0].image.data)
+    assert np.abs(ours.astype(int) - eager).max() <= 1
+    assert not np.array_equal(eager, plain), "the ControlNet changes the image"

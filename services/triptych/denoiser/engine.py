@@ -242,6 +242,10 @@ class DenoiserEngine:
                         added_cond_kwargs,
                         do_cfg,
                     )
+                if self.compile_mode == "reduce-overhead":
+                    # CUDA graphs write every call's outputs into the same memory: a new step begins here, and
+                    # the output is copied below before any scheduler keeps it.
+                    torch.compiler.cudagraph_mark_step_begin()
                 noise_pred = unet(
                     latent_model_input,
                     t,
@@ -253,6 +257,8 @@ class DenoiserEngine:
                     mid_block_additional_residual=mid,
                     return_dict=False,
                 )[0]
+                if self.compile_mode == "reduce-overhead":
+                    noise_pred = noise_pred.clone()
                 if do_cfg:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                     noise_pred = noise_pred_uncond + job.guidance_scale * (noise_pred_text - noise_pred_uncond)
