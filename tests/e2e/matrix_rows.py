@@ -22,6 +22,7 @@ from tests.e2e.stubs import (
     GUIDE_PNG,
     Stubs,
     encode_image,
+    set_path,
     tensor,
     tiny_decode,
     tiny_denoise,
@@ -68,22 +69,7 @@ def build(row: Row, ctx: Context) -> Message:
     tiny = {"gateway": tiny_generate, "encoder": tiny_encode, "decoder": tiny_decode}
     request = tiny[row.role]() if row.role in tiny else tiny_denoise(ctx.encoded)
     for path, value in row.changes.items():
-        value = value(ctx) if callable(value) else value
-        *parents, name = path.split(".")
-        target = request
-        for parent in parents:
-            target = getattr(target, parent)
-        if value is None:
-            target.ClearField(name)
-        elif isinstance(value, Message):
-            getattr(target, name).CopyFrom(value)
-        elif isinstance(value, list):
-            del getattr(target, name)[:]
-            getattr(target, name).extend(value)
-        elif isinstance(value, dict):
-            getattr(target, name).update(value)
-        else:
-            setattr(target, name, value)
+        set_path(request, path, value(ctx) if callable(value) else value)
     return request
 
 

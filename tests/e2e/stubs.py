@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import psutil
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -82,6 +83,26 @@ def tensor(array: np.ndarray) -> tensor_pb2.Tensor:
     """A numpy array as a wire Tensor (little-endian, C order)."""
     array = np.ascontiguousarray(array)
     return tensor_pb2.Tensor(dtype=_WIRE[array.dtype], shape=list(array.shape), data=array.tobytes())
+
+
+def set_path(request: Message, path: str, value) -> None:
+    """Sets the dotted field `path` of `request` to `value`: None clears it, a message / list / dict replaces it."""
+    *parents, name = path.split(".")
+    target = request
+    for parent in parents:
+        target = getattr(target, parent)
+    if value is None:
+        target.ClearField(name)
+    elif isinstance(value, Message):
+        getattr(target, name).CopyFrom(value)
+    elif isinstance(value, list):
+        del getattr(target, name)[:]
+        getattr(target, name).extend(value)
+    elif isinstance(value, dict):
+        getattr(target, name).clear()
+        getattr(target, name).update(value)
+    else:
+        setattr(target, name, value)
 
 
 def encode_image(image: Image.Image, fmt: str = "PNG", **save_args) -> bytes:

@@ -38,6 +38,7 @@ from tests.e2e.stubs import (
     open_stubs,
     rss_bytes,
     serving,
+    set_path,
     tiny_decode,
     tiny_denoise,
     tiny_encode,
@@ -121,27 +122,12 @@ def env(services):
 def apply(env: Env, request: Message, changes) -> Message:
     """Writes (dotted path, value) changes into `request`; None clears the field."""
     for path, value in changes:
-        *parents, name = path.split(".")
-        target = request
-        for parent in parents:
-            target = getattr(target, parent)
         if isinstance(value, tuple) and value and value[0] == "state-flip":
             state = bytearray(env.generator_state)
             for position in value[1]:
                 state[position] ^= 0x5A
             value = bytes(state)
-        if value is None:
-            target.ClearField(name)
-        elif isinstance(value, Message):
-            getattr(target, name).CopyFrom(value)
-        elif isinstance(value, list):
-            del getattr(target, name)[:]
-            getattr(target, name).extend(value)
-        elif isinstance(value, dict):
-            getattr(target, name).clear()
-            getattr(target, name).update(value)
-        else:
-            setattr(target, name, value)
+        set_path(request, path, value)
     return request
 
 
