@@ -18,6 +18,9 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick
     split = importlib.import_module("bench.split_overhead").main(["--runs", "5" if quick else "15"])
+    compiled_split = importlib.import_module("bench.split_overhead").main(
+        ["--runs", "5" if quick else "9", "--service-env", "TRIPTYCH_COMPILE=1"]
+    )
     hops = importlib.import_module("bench.hop_cost").main(["--calls", "100" if quick else "300"])
     memory = importlib.import_module("bench.memory").main([])
     full_size = importlib.import_module("bench.memory").main(["--full-size"])
@@ -37,6 +40,10 @@ def main() -> None:
         f"| … the same, progress_interval_ms 60000 (a caller without a progress bar: one progress event) | chain "
         f"{split['chain_quiet_s'] * 1000:.0f} ms | in-process diffusers {split['in_process_s'] * 1000:.0f} ms | "
         f"**{split['ratio_quiet']:.3f}×** |",
+        f"| … the same with the denoiser compiled (TRIPTYCH_COMPILE=1), against eager in-process diffusers | chain "
+        f"{compiled_split['chain_s'] * 1000:.0f} ms, one progress event {compiled_split['chain_quiet_s'] * 1000:.0f} "
+        f"ms | in-process diffusers {compiled_split['in_process_s'] * 1000:.0f} ms | "
+        f"**{compiled_split['ratio']:.3f}× / {compiled_split['ratio_quiet']:.3f}×** |",
         f"| … where the chain's time goes | encode {split['encode_s'] * 1000:.1f} ms, denoise "
         f"{split['denoise_s'] * 1000:.1f} ms, decode {split['decode_s'] * 1000:.1f} ms, gateway + hops "
         f"{split['gateway_and_hops_s'] * 1000:.1f} ms | | |",
