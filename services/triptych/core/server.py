@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from concurrent import futures
@@ -22,7 +23,7 @@ from triptych.core import shm
 from triptych.core.components import LoadedComponent
 from triptych.core.errors import InvalidArgument, TriptychError, Unavailable
 from triptych.core.security import describe, server_credentials, server_interceptors
-from triptych.core.settings import Settings
+from triptych.core.settings import ConfigurationError, Settings
 from triptych.v1 import runtime_service_pb2, runtime_service_pb2_grpc
 
 log = logging.getLogger("triptych")
@@ -201,12 +202,32 @@ class Service:
         register: Callable[[grpc.Server], None],
         loaded: Callable[[], Iterable[LoadedComponent]] = list,
         counters: Callable[[], dict[str, int]] = dict,
+        warm_up: Callable[[str], bool] | None = None,
     ):
         self.role = role
         self.service_names = service_names
         self.register = register
         self.loaded = loaded
         self.counters = counters
+        self.warm_up = warm_up  # model id -> whether this role has a part of it to load (and loaded it)
+
+
+def preload(service: Service, models: list[str]) -> None:
+    """Loads and runs each model once (settings.preload_models), before the server binds: the first request
+    then pays no loading, and under TRIPTYCH_COMPILE no compiling at the model's default size. A model that
+    does not exist stops the process (ConfigurationError); one this role has no part of is skipped."""
+    if service.warm_up is None:
+        return
+    for model in models:
+        started = time.perf_counter()
+        try:
+            used = service.warm_up(model)
+        except TriptychError as exc:
+            raise ConfigurationError(f"TRIPTYCH_PRELOAD_MODELS: {model}: {exc}") from exc
+        if used:
+            log.info("preloaded %s in %.1f s", model, time.perf_counter() - started)
+        else:
+            log.info("preload: %s has nothing for the %s", model, service.role)
 
 
 def start(
@@ -270,6 +291,7 @@ def serve_forever(service: Service, settings: Settings, port: int) -> None:
         log.info("keep_freed_memory: not glibc, left as it is")
     if settings.torch_threads > 0 and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(settings.torch_threads)
+    preload(service, settings.preload_models)
     drain = Drain()
     server, bound, health_servicer = start(service, settings, port, drain)
     stop = threading.Event()

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(256 * 1024 * 1024, description="gRPC send/receive limit, both ends")
     shutdown_grace_seconds: float = Field(30.0, description="time in-flight calls get after SIGTERM")
     max_loaded_models: int = Field(4, description="models kept in memory per service (LRU)")
+    preload_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="model ids, comma-separated, each backend loads and runs once before it serves (the denoiser "
+        "2 steps with CFG at the model's default size, compiled under compile); a role skips ids it has no part of",
+    )
     denoiser_queue_per_model: int = Field(
         16, description="denoise requests per model admitted at once (running + waiting); more → RESOURCE_EXHAUSTED"
     )
@@ -159,6 +164,11 @@ class Settings(BaseSettings):
     gateway_address: str = Field(f"127.0.0.1:{DEFAULT_PORTS['gateway']}", description="`triptych generate` → gateway")
     limits: Limits = Field(default_factory=Limits)
     security: Security = Field(default_factory=Security)
+
+    @field_validator("preload_models", mode="before")
+    @classmethod
+    def _split_models(cls, value):
+        return [m.strip() for m in value.split(",") if m.strip()] if isinstance(value, str) else value
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel/server options: the message limits, set on both ends."""

@@ -7,6 +7,7 @@ imports grpc and never loads a text encoder or a UNet.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,17 @@ class DecoderEngine:
         if info.kind == "vae":
             return info.path
         raise InvalidArgument.one(field, f"{model_id!r} has no VAE (it is a {info.kind})")
+
+    def warm_up(self, model_id: str) -> bool:
+        """Loads a model's VAE (or a VAE folder) and decodes zeros at its default size. False if it has no VAE."""
+        info = self.store.resolve(model_id, "model")
+        if not (info.kind == "vae" or (info.kind == "pipeline" and (info.path / "vae").is_dir())):
+            return False
+        config = json.loads((self._folder(model_id, "model") / "config.json").read_text())
+        size = config.get("sample_size")
+        side = (size if isinstance(size, int) else 512) // 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
+        self.decode(DecodeJob(model_id, "", torch.zeros(1, config.get("latent_channels", 4), side, side)))
+        return True
 
     def decode(self, job: DecodeJob) -> list[Image.Image]:
         """Checks the VAE exists here, then loads it (once) and decodes on its compute thread."""

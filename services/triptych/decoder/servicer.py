@@ -81,4 +81,5 @@ def build(settings: Settings) -> Service:
         ["triptych.v1.DecoderService"],
         lambda server: decoder_service_pb2_grpc.add_DecoderServiceServicer_to_server(servicer, server),
         cache.loaded,
+        warm_up=engine.warm_up,
     )

@@ -138,6 +138,26 @@ class DenoiserEngine:
             raise InvalidArgument.one(field, f"{model_id!r} is not a text-to-image model folder ({info.kind})")
         return info
 
+    def warm_up(self, model_id: str) -> bool:
+        """Loads a model's UNet and runs one 2-step CFG job at its default size on zero conditioning, as a
+        request would (so a compiled UNet is compiled for that shape). False for an id that is no pipeline."""
+        info = self.store.resolve(model_id, "model")
+        if info.kind != "pipeline" or info.family is None:
+            return False
+        unet = self.compute.run(model_id, lambda: self._parts(info)["unet"])
+        pooled = None
+        if info.family == "sdxl":
+            time_ids = 5 if info.flag("requires_aesthetics_score", False) else 6
+            features = unet.add_embedding.linear_1.in_features - unet.config.addition_time_embed_dim * time_ids
+            pooled = torch.zeros(1, features)
+        zero = Conditioning(torch.zeros(1, 77, unet.config.cross_attention_dim), pooled)
+        job = DenoiseJob(
+            model_id, zero, zero, None, None, steps=2, guidance_scale=7.0, scheduler=SchedulerChoice(None), seed=0
+        )
+        for _ in self.denoise(job):
+            pass
+        return True
+
     def _parts(self, info: ModelInfo) -> dict:
         """The resolved model's UNet (loaded once, then cached) and scheduler config."""
 

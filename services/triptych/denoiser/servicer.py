@@ -255,4 +255,5 @@ def build(settings: Settings) -> Service:
             "compiled_graphs": compiled_graphs(),
             **engine.counters,
         },
+        warm_up=engine.warm_up,
     )

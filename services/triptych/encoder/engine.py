@@ -149,6 +149,14 @@ class TextEncoderEngine:
 
         return self.cache.get(info.model_id, load)
 
+    def warm_up(self, model_id: str) -> bool:
+        """Loads a model's tokenizers and text encoders and encodes an empty prompt. False for a non-pipeline."""
+        info = self.store.resolve(model_id, "model")
+        if info.kind != "pipeline" or info.family is None:
+            return False
+        self.encode(EncodeJob(model=model_id, positive_prompt="", include_negative=True))
+        return True
+
     def encode(self, job: EncodeJob) -> EncodeResult:
         """Validates the job, then answers it from the cache or from a (possibly shared) forward pass."""
         # Announced from the start, so a batch forming meanwhile waits for this request (up to its max wait).

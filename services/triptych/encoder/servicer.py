@@ -109,4 +109,5 @@ def build(settings: Settings) -> Service:
         lambda server: encoder_service_pb2_grpc.add_TextEncoderServiceServicer_to_server(servicer, server),
         cache.loaded,
         lambda: {"lora_disk_reads": loras.disk_reads, "lora_evictions": loras.evictions, **engine.counters()},
+        warm_up=engine.warm_up,
     )

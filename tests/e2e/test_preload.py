@@ -1,0 +1,65 @@
+"""TRIPTYCH_PRELOAD_MODELS: each backend loads and runs the listed models before it reports SERVING.
+
+Real processes: what they hold before any request (RuntimeService), that a compiled denoiser has compiled its
+default-size graph before serving (a request at that size builds no graph), and that an id that does not exist
+stops the process with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.e2e.processes import serve_role
+from tests.e2e.test_services import runtime_info
+from triptych.client import ImageClient
+from triptych.v1 import image_service_pb2
+
+PRELOAD = "tiny/sd15, tiny/sdxl,tiny/vae-alt"  # a VAE folder too: only the decoder has a part of it
+
+
+def holds(address: str) -> set[tuple[str, str]]:
+    return {(c.model, c.component) for c in runtime_info(address).loaded_components}
+
+
+def test_each_backend_holds_the_preloaded_models_before_any_request(model_root):
+    env = {"TRIPTYCH_PRELOAD_MODELS": PRELOAD}
+    with (
+        serve_role("encoder", model_root, env) as (_, encoder),
+        serve_role("denoiser", model_root, env) as (_, denoiser),
+        serve_role("decoder", model_root, env) as (_, decoder),
+    ):
+        assert {("tiny/sd15", "text_encoder"), ("tiny/sdxl", "text_encoder_2")} <= holds(encoder)
+        assert holds(denoiser) == {("tiny/sd15", "unet"), ("tiny/sdxl", "unet")}
+        assert runtime_info(denoiser).counters["denoise_steps"] >= 4, "2 steps per model were run (PNDM: 3 calls)"
+        assert holds(decoder) == {("tiny/sd15", "vae"), ("tiny/sdxl", "vae"), ("tiny/vae-alt", "vae")}
+
+
+def test_a_compiled_denoiser_compiles_before_it_serves(services, model_root):
+    env = {"TRIPTYCH_PRELOAD_MODELS": "tiny/sd15", "TRIPTYCH_COMPILE": "1"}
+    with serve_role("denoiser", model_root, env) as (_, denoiser):
+        graphs = runtime_info(denoiser).counters["compiled_graphs"]
+        assert graphs > 0
+        backends = (
+            f"--encoder-address={services.addresses['encoder']}",
+            f"--denoiser-address={denoiser}",
+            f"--decoder-address={services.addresses['decoder']}",
+        )
+        with serve_role("gateway", model_root, args=backends) as (_, gateway), ImageClient(gateway) as client:
+            request = image_service_pb2.GenerateRequest(model="tiny/sd15", positive_prompt="a red fox", steps=3, seed=1)
+            assert client.generate(request)[0].image.data  # the model's default size: 128²
+        assert runtime_info(denoiser).counters["compiled_graphs"] == graphs, "the request compiled nothing new"
+
+
+def test_a_preloaded_model_that_does_not_exist_stops_the_process(model_root):
+    done = subprocess.run(
+        [sys.executable, "-m", "triptych.cli", "serve", "denoiser", "--port", "0", "--model-root", str(model_root)],
+        env={**os.environ, "TRIPTYCH_PRELOAD_MODELS": "tiny/sd15,tiny/nope"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "TRIPTYCH_PRELOAD_MODELS: tiny/nope:" in done.stderr, done.stderr
+    assert "SERVING" not in done.stdout
