@@ -190,18 +190,18 @@ class MergedLoras(LoraAdapters):
     def _merge(state: _MergeState, applied: tuple[tuple[str, float], ...]) -> None:
         for base, weight in state.backups.items():
             base.weight.copy_(weight)  # in place: a compiled graph (or CUDA graph) keeps reading this storage
-        backups = {}
+        touched = set()
         for name, scale in applied:
             for layer in state.layers[name]:
                 base = layer.get_base_layer()
-                if base not in backups:
-                    backups[base] = state.backups.pop(base, None)
-                    if backups[base] is None:
-                        backups[base] = base.weight.detach().clone()
+                if base not in state.backups:  # recorded before the weight changes, so a failure restores it
+                    state.backups[base] = base.weight.detach().clone()
+                touched.add(base)
                 layer.set_scale(name, scale)
                 layer.merge(adapter_names=[name])  # peft's own delta (conv and linear) added into base.weight
                 layer.merged_adapters.clear()
-        state.backups = backups  # copies of weights no set changes any more are dropped
+        for base in [b for b in state.backups if b not in touched]:
+            del state.backups[base]  # copies of weights the new set leaves alone
 
 
 class _MergeState:
