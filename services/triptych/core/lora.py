@@ -171,11 +171,13 @@ class MergedLoras(LoraAdapters):
                 self.evictions += 1
 
     def _detach(self, family, component, module, name, path, field_name, state: _MergeState) -> None:
-        if not self._inject(family, [(component, module)], name, path, field_name)[0]:
-            state.layers[name], state.bytes[name] = [], 0  # nothing for this component (a text-encoder-only file)
-            return
-        layers = [m for m in module.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
-        module.unload_lora()  # every peft layer out: the module's own layers are back, its graph unchanged
+        try:
+            self._inject(family, [(component, module)], name, path, field_name)
+            layers = [m for m in module.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+        finally:
+            # Every peft layer out, whatever happened (a file of another family fails half-way): the module's
+            # own layers are back and its graph is unchanged.
+            module.unload_lora()
         if any(name in layer.lora_variant or layer.lora_bias[name] for layer in layers):
             raise InvalidArgument.one(field_name, f"{path.name}: DoRA and LoRA biases are not supported merged")
         state.layers[name] = layers
