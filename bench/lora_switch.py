@@ -57,7 +57,7 @@ def _unet(model: str):
 def _measure(unet, root: Path, mode: str, args) -> dict:
     from triptych.core.lora import LoraAdapters, MergedLoras
     from triptych.core.model_store import ModelStore
-    from triptych.denoiser.engine import compiled_graphs
+    from triptych.core.placement import compiled_graphs
 
     adapters = (MergedLoras if mode == "merged" else LoraAdapters)(ModelStore(root), 1 << 30)
     modules = {"unet": unet}

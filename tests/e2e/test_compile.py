@@ -42,22 +42,22 @@ SWITCHES = [[(KOHYA, 0.7)], [(PEFT, 1.0)], [], [(KOHYA, 0.5), (PEFT, 0.8)], [(KO
 
 
 @contextlib.contextmanager
-def chain_with_denoiser(services, model_root, env: dict[str, str]):
-    """The session's encoder and decoder behind a gateway, with a denoiser of its own started with `env`."""
-    with serve_role("denoiser", model_root, env) as (_, denoiser):
-        backends = (
-            f"--encoder-address={services.addresses['encoder']}",
-            f"--denoiser-address={denoiser}",
-            f"--decoder-address={services.addresses['decoder']}",
-        )
-        with serve_role("gateway", model_root, args=backends) as (_, gateway):
-            yield gateway, denoiser
+def chain_with(services, model_root, env: dict[str, str], roles=("denoiser",)):
+    """A gateway over the session's backends, except `roles`, started anew with `env`; yields the gateway's
+    address and {role: address} of every backend."""
+    with contextlib.ExitStack() as stack:
+        backends = dict(services.addresses)
+        for role in roles:
+            _, backends[role] = stack.enter_context(serve_role(role, model_root, env))
+        links = tuple(f"--{role}-address={backends[role]}" for role in ("encoder", "denoiser", "decoder"))
+        _, gateway = stack.enter_context(serve_role("gateway", model_root, args=links))
+        yield gateway, backends
 
 
 @pytest.fixture(scope="module")
 def merged(services, model_root):
-    with chain_with_denoiser(services, model_root, {"TRIPTYCH_LORA_MODE": "merged"}) as chain:
-        yield chain
+    with chain_with(services, model_root, {"TRIPTYCH_LORA_MODE": "merged"}) as (gateway, backends):
+        yield gateway, backends["denoiser"]
 
 
 def generate(gateway: str, loras) -> np.ndarray:
@@ -135,16 +135,19 @@ def test_a_merged_lora_of_another_family_leaves_the_unet_as_it_was(services, mer
 
 @pytest.fixture(scope="module")
 def compiled(services, model_root):
-    with chain_with_denoiser(services, model_root, {"TRIPTYCH_COMPILE": "1"}) as chain:
-        yield chain
+    env = {"TRIPTYCH_COMPILE": "1"}  # the denoiser's UNets and the decoder's VAE decoders compiled
+    with chain_with(services, model_root, env, roles=("denoiser", "decoder")) as (gateway, backends):
+        yield gateway, backends
 
 
 def test_compiled_unet_switches_loras_without_recompiling(merged, compiled):
     eager = {i: generate(merged[0], loras) for i, loras in enumerate(SWITCHES[:3])}
-    gateway, denoiser = compiled
+    gateway, backends = compiled
+    denoiser = backends["denoiser"]
     first = generate(gateway, SWITCHES[0])  # compiles (and once more for the first LoRA file: docs/decisions.md)
     graphs = runtime_info(denoiser).counters["compiled_graphs"]
     assert graphs > 0, "the UNet was compiled"
+    assert runtime_info(backends["decoder"]).counters["compiled_graphs"] > 0, "the VAE decoder was compiled"
     images = {0: first, **{i: generate(gateway, SWITCHES[i]) for i in (1, 2)}}
     assert runtime_info(denoiser).counters["compiled_graphs"] == graphs, "a LoRA switch recompiled the UNet"
     for i, image in images.items():

@@ -1,6 +1,7 @@
 """Where a service's networks run: torch device, dtype and memory format, from Settings (device, dtype,
 channels_last). On the default (cpu, float32) every conversion here is a no-op, so results stay bit-identical
-to diffusers' fp32 pipelines.
+to diffusers' fp32 pipelines. (Whether networks are compiled is each engine's own setting; compiled_graphs here
+counts what torch.compile built in the process.)
 """
 
 from __future__ import annotations
@@ -44,3 +45,10 @@ class Placement:
 
 
 CPU_FLOAT32 = Placement(torch.device("cpu"), torch.float32)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (each first use of a shape, and every recompile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

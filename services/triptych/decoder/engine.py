@@ -39,10 +39,12 @@ class DecoderEngine:
         cache: ComponentCache,
         compute: ComputeThreads | None = None,
         placement: Placement = CPU_FLOAT32,
+        compile_mode: str | None = None,
     ):
         self.store = store
         self.cache = cache
         self.placement = placement
+        self.compile_mode = compile_mode  # None = eager; else a torch.compile mode for every VAE decoder
         self.compute = compute or ComputeThreads("decoder")
 
     def _folder(self, model_id: str, field: str) -> Path:
@@ -78,7 +80,10 @@ class DecoderEngine:
             if place.dtype == torch.float16 and vae.config.force_upcast:
                 # fp16 VAEs that overflow stay float32, as the diffusers pipelines upcast them to decode.
                 place = dataclasses.replace(place, dtype=torch.float32)
-            return {"vae": place.module(vae, convolutional=False)}
+            vae = place.module(vae, convolutional=False)
+            if self.compile_mode is not None:
+                vae.decoder.compile(mode=self.compile_mode)  # in place; the encoder half is never used here
+            return {"vae": vae}
 
         vae: AutoencoderKL = self.cache.get(model_id, load)["vae"]
         latents = job.latents

@@ -7,7 +7,7 @@ from triptych.core.components import ComponentCache
 from triptych.core.compute import ComputeThreads
 from triptych.core.errors import InvalidArgument
 from triptych.core.model_store import ModelStore
-from triptych.core.placement import Placement
+from triptych.core.placement import Placement, compiled_graphs
 from triptych.core.server import Service
 from triptych.core.settings import Settings
 from triptych.decoder.engine import DecodeJob, DecoderEngine
@@ -74,12 +74,16 @@ def build(settings: Settings) -> Service:
     """The decoder role for the server bootstrap."""
     cache = ComponentCache(settings.max_loaded_models)
     compute = ComputeThreads("decoder", settings.max_loaded_models)
-    engine = DecoderEngine(ModelStore(settings.model_root), cache, compute, Placement.from_settings(settings))
+    compile_mode = settings.compile_mode if settings.compile else None
+    engine = DecoderEngine(
+        ModelStore(settings.model_root), cache, compute, Placement.from_settings(settings), compile_mode
+    )
     servicer = DecoderServicer(engine, settings)
     return Service(
         "decoder",
         ["triptych.v1.DecoderService"],
         lambda server: decoder_service_pb2_grpc.add_DecoderServiceServicer_to_server(servicer, server),
         cache.loaded,
+        lambda: {"compiled_graphs": compiled_graphs()},
         warm_up=engine.warm_up,
     )

@@ -83,13 +83,6 @@ class DenoiseOutcome:
     model_calls: int
 
 
-def compiled_graphs() -> int:
-    """Graphs torch.compile has built in this process (each first use of a shape, and every recompile)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
 def window_timesteps(scheduler, start_fraction: float, end_fraction: float) -> torch.Tensor:
     """The part of scheduler.timesteps a window runs, by timestep value as diffusers cuts it."""
     timesteps = scheduler.timesteps

@@ -11,13 +11,13 @@ from triptych.core.compute import ComputeThreads
 from triptych.core.errors import Cancelled, InvalidArgument
 from triptych.core.lora import LoraAdapters, MergedLoras
 from triptych.core.model_store import ModelStore
-from triptych.core.placement import Placement
+from triptych.core.placement import Placement, compiled_graphs
 from triptych.core.scheduler_table import parse_scheduler
 from triptych.core.server import Service
 from triptych.core.settings import Settings
 from triptych.core.validation import check_fraction, check_guidance, check_size, check_steps, weighted
 from triptych.denoiser.controlnet import BALANCED, CONTROLNET, PROMPT, ControlUnit
-from triptych.denoiser.engine import Conditioning, DenoiseJob, DenoiseOutcome, DenoiserEngine, compiled_graphs
+from triptych.denoiser.engine import Conditioning, DenoiseJob, DenoiseOutcome, DenoiserEngine
 from triptych.denoiser.schedulers import scheduler_rows
 from triptych.v1 import common_pb2, denoiser_service_pb2, denoiser_service_pb2_grpc
 
