@@ -40,7 +40,8 @@ def main() -> None:
         f"| … the same, progress_interval_ms 60000 (a caller without a progress bar: one progress event) | chain "
         f"{split['chain_quiet_s'] * 1000:.0f} ms | in-process diffusers {split['in_process_s'] * 1000:.0f} ms | "
         f"**{split['ratio_quiet']:.3f}×** |",
-        f"| … the same with the denoiser compiled (TRIPTYCH_COMPILE=1), against eager in-process diffusers | chain "
+        "| … the same with the denoiser and decoder compiled (TRIPTYCH_COMPILE=1), against eager in-process diffusers "
+        f"| chain "
         f"{compiled_split['chain_s'] * 1000:.0f} ms, one progress event {compiled_split['chain_quiet_s'] * 1000:.0f} "
         f"ms | in-process diffusers {compiled_split['in_process_s'] * 1000:.0f} ms | "
         f"**{compiled_split['ratio']:.3f}× / {compiled_split['ratio_quiet']:.3f}×** |",

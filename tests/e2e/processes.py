@@ -37,3 +37,16 @@ def serve_role(role: str, model_root, env: dict[str, str] | None = None, args: t
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@contextlib.contextmanager
+def chain_with(services, model_root, env: dict[str, str], roles=("denoiser",)):
+    """A gateway over the session's backends, except `roles`, started anew with `env`; yields the gateway's
+    address and {role: address} of every backend."""
+    with contextlib.ExitStack() as stack:
+        backends = dict(services.addresses)
+        for role in roles:
+            _, backends[role] = stack.enter_context(serve_role(role, model_root, env))
+        links = tuple(f"--{role}-address={backends[role]}" for role in ("encoder", "denoiser", "decoder"))
+        _, gateway = stack.enter_context(serve_role("gateway", model_root, args=links))
+        yield gateway, backends

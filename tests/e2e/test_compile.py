@@ -4,14 +4,13 @@ Merged: the denoiser adds the LoRA deltas into the UNet's weights, so the oracle
 `set_adapters` + `fuse_lora(components=["unet"])` (the encoder keeps the text half as adapters, as the pipeline
 does after a UNet-only fuse). Bit-identical, across a sequence of switches that must each restore exactly.
 
-Compiled: inductor reorders float arithmetic, so the compiled chain is compared with the eager merged chain
-within a pixel, and the LoRA must still change the image: the compiled graph reads weights patched in place.
-Its graph count must not grow when the LoRA set changes (no recompile on a switch).
+Compiled (the denoiser's UNet and the decoder's VAE decoder): inductor reorders float arithmetic, so the chain
+is compared with the eager merged chain within a pixel, and the LoRA must still change the image: the compiled
+graph reads weights patched in place. Its graph count must not grow when the LoRA set changes (no recompile on a
+switch).
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import grpc
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from tests.e2e.processes import serve_role
+from tests.e2e.processes import chain_with
 from tests.e2e.reference import pixels
 from tests.e2e.stubs import unit
 from tests.e2e.test_services import runtime_info
@@ -39,19 +38,6 @@ BASE = dict(
 )
 # Each set differs from the one before it, so every step is a switch (and the last repeats the first).
 SWITCHES = [[(KOHYA, 0.7)], [(PEFT, 1.0)], [], [(KOHYA, 0.5), (PEFT, 0.8)], [(KOHYA, 0.7)]]
-
-
-@contextlib.contextmanager
-def chain_with(services, model_root, env: dict[str, str], roles=("denoiser",)):
-    """A gateway over the session's backends, except `roles`, started anew with `env`; yields the gateway's
-    address and {role: address} of every backend."""
-    with contextlib.ExitStack() as stack:
-        backends = dict(services.addresses)
-        for role in roles:
-            _, backends[role] = stack.enter_context(serve_role(role, model_root, env))
-        links = tuple(f"--{role}-address={backends[role]}" for role in ("encoder", "denoiser", "decoder"))
-        _, gateway = stack.enter_context(serve_role("gateway", model_root, args=links))
-        yield gateway, backends
 
 
 @pytest.fixture(scope="module")

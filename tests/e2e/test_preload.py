@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from tests.e2e.processes import serve_role
+from tests.e2e.processes import chain_with, serve_role
 from tests.e2e.test_services import runtime_info
 from triptych.client import ImageClient
 from triptych.v1 import image_service_pb2
@@ -38,18 +38,12 @@ def test_each_backend_holds_the_preloaded_models_before_any_request(model_root):
 
 def test_a_compiled_denoiser_compiles_before_it_serves(services, model_root):
     env = {"TRIPTYCH_PRELOAD_MODELS": "tiny/sd15", "TRIPTYCH_COMPILE": "1"}
-    with serve_role("denoiser", model_root, env) as (_, denoiser):
-        graphs = runtime_info(denoiser).counters["compiled_graphs"]
+    with chain_with(services, model_root, env) as (gateway, backends), ImageClient(gateway) as client:
+        graphs = runtime_info(backends["denoiser"]).counters["compiled_graphs"]
         assert graphs > 0
-        backends = (
-            f"--encoder-address={services.addresses['encoder']}",
-            f"--denoiser-address={denoiser}",
-            f"--decoder-address={services.addresses['decoder']}",
-        )
-        with serve_role("gateway", model_root, args=backends) as (_, gateway), ImageClient(gateway) as client:
-            request = image_service_pb2.GenerateRequest(model="tiny/sd15", positive_prompt="a red fox", steps=3, seed=1)
-            assert client.generate(request)[0].image.data  # the model's default size: 128²
-        assert runtime_info(denoiser).counters["compiled_graphs"] == graphs, "the request compiled nothing new"
+        request = image_service_pb2.GenerateRequest(model="tiny/sd15", positive_prompt="a red fox", steps=3, seed=1)
+        assert client.generate(request)[0].image.data  # the model's default size: 128²
+        assert runtime_info(backends["denoiser"]).counters["compiled_graphs"] == graphs, "nothing new compiled"
 
 
 def test_a_preloaded_model_that_does_not_exist_stops_the_process(model_root):
