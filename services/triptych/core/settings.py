@@ -113,8 +113,8 @@ class Settings(BaseSettings):
     channels_last: bool = Field(False, description="UNets and ControlNets in channels-last memory format (GPU)")
     compile: bool = Field(
         False,
-        description="torch.compile each UNet (denoiser) and VAE decoder (decoder) on first use; a new shape compiles "
-        "again",
+        description="torch.compile each UNet and ControlNet (denoiser) and VAE decoder (decoder) on first use; a new "
+        "shape compiles again",
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description='torch.compile mode; "reduce-overhead" adds CUDA graphs'

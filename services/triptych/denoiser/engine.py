@@ -117,7 +117,7 @@ class DenoiserEngine:
     ):
         self.store = store
         self.placement = placement
-        self.compile_mode = compile_mode  # None = eager; else a torch.compile mode for every UNet
+        self.compile_mode = compile_mode  # None = eager; else a torch.compile mode for every UNet and ControlNet
         self.cache = cache
         self.loras = loras
         self.compute = compute or ComputeThreads("denoiser")
@@ -239,6 +239,10 @@ class DenoiserEngine:
             for i, t in enumerate(timesteps):
                 if not is_active():
                     raise Cancelled(f"cancelled before step {i + 1} of {len(timesteps)}")
+                if self.compile_mode == "reduce-overhead":
+                    # CUDA graphs reuse their output memory from one step to the next: a step (ControlNets, then
+                    # the UNet) begins here, and the UNet's output is copied below before a scheduler keeps it.
+                    torch.compiler.cudagraph_mark_step_begin()
                 latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
                 latent_model_input = scheduler.scale_model_input(latent_model_input, t)
                 down, mid = None, None
@@ -255,10 +259,6 @@ class DenoiserEngine:
                         added_cond_kwargs,
                         do_cfg,
                     )
-                if self.compile_mode == "reduce-overhead":
-                    # CUDA graphs write every call's outputs into the same memory: a new step begins here, and
-                    # the output is copied below before any scheduler keeps it.
-                    torch.compiler.cudagraph_mark_step_begin()
                 noise_pred = unet(
                     latent_model_input,
                     t,
@@ -304,8 +304,10 @@ class DenoiserEngine:
                 raise InvalidArgument.one(field, f"{unit.model!r} is not a ControlNet folder ({info.kind})")
 
             def load(path=info.path) -> dict:
-                net = ControlNetModel.from_pretrained(path, use_safetensors=True).eval()
-                return {"controlnet": self.placement.module(net)}
+                net = self.placement.module(ControlNetModel.from_pretrained(path, use_safetensors=True).eval())
+                if self.compile_mode is not None:
+                    net.compile(mode=self.compile_mode)
+                return {"controlnet": net}
 
             net = self.cache.get(unit.model, load)["controlnet"]
             check_family(net, unet, field, unit.model)
