@@ -18,7 +18,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from tests.e2e.processes import chain_with
+from tests.e2e.processes import chain_with, serve_role
 from tests.e2e.reference import pixels
 from tests.e2e.stubs import unit
 from tests.e2e.test_services import runtime_info
@@ -150,3 +150,24 @@ def test_compiled_unet_takes_controlnet_residuals(merged, compiled):
         ours = pixels(client.generate(request)[0].image.data)
     assert np.abs(ours.astype(int) - eager).max() <= 1
     assert not np.array_equal(eager, plain), "the ControlNet changes the image"
+
+
+def test_a_network_that_cannot_compile_runs_eager(services, model_root, tmp_path):
+    """No working C++ compiler (CXX=/bin/false, a fresh inductor cache so nothing compiled earlier is reused): the
+    compiled denoiser logs dynamo's warning and serves eager, bit-identical to the session's eager denoiser."""
+    env = {"TRIPTYCH_COMPILE": "1", "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    with open_channel(services.addresses["encoder"]) as channel:
+        encoded = encoder_service_pb2_grpc.TextEncoderServiceStub(channel).Encode(
+            encoder_service_pb2.EncodeRequest(model="tiny/sd15", positive_prompt="a red fox", include_negative=True)
+        )
+    request = denoiser_service_pb2.DenoiseRequest(
+        model="tiny/sd15", positive=encoded.positive, negative=encoded.negative, steps=3, seed=9, width=64, height=64
+    )
+    results = []
+    with serve_role("denoiser", model_root, env) as (_, address):
+        for target in (address, services.addresses["denoiser"]):
+            with open_channel(target) as channel:
+                events = list(denoiser_service_pb2_grpc.DenoiserServiceStub(channel).Denoise(request))
+                results.append(events[-1].result.latents.data)
+        assert runtime_info(address).counters["compiled_graphs"] == 0
+    assert results[0] == results[1]

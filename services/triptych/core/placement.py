@@ -47,6 +47,17 @@ class Placement:
 CPU_FLOAT32 = Placement(torch.device("cpu"), torch.float32)
 
 
+def compile_in_place(module: torch.nn.Module, mode: str) -> None:
+    """torch.compile `module` in place (it stays the object LoRAs patch and caches hold). Its parameters are graph
+    inputs, not constants, so weights changed in place (merged LoRAs) are read as they are. A network that fails
+    to compile (no C compiler on the host, an inductor bug) runs eager, with dynamo's warning in the log: the
+    service keeps serving, and compiled_graphs shows what was built."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    module.compile(mode=mode)
+
+
 def compiled_graphs() -> int:
     """Graphs torch.compile has built in this process (each first use of a shape, and every recompile)."""
     from torch._dynamo.utils import counters

@@ -20,7 +20,7 @@ from triptych.core.components import ComponentCache
 from triptych.core.compute import ComputeThreads
 from triptych.core.errors import InvalidArgument
 from triptych.core.model_store import ModelStore
-from triptych.core.placement import CPU_FLOAT32, Placement
+from triptych.core.placement import CPU_FLOAT32, Placement, compile_in_place
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class DecoderEngine:
                 place = dataclasses.replace(place, dtype=torch.float32)
             vae = place.module(vae, convolutional=False)
             if self.compile_mode is not None:
-                vae.decoder.compile(mode=self.compile_mode)  # in place; the encoder half is never used here
+                compile_in_place(vae.decoder, self.compile_mode)  # the encoder half is never used here
             return {"vae": vae}
 
         vae: AutoencoderKL = self.cache.get(model_id, load)["vae"]

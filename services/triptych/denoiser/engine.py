@@ -25,7 +25,7 @@ from triptych.core.compute import ComputeThreads
 from triptych.core.errors import Cancelled, InvalidArgument
 from triptych.core.lora import LoraAdapters
 from triptych.core.model_store import ModelInfo, ModelStore
-from triptych.core.placement import CPU_FLOAT32, Placement
+from triptych.core.placement import CPU_FLOAT32, Placement, compile_in_place
 from triptych.core.scheduler_table import SchedulerChoice
 from triptych.denoiser.controlnet import ControlUnit, check_family, prepare_units, residuals
 from triptych.denoiser.preview import preview_png
@@ -158,9 +158,7 @@ class DenoiserEngine:
             unet = UNet2DConditionModel.from_pretrained(info.path / "unet", use_safetensors=True).eval()
             unet = self.placement.module(unet)
             if self.compile_mode is not None:
-                # In place: the module stays the one LoRAs patch. Parameters are graph inputs, not constants,
-                # so weights changed in place (merged LoRAs) are read by the compiled graph as they are.
-                unet.compile(mode=self.compile_mode)
+                compile_in_place(unet, self.compile_mode)
             config = json.loads((info.path / "scheduler" / "scheduler_config.json").read_text())
             return {"unet": unet, "scheduler_config": config}
 
@@ -306,7 +304,7 @@ class DenoiserEngine:
             def load(path=info.path) -> dict:
                 net = self.placement.module(ControlNetModel.from_pretrained(path, use_safetensors=True).eval())
                 if self.compile_mode is not None:
-                    net.compile(mode=self.compile_mode)
+                    compile_in_place(net, self.compile_mode)
                 return {"controlnet": net}
 
             net = self.cache.get(unit.model, load)["controlnet"]
