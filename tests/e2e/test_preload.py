@@ -16,7 +16,8 @@ from tests.e2e.test_services import runtime_info
 from triptych.client import ImageClient
 from triptych.v1 import image_service_pb2
 
-PRELOAD = "tiny/sd15, tiny/sdxl,tiny/vae-alt"  # a VAE folder too: only the decoder has a part of it
+# The refiner (5 time ids), and a VAE folder: only the decoder has a part of that.
+PRELOAD = "tiny/sd15, tiny/sdxl,tiny/sdxl-refiner,tiny/vae-alt"
 
 
 def holds(address: str) -> set[tuple[str, str]]:
@@ -31,9 +32,9 @@ def test_each_backend_holds_the_preloaded_models_before_any_request(model_root):
         serve_role("decoder", model_root, env) as (_, decoder),
     ):
         assert {("tiny/sd15", "text_encoder"), ("tiny/sdxl", "text_encoder_2")} <= holds(encoder)
-        assert holds(denoiser) == {("tiny/sd15", "unet"), ("tiny/sdxl", "unet")}
-        assert runtime_info(denoiser).counters["denoise_steps"] >= 4, "2 steps per model were run (PNDM: 3 calls)"
-        assert holds(decoder) == {("tiny/sd15", "vae"), ("tiny/sdxl", "vae"), ("tiny/vae-alt", "vae")}
+        assert holds(denoiser) == {("tiny/sd15", "unet"), ("tiny/sdxl", "unet"), ("tiny/sdxl-refiner", "unet")}
+        assert runtime_info(denoiser).counters["denoise_steps"] >= 6, "2 steps per model were run (PNDM: 3 calls)"
+        assert holds(decoder) == {(m, "vae") for m in ("tiny/sd15", "tiny/sdxl", "tiny/sdxl-refiner", "tiny/vae-alt")}
 
 
 def test_a_compiled_denoiser_compiles_before_it_serves(services, model_root):
