@@ -163,9 +163,13 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> d
                 eager.append(diffusers_eager())
                 for name in paths:
                     times[name].append(triptych(name))
-            info = runtime_service_pb2_grpc.RuntimeServiceStub(stubs["triptych"]).GetRuntimeInfo(
-                runtime_service_pb2.GetRuntimeInfoRequest()
-            )
+            infos = {
+                name: runtime_service_pb2_grpc.RuntimeServiceStub(stub).GetRuntimeInfo(
+                    runtime_service_pb2.GetRuntimeInfoRequest()
+                )
+                for name, stub in stubs.items()
+            }
+            info = infos["triptych"]
         # The text encoders on the same device, in a process of their own (as `triptych serve` co-locates them).
         with serve_role("encoder", root, env) as (_, address), open_channel(address) as channel:
             encoder_service_pb2_grpc.TextEncoderServiceStub(channel).Encode(
@@ -183,6 +187,8 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> d
             "peak_share": flops * steps / seconds / (args.peak_tflops * 1e12),
             "speedup": statistics.median(eager) / seconds,
             "first_call_s": first_call.get(name, 0.0),
+            # 0 on the compiled path means it fell back to eager (no C compiler for inductor/Triton: see the log).
+            "graphs": infos[name].counters.get("compiled_graphs", 0) if name in infos else 0,
         }
     result["denoiser_peak_gib"] = info.counters.get("cuda_max_allocated_bytes", 0) / 2**30
     result["encoder_peak_gib"] = encoder_info.counters.get("cuda_max_allocated_bytes", 0) / 2**30
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             m = r[name]
             if name == "compiled":
-                label += f" (first call, with compiling: {m['first_call_s']:.0f} s)"
+                label += f" ({m['graphs']} graphs; first call, with compiling: {m['first_call_s']:.0f} s)"
             speed = f"**{m['speedup']:.2f}×**" if name != "diffusers" else "1.00×"
             rows.append(
                 f"| {what} | {label} | {m['s_per_image']:.3f} | {m['it_per_s']:.2f} | {m['peak_share']:.1%} | {speed} |"

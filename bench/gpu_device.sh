@@ -14,6 +14,8 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/triptych-gpu-out}
 mkdir -p "$OUT"
 "$PYTHON" -c 'import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'
+# inductor and Triton need a C compiler; without one the compiled path runs eager (its row shows 0 graphs).
+command -v cc gcc || echo "no C compiler on this machine: the compiled rows will be eager"
 set -o pipefail
 "$PYTHON" -m bench.gpu --record "$@" 2>&1 | tee "$OUT/gpu.log"
 cp bench/RESULTS.md "$OUT/RESULTS.md"
