@@ -109,12 +109,17 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 return handler
         return handler
 
+    def _enter(self, request, context, method: str, tracked: bool) -> None:
+        """What every call passes before its handler runs: the drain's admission, and a request that parsed."""
+        if tracked:
+            self.drain.admit(context)
+        if isinstance(request, _Unparsable):
+            raise InvalidArgument.one("request", f"not a serialized request message of {method} ({request.why})")
+
     def _single(self, inner, method: str, tracked: bool):
         def handle(request, context):
             try:
-                if tracked:
-                    self.drain.admit(context)
-                _check_parsed(request, method)
+                self._enter(request, context, method, tracked)
                 return inner(request, context)
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
                 context.abort_with_status(_status_for(method, exc))
@@ -124,9 +129,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def _streaming(self, inner, method: str, tracked: bool):
         def handle(request, context):
             try:
-                if tracked:
-                    self.drain.admit(context)
-                _check_parsed(request, method)
+                self._enter(request, context, method, tracked)
                 yield from inner(request, context)
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
                 context.abort_with_status(_status_for(method, exc))
@@ -151,11 +154,6 @@ def _lenient(deserialize):
             return _Unparsable(f"{type(exc).__name__}: {exc}")
 
     return parse
-
-
-def _check_parsed(request, method: str) -> None:
-    if isinstance(request, _Unparsable):
-        raise InvalidArgument.one("request", f"not a serialized request message of {method} ({request.why})")
 
 
 def _cuda_counters(torch) -> dict[str, int]:
