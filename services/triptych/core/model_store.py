@@ -43,6 +43,11 @@ class ModelInfo:
         return self.index.get(name, default)
 
     @property
+    def is_text_to_image(self) -> bool:
+        """A diffusers pipeline folder of a family we serve (sd1 / sdxl): what the encoder and denoiser take."""
+        return self.kind == "pipeline" and self.family is not None
+
+    @property
     def family_name(self) -> str:
         """ "sd1", "sdxl" or "sdxl-refiner"."""
         return "sdxl-refiner" if self.is_refiner else (self.family or "")

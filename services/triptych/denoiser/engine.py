@@ -127,7 +127,7 @@ class DenoiserEngine:
     def resolve(self, model_id: str, field: str = "model") -> ModelInfo:
         """The model's store entry, without loading it: NOT_FOUND / INVALID_ARGUMENT before any queueing."""
         info = self.store.resolve(model_id, field)
-        if info.kind != "pipeline" or info.family is None:
+        if not info.is_text_to_image:
             raise InvalidArgument.one(field, f"{model_id!r} is not a text-to-image model folder ({info.kind})")
         return info
 
@@ -135,7 +135,7 @@ class DenoiserEngine:
         """Loads a model's UNet and runs one 2-step CFG job at its default size on zero conditioning, as a
         request would (so a compiled UNet is compiled for that shape). False for an id that is no pipeline."""
         info = self.store.resolve(model_id, "model")
-        if info.kind != "pipeline" or info.family is None:
+        if not info.is_text_to_image:
             return False
         unet = self.compute.run(model_id, lambda: self._parts(info)["unet"])
         pooled = None

@@ -152,7 +152,7 @@ class TextEncoderEngine:
     def warm_up(self, model_id: str) -> bool:
         """Loads a model's tokenizers and text encoders and encodes an empty prompt. False for a non-pipeline."""
         info = self.store.resolve(model_id, "model")
-        if info.kind != "pipeline" or info.family is None:
+        if not info.is_text_to_image:
             return False
         self.encode(EncodeJob(model=model_id, positive_prompt="", include_negative=True))
         return True
@@ -165,7 +165,7 @@ class TextEncoderEngine:
 
     def _answer(self, job: EncodeJob, submit) -> EncodeResult:
         info = self.store.resolve(job.model, "model")
-        if info.kind != "pipeline" or info.family is None:
+        if not info.is_text_to_image:
             raise InvalidArgument.one("model", f"{job.model!r} is not a text-to-image model folder ({info.kind})")
         if job.prompt_weighting not in PROMPT_WEIGHTINGS:
             raise InvalidArgument.one("prompt_weighting", f"must be one of {PROMPT_WEIGHTINGS}")
