@@ -19,7 +19,7 @@ from PIL import Image
 from triptych.core.components import ComponentCache
 from triptych.core.compute import ComputeThreads
 from triptych.core.errors import InvalidArgument
-from triptych.core.model_store import ModelStore
+from triptych.core.model_store import ModelInfo, ModelStore
 from triptych.core.placement import CPU_FLOAT32, Placement, compile_in_place
 
 
@@ -48,20 +48,19 @@ class DecoderEngine:
         self.compute = compute or ComputeThreads("decoder")
 
     def _folder(self, model_id: str, field: str) -> Path:
-        """Where the VAE lies (a model's own `vae` subfolder, or a standalone VAE folder), without loading it."""
+        """Where the VAE lies, without loading it; INVALID_ARGUMENT if the model has none."""
         info = self.store.resolve(model_id, field)
-        if info.kind == "pipeline" and (info.path / "vae").is_dir():
-            return info.path / "vae"
-        if info.kind == "vae":
-            return info.path
-        raise InvalidArgument.one(field, f"{model_id!r} has no VAE (it is a {info.kind})")
+        folder = _vae_folder(info)
+        if folder is None:
+            raise InvalidArgument.one(field, f"{model_id!r} has no VAE (it is a {info.kind})")
+        return folder
 
     def warm_up(self, model_id: str) -> bool:
         """Loads a model's VAE (or a VAE folder) and decodes zeros at its default size. False if it has no VAE."""
-        info = self.store.resolve(model_id, "model")
-        if not (info.kind == "vae" or (info.kind == "pipeline" and (info.path / "vae").is_dir())):
+        folder = _vae_folder(self.store.resolve(model_id, "model"))
+        if folder is None:
             return False
-        config = json.loads((self._folder(model_id, "model") / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
         size = config.get("sample_size")
         side = (size if isinstance(size, int) else 512) // 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
         self.decode(DecodeJob(model_id, "", torch.zeros(1, config.get("latent_channels", 4), side, side)))
@@ -105,3 +104,10 @@ class DecoderEngine:
                 latents = latents / vae.config.scaling_factor
             image = vae.decode(latents, return_dict=False)[0].cpu()
         return processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+
+
+def _vae_folder(info: ModelInfo) -> Path | None:
+    """A model's own `vae` subfolder, or a standalone VAE folder; None if it has no VAE."""
+    if info.kind == "pipeline" and (info.path / "vae").is_dir():
+        return info.path / "vae"
+    return info.path if info.kind == "vae" else None
