@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     def _split_models(cls, value):
         return [m.strip() for m in value.split(",") if m.strip()] if isinstance(value, str) else value
 
+    @property
+    def active_compile_mode(self) -> str | None:
+        """The torch.compile mode networks are compiled with, or None when compile is off (eager)."""
+        return self.compile_mode if self.compile else None
+
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel/server options: the message limits, set on both ends."""
         return [

@@ -74,9 +74,8 @@ def build(settings: Settings) -> Service:
     """The decoder role for the server bootstrap."""
     cache = ComponentCache(settings.max_loaded_models)
     compute = ComputeThreads("decoder", settings.max_loaded_models)
-    compile_mode = settings.compile_mode if settings.compile else None
     engine = DecoderEngine(
-        ModelStore(settings.model_root), cache, compute, Placement.from_settings(settings), compile_mode
+        ModelStore(settings.model_root), cache, compute, Placement.from_settings(settings), settings.active_compile_mode
     )
     servicer = DecoderServicer(engine, settings)
     return Service(

@@ -240,8 +240,9 @@ def build(settings: Settings) -> Service:
     loras = (MergedLoras if merged else LoraAdapters)(store, settings.lora_cache_bytes)
     compute = ComputeThreads("denoiser", settings.max_loaded_models)
     placement = Placement.from_settings(settings)
-    compile_mode = settings.compile_mode if settings.compile else None
-    engine = DenoiserEngine(store, cache, loras, settings.denoiser_queue_per_model, compute, placement, compile_mode)
+    engine = DenoiserEngine(
+        store, cache, loras, settings.denoiser_queue_per_model, compute, placement, settings.active_compile_mode
+    )
     servicer = DenoiserServicer(engine, settings)
     return Service(
         "denoiser",
