@@ -11,6 +11,7 @@ import grpc
 import pytest
 from PIL import Image
 
+from tests.e2e.stubs import DEADLINE_S, tiny_decode
 from triptych.client import field_violations, open_channel
 from triptych.v1 import (
     decoder_service_pb2,
@@ -92,6 +93,28 @@ def test_output_formats(client, output_format, mime, pil_format):
     assert image.image.mime_type == mime
     decoded = Image.open(io.BytesIO(image.image.data))
     assert decoded.format == pil_format and decoded.size == (64, 64)
+
+
+def test_png_text_chunks_come_in_key_order_whatever_order_the_map_arrived_in(services):
+    """A protobuf map has no order: two gateways (or one gateway's restarts) serialise png_text differently, and
+    upb iterates what it parsed in an order that follows the arrival. The decoder writes the chunks sorted, so a
+    request gives the same bytes from any gateway. The entries are sent raw, in both orders."""
+    keys = [f"key-{i}" for i in range(12)]
+    base = tiny_decode().SerializeToString()
+
+    def decode(order: list[str]) -> bytes:
+        entries = [decoder_service_pb2.DecodeRequest(png_text={k: k.upper()}).SerializeToString() for k in order]
+        with open_channel(services.addresses["decoder"]) as channel:
+            call = channel.unary_unary(
+                "/triptych.v1.DecoderService/Decode",
+                request_serializer=None,
+                response_deserializer=decoder_service_pb2.DecodeResponse.FromString,
+            )
+            return call(base + b"".join(entries), timeout=DEADLINE_S).images[0].data
+
+    forward, backward = decode(keys), decode(keys[::-1])
+    assert forward == backward
+    assert list(Image.open(io.BytesIO(forward)).text) == sorted(keys)
 
 
 BAD = [
