@@ -44,10 +44,25 @@ def encode_tensor(tensor: torch.Tensor, into: shm.Writer | None = None) -> tenso
     return message
 
 
-def decode_tensor(message: tensor_pb2.Tensor, field: str, *, allow_non_finite: bool = False) -> torch.Tensor:
-    """Parses a wire tensor, zero-copy over the message bytes; INVALID_ARGUMENT naming `field` if malformed.
+ALIGN = 64  # bytes; what torch's CPU allocator gives every tensor
 
-    The result is read-only memory owned by the message; callers that modify it must clone first.
+
+def aligned_bytes(data: bytes) -> torch.Tensor:
+    """`data` as a uint8 tensor starting on an ALIGN boundary: a view when it already does, else a copy."""
+    with warnings.catch_warnings():  # protobuf bytes are immutable; we never write through this view
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(data, dtype=torch.uint8)
+    return flat if flat.data_ptr() % ALIGN == 0 else flat.clone()
+
+
+def decode_tensor(message: tensor_pb2.Tensor, field: str, *, allow_non_finite: bool = False) -> torch.Tensor:
+    """Parses a wire tensor; INVALID_ARGUMENT naming `field` if malformed.
+
+    The result always starts on a 64-byte boundary, as torch's own allocations do: BLAS kernels may sum in
+    another order for unaligned operands (MKL's sgemm does for some shapes, measured here), and the same request
+    must give the same bits whether its tensors came as bytes, through shared memory, or from diffusers in-process.
+    Aligned message bytes are used in place (read-only memory owned by the message: callers that modify it must
+    clone first); unaligned ones, and shared-memory ranges, are copied into a fresh tensor.
     """
     dtype = _FROM_WIRE.get(message.dtype)
     if dtype is None:
@@ -57,7 +72,7 @@ def decode_tensor(message: tensor_pb2.Tensor, field: str, *, allow_non_finite: b
         raise InvalidArgument.one(f"{field}.shape", f"negative dimension in {shape}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
-    data = message.data
+    data = message.data  # read once: some protobuf runtimes copy the bytes on every access
     if message.HasField("shared_memory"):
         region = message.shared_memory
         if data:
@@ -67,7 +82,6 @@ def decode_tensor(message: tensor_pb2.Tensor, field: str, *, allow_non_finite: b
                 f"{field}.shared_memory.byte_size",
                 f"shape {shape} x {itemsize} bytes needs {expected} bytes, got {region.byte_size}",
             )
-        data = shm.read(region, f"{field}.shared_memory") if expected else b""
     elif expected != len(data):
         raise InvalidArgument.one(
             f"{field}.data", f"shape {shape} x {itemsize} bytes needs {expected} bytes, got {len(data)}"
@@ -77,9 +91,11 @@ def decode_tensor(message: tensor_pb2.Tensor, field: str, *, allow_non_finite: b
             return torch.empty(shape, dtype=dtype)
         except RuntimeError as exc:  # e.g. [2**62, 2**62, 0]: no elements, but torch cannot compute its strides
             raise InvalidArgument.one(f"{field}.shape", f"dimensions too large in {shape}") from exc
-    with warnings.catch_warnings():  # protobuf bytes are immutable; we never write through this view
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(data, dtype=torch.uint8)
+    if message.HasField("shared_memory"):
+        flat = torch.empty(expected, dtype=torch.uint8)
+        shm.read_into(region, f"{field}.shared_memory", flat.numpy())
+    else:
+        flat = aligned_bytes(data)
     tensor = flat.view(dtype).reshape(shape)
     if not allow_non_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise InvalidArgument.one(f"{field}.data", "contains NaN or Inf")

@@ -75,15 +75,22 @@ def _open(region: tensor_pb2.SharedMemoryRegion, field: str, flags: int) -> int:
 
 def read(region: tensor_pb2.SharedMemoryRegion, field: str) -> bytes:
     """A copy of the range: the caller may reuse its object as soon as the call returns."""
+    out = bytearray(region.byte_size)
+    read_into(region, field, out)
+    return bytes(out)
+
+
+def read_into(region: tensor_pb2.SharedMemoryRegion, field: str, out) -> None:
+    """Copies the range into `out` (a writable buffer of exactly byte_size bytes, e.g. a fresh torch tensor's
+    memory, which is 64-byte aligned)."""
     fd = _open(region, field, os.O_RDONLY)
     try:
-        data = os.pread(fd, region.byte_size, region.offset)
+        got = os.preadv(fd, [out], region.offset)
     finally:
         os.close(fd)
-    if len(data) != region.byte_size:  # the object shrank under us
+    if got != region.byte_size:  # the object shrank under us
         raise InvalidArgument.one(field, f"{region.name} is shorter than the range {region.offset}+{region.byte_size}")
     counters["shared_memory_reads"] += 1
-    return data
 
 
 class Writer:
