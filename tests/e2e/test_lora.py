@@ -117,9 +117,16 @@ def test_adapter_cache_is_bounded_by_bytes_and_eviction_changes_no_result(servic
         with open_channel(address) as channel:
             stub = denoiser_service_pb2_grpc.DenoiserServiceStub(channel)
             request = denoiser_service_pb2.DenoiseRequest(
-                model="tiny/sd15", positive=encoded.positive, negative=encoded.negative, steps=3,
-                guidance_scale=7.0, seed=5, width=64, height=64,
-                loras=[common_pb2.Lora(model=m, weight=w) for m, w in loras])
+                model="tiny/sd15",
+                positive=encoded.positive,
+                negative=encoded.negative,
+                steps=3,
+                guidance_scale=7.0,
+                seed=5,
+                width=64,
+                height=64,
+                loras=[common_pb2.Lora(model=m, weight=w) for m, w in loras],
+            )
             return [e.result for e in stub.Denoise(request) if e.HasField("result")][0].latents.data
 
     sequence = [[(KOHYA, 0.8)], [(PEFT, 0.6)], [(KOHYA, 0.8)], [], [(PEFT, 0.6)]]

@@ -25,11 +25,26 @@ def reference(pipes, *, prompt, negative, seed, steps, fraction, scheduler, cfg=
     set_scheduler(base, scheduler)
     set_scheduler(refiner, scheduler)
     generator = torch.Generator("cpu").manual_seed(seed)  # one generator object across both, as diffusers' docs
-    latents = base(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=cfg,
-                   width=size, height=size, denoising_end=fraction, output_type="latent",
-                   generator=generator).images
-    image = refiner(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=cfg,
-                    denoising_start=fraction, image=latents, generator=generator).images[0]
+    latents = base(
+        prompt=prompt,
+        negative_prompt=negative or None,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        width=size,
+        height=size,
+        denoising_end=fraction,
+        output_type="latent",
+        generator=generator,
+    ).images
+    image = refiner(
+        prompt=prompt,
+        negative_prompt=negative or None,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        denoising_start=fraction,
+        image=latents,
+        generator=generator,
+    ).images[0]
     return np.asarray(image)
 
 
@@ -44,24 +59,41 @@ def reference(pipes, *, prompt, negative, seed, steps, fraction, scheduler, cfg=
 )
 def test_base_to_refiner_equals_diffusers(client, pipes, scheduler, steps, refiner_start):
     request = image_service_pb2.GenerateRequest(
-        model="tiny/sdxl", positive_prompt="a red fox", negative_prompt="blurry", seed=21, steps=steps,
-        width=64, height=64, scheduler=scheduler, refiner=image_service_pb2.Refiner(model="tiny/sdxl-refiner",
-                                                                                    **refiner_start),
+        model="tiny/sdxl",
+        positive_prompt="a red fox",
+        negative_prompt="blurry",
+        seed=21,
+        steps=steps,
+        width=64,
+        height=64,
+        scheduler=scheduler,
+        refiner=image_service_pb2.Refiner(model="tiny/sdxl-refiner", **refiner_start),
     )
     events = list(client.stream(request))
     image = [e.image for e in events if e.HasField("image")][0]
     stages = {e.progress.stage for e in events if e.HasField("progress")}
     assert {"denoise", "refine"} <= stages
     fraction = refiner_start.get("start_step_percentage", 0) / 100 or refiner_start.get("start_step", 0) / steps
-    expected = reference(pipes, prompt="a red fox", negative="blurry", seed=21, steps=steps, fraction=fraction,
-                         scheduler=scheduler)
+    expected = reference(
+        pipes, prompt="a red fox", negative="blurry", seed=21, steps=steps, fraction=fraction, scheduler=scheduler
+    )
     assert np.array_equal(pixels(image.image.data), expected)
 
 
 def test_refiner_base_gets_eleven_of_fifteen_steps_at_80_percent(client):
-    events = list(client.stream(image_service_pb2.GenerateRequest(
-        model="tiny/sdxl", positive_prompt="x", seed=1, steps=15, width=64, height=64,
-        refiner=image_service_pb2.Refiner(model="tiny/sdxl-refiner", start_step_percentage=80))))
+    events = list(
+        client.stream(
+            image_service_pb2.GenerateRequest(
+                model="tiny/sdxl",
+                positive_prompt="x",
+                seed=1,
+                steps=15,
+                width=64,
+                height=64,
+                refiner=image_service_pb2.Refiner(model="tiny/sdxl-refiner", start_step_percentage=80),
+            )
+        )
+    )
     totals = {e.progress.stage: e.progress.total_steps for e in events if e.HasField("progress")}
     assert totals["denoise"] == 11 and totals["refine"] == 4
 
@@ -73,7 +105,15 @@ def test_refiner_needs_an_sdxl_base_and_an_sdxl_refiner(client, base, refiner):
     import grpc
 
     with pytest.raises(grpc.RpcError) as raised:
-        client.generate(image_service_pb2.GenerateRequest(
-            model=base, positive_prompt="x", seed=1, steps=4, width=64, height=64,
-            refiner=image_service_pb2.Refiner(model=refiner, start_step_percentage=50)))
+        client.generate(
+            image_service_pb2.GenerateRequest(
+                model=base,
+                positive_prompt="x",
+                seed=1,
+                steps=4,
+                width=64,
+                height=64,
+                refiner=image_service_pb2.Refiner(model=refiner, start_step_percentage=50),
+            )
+        )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "refiner.model" in raised.value.details()

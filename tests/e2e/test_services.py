@@ -154,22 +154,53 @@ def test_every_bad_field_is_reported_at_once(client):
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "triptych.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "triptych.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def test_cli_generate_from_prompt_and_from_request_file(services, tmp_path):
     out = tmp_path / "fox.png"
-    done = run_cli("generate", "a red fox", "--model", "tiny/sd15", "--seed", "7", "--steps", "4", "-o", str(out),
-                   "--address", services.gateway)
+    done = run_cli(
+        "generate",
+        "a red fox",
+        "--model",
+        "tiny/sd15",
+        "--seed",
+        "7",
+        "--steps",
+        "4",
+        "-o",
+        str(out),
+        "--address",
+        services.gateway,
+    )
     assert done.returncode == 0, done.stderr
     assert "seed=7" in done.stdout and Image.open(out).size == (128, 128)
-    task = {"taskType": "imageInference", "taskUUID": "abc", "positivePrompt": "a red fox", "model": "tiny/sd15",
-            "width": 64, "height": 64, "steps": 4, "CFGScale": 7, "seed": 7, "scheduler": "Euler a",
-            "numberResults": 2, "outputFormat": "PNG"}
+    task = {
+        "taskType": "imageInference",
+        "taskUUID": "abc",
+        "positivePrompt": "a red fox",
+        "model": "tiny/sd15",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "CFGScale": 7,
+        "seed": 7,
+        "scheduler": "Euler a",
+        "numberResults": 2,
+        "outputFormat": "PNG",
+    }
     (tmp_path / "task.json").write_text(json.dumps(task))
-    done = run_cli("generate", "--request", str(tmp_path / "task.json"), "-o", str(tmp_path / "t.png"),
-                   "--address", services.gateway)
+    done = run_cli(
+        "generate",
+        "--request",
+        str(tmp_path / "task.json"),
+        "-o",
+        str(tmp_path / "t.png"),
+        "--address",
+        services.gateway,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "t.png").exists() and (tmp_path / "t-1.png").exists()
     assert "seed=8" in done.stdout

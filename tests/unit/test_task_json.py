@@ -7,13 +7,32 @@ from triptych.client import TaskError, request_from_task, requests_from_json, ta
 from triptych.v1 import common_pb2, decoder_service_pb2
 
 FULL = {
-    "taskType": "imageInference", "taskUUID": "u1", "positivePrompt": "a fox", "negativePrompt": "blur",
-    "model": "tiny/sdxl", "width": 128, "height": 64, "steps": 30, "CFGScale": 6.5, "scheduler": "Euler a",
-    "seed": 2**64 - 1, "clipSkip": 1, "vae": "tiny/vae-alt", "numberResults": 2, "outputFormat": "webp",
-    "lora": [{"model": "tiny/lora-sd15-kohya", "weight": 0.7}], "embeddings": [{"model": "tiny/ti-sdxl"}],
-    "controlNet": [{"model": "tiny/controlnet-sdxl", "guideImage": "data:image/png;base64," +
-                    base64.b64encode(b"png").decode(), "startStepPercentage": 10, "endStep": 12,
-                    "controlMode": "ControlNet"}],
+    "taskType": "imageInference",
+    "taskUUID": "u1",
+    "positivePrompt": "a fox",
+    "negativePrompt": "blur",
+    "model": "tiny/sdxl",
+    "width": 128,
+    "height": 64,
+    "steps": 30,
+    "CFGScale": 6.5,
+    "scheduler": "Euler a",
+    "seed": 2**64 - 1,
+    "clipSkip": 1,
+    "vae": "tiny/vae-alt",
+    "numberResults": 2,
+    "outputFormat": "webp",
+    "lora": [{"model": "tiny/lora-sd15-kohya", "weight": 0.7}],
+    "embeddings": [{"model": "tiny/ti-sdxl"}],
+    "controlNet": [
+        {
+            "model": "tiny/controlnet-sdxl",
+            "guideImage": "data:image/png;base64," + base64.b64encode(b"png").decode(),
+            "startStepPercentage": 10,
+            "endStep": 12,
+            "controlMode": "ControlNet",
+        }
+    ],
     "refiner": {"model": "tiny/sdxl-refiner", "startStepPercentage": 80},
 }
 
