@@ -48,6 +48,9 @@ def main() -> None:
         f"| … where the chain's time goes | encode {split['encode_s'] * 1000:.1f} ms, denoise "
         f"{split['denoise_s'] * 1000:.1f} ms, decode {split['decode_s'] * 1000:.1f} ms, gateway + hops "
         f"{split['gateway_and_hops_s'] * 1000:.1f} ms | | |",
+        f"| … the denoise stage alone (one Denoise call, one progress event), same embeddings | "
+        f"{split['denoise_alone_s'] * 1000:.1f} ms | diffusers' loop, output_type=latent "
+        f"{split['in_process_denoise_s'] * 1000:.1f} ms | **{split['ratio_denoise']:.3f}×** |",
     ]
     for transport in ("tcp", "unix"):
         h = hops[transport]

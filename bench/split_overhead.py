@@ -1,7 +1,8 @@
 """Split overhead: one request through the four processes vs diffusers' in-process pipeline, same weights.
 
 Interleaved runs, median ratio. Also where the chain's time goes: encode, denoise, decode as each service
-reports it to a caller that chains the three itself, and the remainder (hops, gateway) by subtraction.
+reports it to a caller that chains the three itself, and the remainder (hops, gateway) by subtraction; and the
+denoiser's Denoise call alone against diffusers' own loop on the same embeddings (output_type="latent").
 
     python -m bench.split_overhead [--runs 15] [--model tiny/sdxl] [--size 128] [--steps 20]
 """
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     import diffusers
 
     from triptych.client import ImageClient, open_channel
+    from triptych.core.codec import decode_tensor
     from triptych.v1 import (
         decoder_service_pb2,
         decoder_service_pb2_grpc,
@@ -90,6 +92,50 @@ def main(argv: list[str] | None = None) -> dict:
         denoiser = denoiser_service_pb2_grpc.DenoiserServiceStub(open_channel(addresses["denoiser"]))
         decoder = decoder_service_pb2_grpc.DecoderServiceStub(open_channel(addresses["decoder"]))
 
+        # The denoise stage alone against diffusers' own loop on the same embeddings (output_type="latent"):
+        # whether the split costs anything inside the denoiser, apart from the hops and the progress events.
+        embedded = encoder.Encode(
+            encoder_service_pb2.EncodeRequest(model=args.model, positive_prompt="a red fox", include_negative=True)
+        )
+        embeddings = {
+            "prompt_embeds": decode_tensor(embedded.positive.prompt_embeds, "p").clone(),
+            "negative_prompt_embeds": decode_tensor(embedded.negative.prompt_embeds, "n").clone(),
+        }
+        if "sdxl" in args.model:
+            embeddings["pooled_prompt_embeds"] = decode_tensor(embedded.positive.pooled_prompt_embeds, "p").clone()
+            embeddings["negative_pooled_prompt_embeds"] = decode_tensor(
+                embedded.negative.pooled_prompt_embeds, "n"
+            ).clone()
+
+        def in_process_denoise() -> float:
+            started = time.perf_counter()
+            pipe(
+                **embeddings,
+                width=args.size,
+                height=args.size,
+                num_inference_steps=args.steps,
+                guidance_scale=7.0,
+                generator=torch.Generator("cpu").manual_seed(1),
+                output_type="latent",
+            )
+            return time.perf_counter() - started
+
+        def denoise_alone() -> float:
+            started = time.perf_counter()
+            request = denoiser_service_pb2.DenoiseRequest(
+                model=args.model,
+                positive=embedded.positive,
+                negative=embedded.negative,
+                steps=args.steps,
+                guidance_scale=7.0,
+                seed=1,
+                width=args.size,
+                height=args.size,
+                progress_interval_ms=60_000,
+            )
+            list(denoiser.Denoise(request))
+            return time.perf_counter() - started
+
         def stages() -> tuple[float, float, float]:
             t0 = time.perf_counter()
             encoded = encoder.Encode(
@@ -117,13 +163,15 @@ def main(argv: list[str] | None = None) -> dict:
             return t1 - t0, t2 - t1, time.perf_counter() - t2
 
         for _ in range(2):  # warm-up: loads, allocator, caches
-            in_process(), chain(), chain(quiet), stages()
-        local, split, split_quiet, parts = [], [], [], []
+            in_process(), chain(), chain(quiet), stages(), in_process_denoise(), denoise_alone()
+        local, split, split_quiet, parts, local_denoise, remote_denoise = [], [], [], [], [], []
         for _ in range(args.runs):
             local.append(in_process())
             split.append(chain())
             split_quiet.append(chain(quiet))
             parts.append(stages())
+            local_denoise.append(in_process_denoise())
+            remote_denoise.append(denoise_alone())
         result = {
             "machine": machine(),
             "torch_threads": threads,
@@ -135,7 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
             "encode_s": median([p[0] for p in parts]),
             "denoise_s": median([p[1] for p in parts]),
             "decode_s": median([p[2] for p in parts]),
+            "in_process_denoise_s": median(local_denoise),
+            "denoise_alone_s": median(remote_denoise),
         }
+        result["ratio_denoise"] = result["denoise_alone_s"] / result["in_process_denoise_s"]
         result["gateway_and_hops_s"] = result["chain_s"] - result["encode_s"] - result["denoise_s"] - result["decode_s"]
     print(
         f"split overhead ({args.model}, {args.size}², {args.steps} steps, {args.runs} interleaved runs, "
@@ -146,6 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"  chain stages: encode {result['encode_s'] * 1000:.1f} ms, denoise {result['denoise_s'] * 1000:.1f} ms, "
         f"decode {result['decode_s'] * 1000:.1f} ms, gateway + hops {result['gateway_and_hops_s'] * 1000:.1f} ms"
+    )
+    print(
+        f"  denoise alone (one progress event) {result['denoise_alone_s'] * 1000:.1f} ms vs diffusers' latent loop "
+        f"{result['in_process_denoise_s'] * 1000:.1f} ms, ratio {result['ratio_denoise']:.3f}×"
     )
     return result
 
