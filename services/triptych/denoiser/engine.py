@@ -83,6 +83,17 @@ class DenoiseOutcome:
     model_calls: int
 
 
+def sdxl_time_ids(
+    info: ModelInfo, height: int, width: int, aesthetic_score: float, negative_aesthetic_score: float
+) -> tuple[list[float], list[float]]:
+    """SDXL's added time ids (positive, negative) as StableDiffusionXL(Img2Img)Pipeline._get_add_time_ids builds
+    them: original = target = (h, w), crop (0, 0); a refiner takes its aesthetic scores instead of the target."""
+    if info.flag("requires_aesthetics_score", False):
+        return [height, width, 0, 0, aesthetic_score], [height, width, 0, 0, negative_aesthetic_score]
+    time_ids = [height, width, 0, 0, height, width]
+    return time_ids, time_ids
+
+
 def window_timesteps(scheduler, start_fraction: float, end_fraction: float) -> torch.Tensor:
     """The part of scheduler.timesteps a window runs, by timestep value as diffusers cuts it."""
     timesteps = scheduler.timesteps
@@ -140,7 +151,7 @@ class DenoiserEngine:
         unet = self.compute.run(model_id, lambda: self._parts(info)["unet"])
         pooled = None
         if info.family == "sdxl":
-            time_ids = 5 if info.flag("requires_aesthetics_score", False) else 6
+            time_ids = len(sdxl_time_ids(info, 0, 0, 0.0, 0.0)[0])
             features = unet.add_embedding.linear_1.in_features - unet.config.addition_time_embed_dim * time_ids
             pooled = torch.zeros(1, features)
         zero = Conditioning(torch.zeros(1, 77, unet.config.cross_attention_dim), pooled)
@@ -349,12 +360,9 @@ class DenoiserEngine:
             prompt_embeds = torch.cat([place.tensor(negative.prompt_embeds), prompt_embeds])
         if info.family != "sdxl":
             return prompt_embeds, None
-        # StableDiffusionXL(Img2Img)Pipeline._get_add_time_ids: original = target = (h, w), crop (0, 0).
-        if info.flag("requires_aesthetics_score", False):
-            time_ids = [height, width, 0, 0, job.aesthetic_score]
-            negative_time_ids = [height, width, 0, 0, job.negative_aesthetic_score]
-        else:
-            time_ids = negative_time_ids = [height, width, 0, 0, height, width]
+        time_ids, negative_time_ids = sdxl_time_ids(
+            info, height, width, job.aesthetic_score, job.negative_aesthetic_score
+        )
         expected = unet.add_embedding.linear_1.in_features
         passed = unet.config.addition_time_embed_dim * len(time_ids) + positive.pooled_prompt_embeds.shape[-1]
         if expected != passed:
