@@ -92,11 +92,26 @@ def main(argv: list[str] | None = None) -> dict:
         denoiser = denoiser_service_pb2_grpc.DenoiserServiceStub(open_channel(addresses["denoiser"]))
         decoder = decoder_service_pb2_grpc.DecoderServiceStub(open_channel(addresses["decoder"]))
 
+        encode_request = encoder_service_pb2.EncodeRequest(
+            model=args.model, positive_prompt="a red fox", include_negative=True
+        )
+
+        def denoise_request(encoded, **options) -> denoiser_service_pb2.DenoiseRequest:
+            return denoiser_service_pb2.DenoiseRequest(
+                model=args.model,
+                positive=encoded.positive,
+                negative=encoded.negative,
+                steps=args.steps,
+                guidance_scale=7.0,
+                seed=1,
+                width=args.size,
+                height=args.size,
+                **options,
+            )
+
         # The denoise stage alone against diffusers' own loop on the same embeddings (output_type="latent"):
         # whether the split costs anything inside the denoiser, apart from the hops and the progress events.
-        embedded = encoder.Encode(
-            encoder_service_pb2.EncodeRequest(model=args.model, positive_prompt="a red fox", include_negative=True)
-        )
+        embedded = encoder.Encode(encode_request)
         embeddings = {
             "prompt_embeds": decode_tensor(embedded.positive.prompt_embeds, "p").clone(),
             "negative_prompt_embeds": decode_tensor(embedded.negative.prompt_embeds, "n").clone(),
@@ -120,44 +135,18 @@ def main(argv: list[str] | None = None) -> dict:
             )
             return time.perf_counter() - started
 
+        alone = denoise_request(embedded, progress_interval_ms=60_000)
+
         def denoise_alone() -> float:
             started = time.perf_counter()
-            request = denoiser_service_pb2.DenoiseRequest(
-                model=args.model,
-                positive=embedded.positive,
-                negative=embedded.negative,
-                steps=args.steps,
-                guidance_scale=7.0,
-                seed=1,
-                width=args.size,
-                height=args.size,
-                progress_interval_ms=60_000,
-            )
-            list(denoiser.Denoise(request))
+            list(denoiser.Denoise(alone))
             return time.perf_counter() - started
 
         def stages() -> tuple[float, float, float]:
             t0 = time.perf_counter()
-            encoded = encoder.Encode(
-                encoder_service_pb2.EncodeRequest(model=args.model, positive_prompt="a red fox", include_negative=True)
-            )
+            encoded = encoder.Encode(encode_request)
             t1 = time.perf_counter()
-            result = [
-                e.result
-                for e in denoiser.Denoise(
-                    denoiser_service_pb2.DenoiseRequest(
-                        model=args.model,
-                        positive=encoded.positive,
-                        negative=encoded.negative,
-                        steps=args.steps,
-                        guidance_scale=7.0,
-                        seed=1,
-                        width=args.size,
-                        height=args.size,
-                    )
-                )
-                if e.HasField("result")
-            ][0]
+            result = [e.result for e in denoiser.Denoise(denoise_request(encoded)) if e.HasField("result")][0]
             t2 = time.perf_counter()
             decoder.Decode(decoder_service_pb2.DecodeRequest(model=args.model, latents=result.latents))
             return t1 - t0, t2 - t1, time.perf_counter() - t2
