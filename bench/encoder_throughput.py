@@ -80,6 +80,53 @@ def latencies(stub, requests: list) -> list[float]:
     return out
 
 
+def forward_ceiling(model_root: Path, model: str, count: int, rounds: int) -> dict[str, float]:
+    """The text encoders' forward passes alone, in this process, in ms per request: one request (prompt and
+    negative, 2 rows) per pass against `count` requests in one pass. This is all that batching can save on
+    this model and machine, before any gRPC, tokenizing or other per-request work. The passes are the
+    encoder service's own (`encode_rows`, rows made batch-independent); medians of interleaved rounds."""
+    import torch
+
+    from triptych.core.components import ComponentCache
+    from triptych.core.lora import LoraAdapters
+    from triptych.core.model_store import ModelStore
+    from triptych.core.settings import Limits
+    from triptych.encoder.chunks import split_into_chunks
+    from triptych.encoder.engine import TextEncoderEngine
+    from triptych.encoder.forward import encode_rows
+    from triptych.encoder.prompt_syntax import literal
+
+    store = ModelStore(model_root)
+    engine = TextEncoderEngine(store, ComponentCache(1), LoraAdapters(store, 0), Limits())
+    info = store.resolve(model, "model")
+    parts = engine.components(info)
+    names = [name for name in ("text_encoder", "text_encoder_2") if name in parts]
+    tokenizers = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+    texts = [
+        text for item in (request(model) for _ in range(count)) for text in (item.positive_prompt, item.negative_prompt)
+    ]
+    rows = {
+        name: [split_into_chunks(parts[tokenizers[name]], literal(text), [], name).chunks[0] for text in texts]
+        for name in names
+    }
+
+    def passes(per_pass: int) -> float:
+        started = time.perf_counter()
+        with torch.no_grad():
+            for first in range(0, len(texts), per_pass):
+                for name in names:
+                    chunks = rows[name][first : first + per_pass]
+                    encode_rows(parts[name], info.family, chunks, [0] * len(chunks))
+        return (time.perf_counter() - started) / count * 1e3
+
+    passes(2), passes(2 * count)  # warm the kernels at both shapes
+    times: dict[str, list[float]] = {"one per pass": [], "batched": []}
+    for _ in range(rounds):
+        times["one per pass"].append(passes(2))
+        times["batched"].append(passes(2 * count))
+    return {name: median(values) for name, values in times.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     from triptych.v1 import encoder_service_pb2_grpc
 
@@ -94,6 +141,14 @@ def main(argv: list[str] | None = None) -> dict:
     store = contextlib.nullcontext(args.model_root) if args.model_root else tiny_store()
     figures: dict = {"machine": machine(), "model": args.model, "quick": args.quick, "rows": {}}
     with store as root:
+        ceiling = forward_ceiling(root, args.model, 16, rounds)
+        figures["ceiling"] = ceiling
+        print(
+            f"forward passes alone, in process: one request per pass {ceiling['one per pass']:.2f} ms/request, "
+            f"16 per pass {ceiling['batched']:.2f} ms/request ({ceiling['one per pass'] / ceiling['batched']:.2f}x: "
+            "the most batching can give here)",
+            flush=True,
+        )
         unbatched_env = {"TRIPTYCH_ENCODER_MAX_BATCH_ROWS": "1", "TRIPTYCH_ENCODER_CACHE_BYTES": "0"}
         with serve_encoder(root, unbatched_env) as plain, serve_encoder(root, {}) as batched:
             stubs = {
@@ -150,6 +205,12 @@ def record(figures: dict, argv: list[str] | None) -> None:
             f"| {count} | {row['one at a time']:.1f} | {row['batched']:.1f} | "
             f"**{row['batched'] / row['one at a time']:.2f}×** | {row['batched'] / single:.2f}× |"
         )
+    ceiling = figures["ceiling"]
+    one, batched = 1e3 / ceiling["one per pass"], 1e3 / ceiling["batched"]
+    rows.append(
+        f"| 16, forward passes alone (in process, no gRPC: the ceiling) | {one:.1f} | {batched:.1f} | "
+        f"**{batched / one:.2f}×** | |"
+    )
     rows.append(
         f"| cache hit p50 | | {figures['hit_p50_ms']:.2f} ms | miss p50 {figures['miss_p50_ms']:.2f} ms | "
         f"**{figures['miss_p50_ms'] / figures['hit_p50_ms']:.1f}×** faster |"

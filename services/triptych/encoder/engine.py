@@ -131,7 +131,9 @@ class TextEncoderEngine:
             "encode_shared_forward_passes": self.batcher.shared_calls,
         }
 
-    def _components(self, info: ModelInfo) -> dict:
+    def components(self, info: ModelInfo) -> dict:
+        """The model's tokenizers and text encoders by folder name (plus its lock), loaded on first use."""
+
         def load() -> dict:
             parts: dict = {}
             for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
@@ -169,7 +171,7 @@ class TextEncoderEngine:
             raise InvalidArgument.one("model", f"{job.model!r} is not a text-to-image model folder ({info.kind})")
         if job.prompt_weighting not in PROMPT_WEIGHTINGS:
             raise InvalidArgument.one("prompt_weighting", f"must be one of {PROMPT_WEIGHTINGS}")
-        parts = self._components(info)
+        parts = self.components(info)
         encoder_names = [name for name in ("text_encoder", "text_encoder_2") if name in parts]
         # Every encoder must have the layer: SDXL's CLIP-L (12 layers) is shallower than its OpenCLIP-G (32).
         layers = min(parts[name].config.num_hidden_layers for name in encoder_names)
