@@ -26,6 +26,18 @@ def tiny_store():
 
 
 @contextlib.contextmanager
+def full_size_store(family: str, dtype: str = "float32", device: str = "cpu"):
+    """One full-size model (the real architecture, random weights) in a temporary directory: full-size/<family>."""
+    import torch
+
+    from triptych.models.full_size import build_full_size
+
+    with tempfile.TemporaryDirectory(prefix="triptych-bench-") as root:
+        build_full_size(Path(root), family, dtype=getattr(torch, dtype), device=device)
+        yield Path(root)
+
+
+@contextlib.contextmanager
 def serve_all(model_root: Path, extra_env: dict[str, str] | None = None):
     """`triptych serve --port 0`: yields {role: address} and {role: pid}."""
     process = subprocess.Popen(

@@ -6,6 +6,9 @@ Each Encode carries a unique prompt and a negative (2 chunks of 77 tokens), so n
 the cache-hit measurement, which repeats one request. Prints ratios measured in the same run.
 
     .venv/bin/python -m bench.encoder_throughput [--quick] [--model tiny/sdxl] [--record]
+    .venv/bin/python -m bench.encoder_throughput --quick --full-size sdxl     (with TRIPTYCH_DEVICE=cuda: the GPU)
+
+The processes and the in-process forward passes are placed by the environment (TRIPTYCH_DEVICE, TRIPTYCH_DTYPE).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import machine, median, rewrite_results, tiny_store
+from bench.common import full_size_store, machine, median, rewrite_results, tiny_store
 
 _unique = itertools.count()
 
@@ -90,14 +93,17 @@ def forward_ceiling(model_root: Path, model: str, count: int, rounds: int) -> di
     from triptych.core.components import ComponentCache
     from triptych.core.lora import LoraAdapters
     from triptych.core.model_store import ModelStore
-    from triptych.core.settings import Limits
+    from triptych.core.placement import Placement
+    from triptych.core.settings import Limits, Settings
     from triptych.encoder.chunks import split_into_chunks
     from triptych.encoder.engine import TextEncoderEngine
     from triptych.encoder.forward import encode_rows
     from triptych.encoder.prompt_syntax import literal
 
     store = ModelStore(model_root)
-    engine = TextEncoderEngine(store, ComponentCache(1), LoraAdapters(store, 0), Limits())
+    # Placed as the encoder processes are (TRIPTYCH_DEVICE, TRIPTYCH_DTYPE from the environment).
+    placement = Placement.from_settings(Settings(model_root=model_root))
+    engine = TextEncoderEngine(store, ComponentCache(1), LoraAdapters(store, 0), Limits(), placement=placement)
     info = store.resolve(model, "model")
     parts = engine.components(info)
     names = [name for name in ("text_encoder", "text_encoder_2") if name in parts]
@@ -117,6 +123,8 @@ def forward_ceiling(model_root: Path, model: str, count: int, rounds: int) -> di
                 for name in names:
                     chunks = rows[name][first : first + per_pass]
                     encode_rows(parts[name], info.family, chunks, [0] * len(chunks))
+        if placement.device.type == "cuda":
+            torch.cuda.synchronize()
         return (time.perf_counter() - started) / count * 1e3
 
     passes(2), passes(2 * count)  # warm the kernels at both shapes
@@ -128,17 +136,28 @@ def forward_ceiling(model_root: Path, model: str, count: int, rounds: int) -> di
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from triptych.core.settings import Settings
     from triptych.v1 import encoder_service_pb2_grpc
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer calls and no 64-caller run (~1 minute)")
     parser.add_argument("--model", default="tiny/sdxl")
     parser.add_argument("--model-root", type=Path, help="a store holding --model; default: a fresh tiny family")
+    parser.add_argument(
+        "--full-size",
+        choices=("sd15", "sdxl"),
+        help="a fresh full-size model (real architecture, random weights) instead of --model, drawn on TRIPTYCH_DEVICE",
+    )
     parser.add_argument("--record", action="store_true", help="rewrite the encoder table of bench/RESULTS.md")
     args = parser.parse_args(argv)
     callers = [1, 4, 16] if args.quick else [1, 4, 16, 64]
     per_caller, minimum, rounds = (8, 60, 3) if args.quick else (16, 150, 5)
-    store = contextlib.nullcontext(args.model_root) if args.model_root else tiny_store()
+    if args.full_size:
+        settings = Settings()
+        args.model = f"full-size/{args.full_size}"
+        store = full_size_store(args.full_size, settings.dtype, settings.device)
+    else:
+        store = contextlib.nullcontext(args.model_root) if args.model_root else tiny_store()
     figures: dict = {"machine": machine(), "model": args.model, "quick": args.quick, "rows": {}}
     with store as root:
         ceiling = forward_ceiling(root, args.model, 16, rounds)

@@ -25,3 +25,7 @@ LORA="$PYTHON -m bench.lora_switch --device ${LORA_DEVICE:-cuda}"
 $LORA 2>&1 | tee -a "$OUT/gpu.log" || true
 timeout 150 $LORA --compile --modes merged --switches 5 2>&1 | tee -a "$OUT/gpu.log" || true
 timeout 150 $LORA --compile --modes adapters --switches 1 2>&1 | tee -a "$OUT/gpu.log" || true
+# Encoder batching on the GPU, full-size SDXL text encoders in float16 (lines for bench/RESULTS.md by hand; no
+# --record, which would overwrite the CPU encoder table).
+TRIPTYCH_DEVICE=cuda TRIPTYCH_DTYPE=float16 timeout 200 "$PYTHON" -m bench.encoder_throughput --quick --full-size sdxl \
+  2>&1 | tee -a "$OUT/gpu.log" || true

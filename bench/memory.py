@@ -8,22 +8,11 @@ full-size SD1.5 (the real architecture, random weights: triptych.models.full_siz
 from __future__ import annotations
 
 import argparse
-import contextlib
-import tempfile
-from pathlib import Path
+import functools
 
 import psutil
 
-from bench.common import machine, serve_all, tiny_store
-
-
-@contextlib.contextmanager
-def full_size_store():
-    from triptych.models.full_size import build_full_size
-
-    with tempfile.TemporaryDirectory(prefix="triptych-bench-") as root:
-        build_full_size(Path(root), "sd15")
-        yield Path(root)
+from bench.common import full_size_store, machine, serve_all, tiny_store
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,7 +23,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--full-size", action="store_true", help="one full-size SD1.5 instead of the tiny family")
     args = parser.parse_args(argv)
     store, models, steps = (
-        (full_size_store, ("full-size/sd15",), 1) if args.full_size else (tiny_store, ("tiny/sd15", "tiny/sdxl"), 2)
+        (functools.partial(full_size_store, "sd15"), ("full-size/sd15",), 1)
+        if args.full_size
+        else (tiny_store, ("tiny/sd15", "tiny/sdxl"), 2)
     )
     report = {"machine": machine(), "models": models, "services": {}}
     with store() as root, serve_all(root) as (addresses, pids):
