@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from triptych.core import shm
+from triptych.core import shm, timing
 from triptych.core.components import LoadedComponent
 from triptych.core.errors import InvalidArgument, TriptychError, Unavailable
 from triptych.core.security import describe, server_credentials, server_interceptors
@@ -87,8 +87,9 @@ class Drain:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions raised by servicers to statuses, in one place (unknown exceptions become INTERNAL), and
-    admits each call through the server's Drain."""
+    """Maps exceptions raised by servicers to statuses, in one place (unknown exceptions become INTERNAL),
+    admits each call through the server's Drain, and ends each successful call with its `server-timing` trailer
+    (core/timing.py)."""
 
     def __init__(self, drain: Drain | None = None):
         self.drain = drain or Drain()
@@ -118,9 +119,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
     def _single(self, inner, method: str, tracked: bool):
         def handle(request, context):
+            started = time.perf_counter()
             try:
                 self._enter(request, context, method, tracked)
-                return inner(request, context)
+                response = inner(request, context)
+                if tracked:
+                    timing.append(context, {"total": time.perf_counter() - started})
+                return response
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
                 context.abort_with_status(_status_for(method, exc))
 
@@ -128,9 +133,12 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
     def _streaming(self, inner, method: str, tracked: bool):
         def handle(request, context):
+            started = time.perf_counter()
             try:
                 self._enter(request, context, method, tracked)
                 yield from inner(request, context)
+                if tracked:
+                    timing.append(context, {"total": time.perf_counter() - started})
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
                 context.abort_with_status(_status_for(method, exc))
 

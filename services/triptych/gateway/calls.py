@@ -8,11 +8,13 @@ import atexit
 import itertools
 import logging
 import threading
+import time
 
 import grpc
 
 from triptych.core import shm
 from triptych.core.errors import Relayed
+from triptych.core.timing import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ class Calls:
     def __init__(self, context: grpc.ServicerContext, transport: Transport):
         self._context = context
         self.transport = transport
+        self.clock = StageClock()
         self._lock = threading.Lock()
         self._active: list = []
         context.add_callback(self.cancel_all)
@@ -44,20 +47,27 @@ class Calls:
             for call in self._active:
                 call.cancel()
 
-    def unary(self, method, request, renames: dict[str, str] = DOWNSTREAM_FIELDS, output: str | None = None):
-        """One downstream call; again in bytes if the backend refused shared memory."""
+    def unary(
+        self, stage: str, method, request, renames: dict[str, str] = DOWNSTREAM_FIELDS, output: str | None = None
+    ):
+        """One downstream call of `stage` (for the timing trailer); again in bytes if the backend refused shared
+        memory."""
+        started = time.perf_counter()
         self.transport.prepare(request, output)
         try:
-            return self._unary(method, request, renames)
+            return self._unary(stage, started, method, request, renames)
         except Relayed as exc:
             if not self.transport.refused(exc):
                 raise
         self.transport.prepare(request, output)
-        return self._unary(method, request, renames)
+        return self._unary(stage, started, method, request, renames)
 
-    def _unary(self, method, request, renames: dict[str, str]):
+    def _unary(self, stage: str, started: float, method, request, renames: dict[str, str]):
         try:
-            return self.track(method.future(request, timeout=self.timeout())).result()
+            call = self.track(method.future(request, timeout=self.timeout()))
+            response = call.result()
+            self.clock.record(stage, time.perf_counter() - started, call.trailing_metadata())
+            return response
         except grpc.RpcError as exc:
             raise Relayed(exc, renames) from exc
         except grpc.FutureCancelledError as exc:

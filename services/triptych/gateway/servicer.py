@@ -15,6 +15,7 @@ import grpc
 
 from triptych.client.task import task_from_request
 from triptych.client.transport import address_hosts
+from triptych.core import timing
 from triptych.core.errors import InvalidArgument, Relayed
 from triptych.core.scheduler_table import parse_scheduler
 from triptych.core.security import is_loopback, outgoing_channel
@@ -119,11 +120,13 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     def Generate(self, request, context):
         self.validate(request)
         transport = Transport(self.shared_memory)
+        calls = Calls(context, transport)
         try:
-            yield from self._generate(request, Calls(context, transport))
+            yield from self._generate(request, calls)
             transport.clean = True  # every downstream call has returned: nothing writes into the region any more
         finally:
             transport.close()
+        timing.append(context, calls.clock.metrics())  # the stages; the interceptor adds `total` after them
 
     def _generate(self, request, calls: Calls):
         steps = request.steps if request.HasField("steps") else DEFAULT_STEPS
@@ -143,7 +146,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         )
         if request.HasField("clip_skip"):
             encode_request.clip_skip = request.clip_skip
-        encoded = calls.unary(self.encoder.Encode, encode_request, output="encode")
+        encoded = calls.unary("encode", self.encoder.Encode, encode_request, output="encode")
         yield _progress("encode", 1, 1, started, 0)
         refiner_encoded = None
         if request.HasField("refiner"):
@@ -153,7 +156,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             refiner_request.ClearField("loras")  # a LoRA is trained for the base model
             # The encoder names the refiner's id `model`; in GenerateRequest it is `refiner.model`.
             refiner_encoded = calls.unary(
-                self.encoder.Encode, refiner_request, {"model": "refiner.model"}, output="refiner_encode"
+                "encode", self.encoder.Encode, refiner_request, {"model": "refiner.model"}, output="refiner_encode"
             )
             pairing = (encoded.model_family, refiner_encoded.model_family)
             if pairing != ("sdxl", "sdxl-refiner"):
@@ -212,6 +215,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             height, width = (int(d) * 8 for d in result.latents.shape[-2:])
             parameters = a1111_parameters(request, seed, steps, cfg_scale, width, height, VERSION)
             decoded = calls.unary(
+                "decode",
                 self.decoder.Decode,
                 decoder_service_pb2.DecodeRequest(
                     model=decode_model,
@@ -243,24 +247,28 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         `stage` ("denoise" or "refine") also names the shared-memory slice the result is written to. A backend
         refuses shared memory before its first message, so the retry in bytes never repeats progress.
         """
+        started = time.perf_counter()
         calls.transport.prepare(request, stage)
         try:
-            return (yield from self._stream(calls, request, stage, index))
+            return (yield from self._stream(calls, request, stage, index, started))
         except Relayed as exc:
             if not calls.transport.refused(exc):
                 raise
         calls.transport.prepare(request, stage)
-        return (yield from self._stream(calls, request, stage, index))
+        return (yield from self._stream(calls, request, stage, index, started))
 
-    def _stream(self, calls: Calls, request, stage: str, index: int):
+    def _stream(self, calls: Calls, request, stage: str, index: int, started: float):
         try:
-            for event in calls.track(self.denoiser.Denoise(request, timeout=calls.timeout())):
+            call = calls.track(self.denoiser.Denoise(request, timeout=calls.timeout()))
+            for event in call:
                 if event.HasField("progress"):
                     progress = common_pb2.Progress()
                     progress.CopyFrom(event.progress)
                     progress.stage, progress.image_index = stage, index
                     yield image_service_pb2.GenerateResponse(progress=progress)
                 else:
+                    # The result is the stream's last message; its trailer (the handler's time) follows at once.
+                    calls.clock.record(stage, time.perf_counter() - started, call.trailing_metadata())
                     return event.result
         except grpc.RpcError as exc:
             raise Relayed(exc, DOWNSTREAM_FIELDS) from exc

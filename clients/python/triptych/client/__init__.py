@@ -9,6 +9,7 @@ from triptych.client.connection import (
     wait_until_serving,
 )
 from triptych.client.task import TaskError, request_from_task, requests_from_json, task_from_request
+from triptych.client.timing import parse_server_timing, server_timing
 from triptych.client.transport import channel_credentials
 
 __all__ = [
@@ -19,8 +20,10 @@ __all__ = [
     "describe_error",
     "field_violations",
     "open_channel",
+    "parse_server_timing",
     "request_from_task",
     "requests_from_json",
+    "server_timing",
     "task_from_request",
     "wait_until_serving",
 ]

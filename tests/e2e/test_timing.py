@@ -1,0 +1,84 @@
+"""The `server-timing` trailer through the real processes: each service's handler time, and the gateway's
+stages and hops (core/timing.py)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from tests.e2e.stubs import DEADLINE_S, conditioning, open_stubs, tiny_decode, tiny_denoise, tiny_encode, tiny_generate
+from triptych.client import field_violations, server_timing
+from triptych.v1 import image_service_pb2
+
+STAGES = ["encode", "encode-hop", "denoise", "denoise-hop", "decode", "decode-hop", "gateway", "total"]
+
+
+@pytest.fixture(scope="module")
+def stubs(services):
+    opened = open_stubs(services)
+    yield opened
+    opened.close()
+
+
+def check_stages(timing: dict[str, float], stages: list[str]) -> None:
+    assert list(timing) == [*stages, "gateway", "total"]  # in the order the gateway ran them
+    assert all(value >= 0 for value in timing.values()), timing
+    for stage in stages:
+        if not stage.endswith("-hop"):
+            assert timing[f"{stage}-hop"] <= timing[stage], timing
+    # The stages and the gateway's own time are disjoint parts of the handler's time.
+    parts = sum(value for name, value in timing.items() if not name.endswith("-hop") and name != "total")
+    assert parts <= timing["total"] + 1e-5, timing
+
+
+def test_generate_names_each_stage_its_hop_and_the_gateway_in_its_trailer(client):
+    started = time.perf_counter()
+    call = client.stream(tiny_generate(steps=3), timeout=DEADLINE_S)
+    assert [event for event in call if event.HasField("image")]
+    observed = time.perf_counter() - started
+    timing = server_timing(call)
+    check_stages(timing, STAGES[:6])
+    assert timing["denoise"] > 0 and timing["total"] <= observed
+
+
+def test_a_refiner_and_two_images_add_up_per_stage(client):
+    request = tiny_generate(
+        model="tiny/sdxl",
+        steps=4,
+        number_results=2,
+        refiner=image_service_pb2.Refiner(model="tiny/sdxl-refiner", start_step=2),
+    )
+    call = client.stream(request, timeout=DEADLINE_S)
+    assert len([event for event in call if event.HasField("image")]) == 2
+    # Base and refiner encodes count as encode; both images' passes sum into denoise, refine and decode.
+    refined = [*STAGES[:4], "refine", "refine-hop", *STAGES[4:6]]
+    check_stages(server_timing(call), refined)
+
+
+@pytest.mark.parametrize("role", ["encoder", "denoiser", "decoder"])
+def test_each_service_reports_its_handler_time(stubs, role):
+    if role == "encoder":
+        started = time.perf_counter()
+        _, call = stubs.encoder.Encode.with_call(tiny_encode(), timeout=DEADLINE_S)
+    elif role == "decoder":
+        started = time.perf_counter()
+        _, call = stubs.decoder.Decode.with_call(tiny_decode(), timeout=DEADLINE_S)
+    else:
+        request = tiny_denoise(conditioning(stubs))
+        started = time.perf_counter()
+        call = stubs.denoiser.Denoise(request, timeout=DEADLINE_S)
+        assert any(event.HasField("result") for event in call)
+    observed = time.perf_counter() - started
+    timing = server_timing(call)
+    assert list(timing) == ["total"]
+    assert 0 < timing["total"] <= observed
+
+
+def test_a_refused_call_carries_its_error_not_a_timing(stubs):
+    with pytest.raises(grpc.RpcError) as caught:
+        stubs.encoder.Encode(tiny_encode(clip_skip=99), timeout=DEADLINE_S)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [field for field, _ in field_violations(caught.value)] == ["clip_skip"]
+    assert server_timing(caught.value) == {}
