@@ -10,6 +10,7 @@ import datetime
 import importlib
 
 from bench.common import rewrite_results
+from bench.split_overhead import breakdown_text
 
 
 def main() -> None:
@@ -45,9 +46,10 @@ def main() -> None:
         f"{compiled_split['chain_s'] * 1000:.0f} ms, one progress event {compiled_split['chain_quiet_s'] * 1000:.0f} "
         f"ms | in-process diffusers {compiled_split['in_process_s'] * 1000:.0f} ms | "
         f"**{compiled_split['ratio']:.3f}× / {compiled_split['ratio_quiet']:.3f}×** |",
-        f"| … where the chain's time goes | encode {split['encode_s'] * 1000:.1f} ms, denoise "
-        f"{split['denoise_s'] * 1000:.1f} ms, decode {split['decode_s'] * 1000:.1f} ms, gateway + hops "
-        f"{split['gateway_and_hops_s'] * 1000:.1f} ms | | |",
+        f"| … where the chain's time goes, ms (the gateway's server-timing trailer, medians; caller-hop: the caller "
+        f"to the gateway and back) | {breakdown_text(split['breakdown_s'])} | | |",
+        f"| … one denoising step (median, per-step progress) | {split['step_s'] * 1000:.2f} ms | diffusers' step "
+        f"{split['in_process_step_s'] * 1000:.2f} ms | **{split['ratio_step']:.3f}×** |",
         f"| … the denoise stage alone (one Denoise call, one progress event), same embeddings | "
         f"{split['denoise_alone_s'] * 1000:.1f} ms | diffusers' loop, output_type=latent "
         f"{split['in_process_denoise_s'] * 1000:.1f} ms | **{split['ratio_denoise']:.3f}×** |",

@@ -1,7 +1,8 @@
 """Split overhead: one request through the four processes vs diffusers' in-process pipeline, same weights.
 
-Interleaved runs, median ratio. Also where the chain's time goes: encode, denoise, decode as each service
-reports it to a caller that chains the three itself, and the remainder (hops, gateway) by subtraction; and the
+Interleaved runs, median ratio. Also where the chain's time goes, from the gateway's `server-timing` trailer
+(docs/decisions.md, Timing): each stage and its hop, the gateway's own time, and the caller's hop to the
+gateway; one denoising step, from the denoiser's progress events, against one of diffusers' steps; and the
 denoiser's Denoise call alone against diffusers' own loop on the same embeddings (output_type="latent").
 
     python -m bench.split_overhead [--runs 15] [--model tiny/sdxl] [--size 128] [--steps 20]
@@ -30,11 +31,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import diffusers
 
-    from triptych.client import ImageClient, open_channel
+    from triptych.client import ImageClient, open_channel, server_timing
     from triptych.core.codec import decode_tensor
     from triptych.v1 import (
-        decoder_service_pb2,
-        decoder_service_pb2_grpc,
         denoiser_service_pb2,
         denoiser_service_pb2_grpc,
         encoder_service_pb2,
@@ -83,14 +82,22 @@ def main(argv: list[str] | None = None) -> dict:
         quiet.CopyFrom(request)
         quiet.progress_interval_ms = 60_000
 
+        breakdowns: list[dict[str, float]] = []  # per chain run with per-step progress: trailer, caller hop, step
+        steps_seen: list[float] = []
+
         def chain(which=request) -> float:
             started = time.perf_counter()
-            client.generate(which)
-            return time.perf_counter() - started
+            call = client.stream(which)
+            elapsed = [e.progress.elapsed_seconds for e in call if e.progress.stage == "denoise"]
+            seconds = time.perf_counter() - started
+            if which is request:
+                timing = server_timing(call)
+                breakdowns.append({**timing, "caller-hop": seconds - timing["total"]})
+                steps_seen.extend(b - a for a, b in zip(elapsed, elapsed[1:], strict=False))
+            return seconds
 
         encoder = encoder_service_pb2_grpc.TextEncoderServiceStub(open_channel(addresses["encoder"]))
         denoiser = denoiser_service_pb2_grpc.DenoiserServiceStub(open_channel(addresses["denoiser"]))
-        decoder = decoder_service_pb2_grpc.DecoderServiceStub(open_channel(addresses["decoder"]))
 
         encode_request = encoder_service_pb2.EncodeRequest(
             model=args.model, positive_prompt="a red fox", include_negative=True
@@ -122,8 +129,15 @@ def main(argv: list[str] | None = None) -> dict:
                 embedded.negative.pooled_prompt_embeds, "n"
             ).clone()
 
+        diffusers_steps: list[float] = []
+
+        def step_ended(_pipe, _step, _timestep, _tensors) -> dict:
+            diffusers_steps.append(time.perf_counter())
+            return {}
+
         def in_process_denoise() -> float:
             started = time.perf_counter()
+            ends = len(diffusers_steps)
             pipe(
                 **embeddings,
                 width=args.size,
@@ -132,8 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
                 guidance_scale=7.0,
                 generator=torch.Generator("cpu").manual_seed(1),
                 output_type="latent",
+                callback_on_step_end=step_ended,
             )
-            return time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            marks = diffusers_steps[ends:]  # step ends: the first step's time would include the set-up
+            del diffusers_steps[ends:]
+            diffusers_steps.extend(b - a for a, b in zip(marks, marks[1:], strict=False))
+            return seconds
 
         alone = denoise_request(embedded, progress_interval_ms=60_000)
 
@@ -142,23 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
             list(denoiser.Denoise(alone))
             return time.perf_counter() - started
 
-        def stages() -> tuple[float, float, float]:
-            t0 = time.perf_counter()
-            encoded = encoder.Encode(encode_request)
-            t1 = time.perf_counter()
-            result = [e.result for e in denoiser.Denoise(denoise_request(encoded)) if e.HasField("result")][0]
-            t2 = time.perf_counter()
-            decoder.Decode(decoder_service_pb2.DecodeRequest(model=args.model, latents=result.latents))
-            return t1 - t0, t2 - t1, time.perf_counter() - t2
-
         for _ in range(2):  # warm-up: loads, allocator, caches
-            in_process(), chain(), chain(quiet), stages(), in_process_denoise(), denoise_alone()
-        local, split, split_quiet, parts, local_denoise, remote_denoise = [], [], [], [], [], []
+            in_process(), chain(), chain(quiet), in_process_denoise(), denoise_alone()
+        del breakdowns[:], steps_seen[:], diffusers_steps[:]
+        local, split, split_quiet, local_denoise, remote_denoise = [], [], [], [], []
         for _ in range(args.runs):
             local.append(in_process())
             split.append(chain())
             split_quiet.append(chain(quiet))
-            parts.append(stages())
             local_denoise.append(in_process_denoise())
             remote_denoise.append(denoise_alone())
         result = {
@@ -169,29 +179,36 @@ def main(argv: list[str] | None = None) -> dict:
             "ratio": median(split) / median(local),
             "chain_quiet_s": median(split_quiet),
             "ratio_quiet": median(split_quiet) / median(local),
-            "encode_s": median([p[0] for p in parts]),
-            "denoise_s": median([p[1] for p in parts]),
-            "decode_s": median([p[2] for p in parts]),
+            # Medians per metric of the chain runs' trailers (with per-step progress), plus the caller's hop.
+            "breakdown_s": {name: median([b[name] for b in breakdowns]) for name in breakdowns[0]},
+            "step_s": median(steps_seen),
+            "in_process_step_s": median(diffusers_steps),
             "in_process_denoise_s": median(local_denoise),
             "denoise_alone_s": median(remote_denoise),
         }
         result["ratio_denoise"] = result["denoise_alone_s"] / result["in_process_denoise_s"]
-        result["gateway_and_hops_s"] = result["chain_s"] - result["encode_s"] - result["denoise_s"] - result["decode_s"]
+        result["ratio_step"] = result["step_s"] / result["in_process_step_s"]
     print(
         f"split overhead ({args.model}, {args.size}², {args.steps} steps, {args.runs} interleaved runs, "
         f"torch threads {threads}): in-process {result['in_process_s'] * 1000:.0f} ms, chain "
         f"{result['chain_s'] * 1000:.0f} ms, ratio {result['ratio']:.3f}×; without per-step progress "
         f"{result['chain_quiet_s'] * 1000:.0f} ms, ratio {result['ratio_quiet']:.3f}×"
     )
+    print(f"  where the chain's time goes (ms, medians): {breakdown_text(result['breakdown_s'])}")
     print(
-        f"  chain stages: encode {result['encode_s'] * 1000:.1f} ms, denoise {result['denoise_s'] * 1000:.1f} ms, "
-        f"decode {result['decode_s'] * 1000:.1f} ms, gateway + hops {result['gateway_and_hops_s'] * 1000:.1f} ms"
+        f"  one denoising step (median, per-step progress) {result['step_s'] * 1000:.2f} ms vs diffusers' "
+        f"{result['in_process_step_s'] * 1000:.2f} ms, ratio {result['ratio_step']:.3f}×"
     )
     print(
         f"  denoise alone (one progress event) {result['denoise_alone_s'] * 1000:.1f} ms vs diffusers' latent loop "
         f"{result['in_process_denoise_s'] * 1000:.1f} ms, ratio {result['ratio_denoise']:.3f}×"
     )
     return result
+
+
+def breakdown_text(breakdown: dict[str, float]) -> str:
+    """`encode 1.5, encode-hop 0.4, ...` in milliseconds, in the trailer's order."""
+    return ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in breakdown.items())
 
 
 if __name__ == "__main__":
