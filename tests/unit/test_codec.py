@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from triptych.core import shm
-from triptych.core.codec import ALIGN, aligned_bytes, decode_tensor, encode_tensor
+from triptych.core.codec import ALIGN, aligned_bytes, all_finite, decode_tensor, encode_tensor
 from triptych.core.errors import InvalidArgument
 
 
@@ -72,3 +72,14 @@ def test_a_shared_memory_tensor_is_read_into_aligned_memory():
         assert decoded.data_ptr() % ALIGN == 0 and torch.equal(decoded, values)
     finally:
         region.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_exact_at_the_edges_of_each_dtype(dtype):
+    big = torch.finfo(dtype).max
+    # Many of the largest finite values: their sum overflows the dtype itself, but they are all finite.
+    assert all_finite(torch.full((4096,), big, dtype=dtype))
+    assert all_finite(torch.tensor([big, -big, torch.finfo(dtype).tiny], dtype=dtype))
+    for bad in ([1.0, float("nan")], [float("inf")], [-float("inf"), 2.0], [float("inf"), -float("inf")]):
+        assert not all_finite(torch.tensor(bad, dtype=dtype)), bad
+    assert all_finite(torch.empty(0, dtype=dtype))

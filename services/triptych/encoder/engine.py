@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from triptych.core.codec import all_finite
 from triptych.core.components import ComponentCache
 from triptych.core.errors import InvalidArgument
 from triptych.core.lora import LoraAdapters
@@ -262,7 +263,7 @@ class TextEncoderEngine:
                     row += len(prompt.chunks[encoder_names[0]])
         for index, conditionings in enumerate(results):
             for prompt, conditioning in zip(works[index].prompts, conditionings, strict=True):
-                if not bool(torch.isfinite(conditioning.prompt_embeds).all()):
+                if not all_finite(conditioning.prompt_embeds):
                     results[index] = InvalidArgument.one(
                         prompt.field,
                         "the weights make a chunk's mean zero, which A1111's mean restore divides by; change them",
