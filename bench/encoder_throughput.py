@@ -36,9 +36,8 @@ def serve_encoder(model_root: Path, env: dict[str, str]):
     from triptych.client import open_channel, wait_until_serving
 
     command = [sys.executable, "-m", "triptych.cli", "serve", "encoder", "--port", "0", "--model-root", str(model_root)]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **env}
-    )
+    # stderr passes through: a process that cannot start (a one-shot run on a lent GPU) says why.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
     address = None
     for line in process.stdout:
         if line.startswith("triptych encoder SERVING "):

@@ -21,6 +21,7 @@ import contextlib
 import statistics
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -214,7 +215,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    results = [run_family(family, args, device, dtype) for family in args.families]
+    results = []
+    # The table is printed and recorded after each family, so a failure or a time limit in a later family (a
+    # one-shot run on a lent machine) keeps the rows already measured.
+    for family in args.families:
+        try:
+            results.append(run_family(family, args, device, dtype))
+        except Exception:  # noqa: BLE001 - reported, and the next family still runs
+            traceback.print_exc()
+            print(f"{family}: failed; its rows are left out", flush=True)
+            continue
+        rows = table(results, args, gpu)
+        print("\n".join(rows), flush=True)
+        if args.record:
+            rewrite_results("gpu", rows)
+    return results
+
+
+def table(results: list[dict], args, gpu: str) -> list[str]:
+    """The GPU table's lines for the families measured so far."""
     rows = [
         f"Measured on {gpu} ({machine()}), torch {torch.__version__}, with `python -m bench.gpu"
         f"{' --tiny' if args.tiny else ''} --device {args.device} --dtype {args.dtype}`; share of a "
@@ -244,10 +263,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {what} | peak GPU memory (PyTorch allocator): denoiser / encoders co-located in their own process | "
             f"{r['denoiser_peak_gib']:.2f} GiB / +{r['encoder_peak_gib']:.2f} GiB | | | |"
         )
-    print("\n".join(rows))
-    if args.record:
-        rewrite_results("gpu", rows)
-    return results
+    return rows
 
 
 if __name__ == "__main__":

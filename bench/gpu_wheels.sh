@@ -9,7 +9,7 @@ grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl
 PACKAGES=(diffusers grpcio protobuf pydantic pydantic_core pydantic-settings python-dotenv typing-inspection
   typing_extensions annotated-types grpcio-status grpcio-health-checking grpcio-reflection googleapis-common-protos
-  importlib_metadata zipp)
+  peft)
 pins=()
 for name in "${PACKAGES[@]}"; do
   pins+=("$name==$(.venv/bin/python -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')")

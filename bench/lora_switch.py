@@ -10,7 +10,8 @@ With --compile the UNet is compiled first and each switch is timed up to the end
 batch), so a recompile shows: peft layers put each set's names and weights into the graph as constants, so every
 new (set, weights) recompiles; merged weights are graph inputs, so nothing does. The step alone is the baseline.
 
-    python -m bench.lora_switch [--model sd15|tiny] [--compile] [--device cpu] [--rank 16] [--switches 10]
+    python -m bench.lora_switch [--model sd15|tiny] [--compile] [--device cpu] [--dtype float32] [--rank 16]
+        [--switches 10]
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def _measure(unet, root: Path, mode: str, args) -> dict:
     modules = {"unet": unet}
     config = unet.config
     side = config.sample_size
-    sample = torch.randn(2, config.in_channels, side, side, device=args.device)
-    context = torch.randn(2, 77, config.cross_attention_dim, device=args.device)
+    dtype = getattr(torch, args.dtype)
+    sample = torch.randn(2, config.in_channels, side, side, device=args.device, dtype=dtype)
+    context = torch.randn(2, 77, config.cross_attention_dim, device=args.device, dtype=dtype)
     timestep = torch.tensor(500, device=args.device)
 
     def sync():
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="the UNet's, as TRIPTYCH_DTYPE"
+    )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--switches", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="compile the UNet; time each switch + one step")
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             if not any(folder.iterdir()):
                 for seed, name in enumerate(("a", "b")):
                     _write_lora(unet, folder, name, args.rank, seed)
-            unet = unet.to(args.device)
+            unet = unet.to(args.device, dtype=getattr(torch, args.dtype))
             if args.compile:
                 torch._dynamo.reset()
                 unet.compile()
@@ -146,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         r = result[mode]
         compiled = f", compiled (switch + one step; step alone {r['step_ms']:.1f} ms), {r['recompiles']} recompiles"
         print(
-            f"LoRA switch, {mode}, {args.model} SD1.5 UNet on {args.device}{compiled if args.compile else ''}, rank "
+            f"LoRA switch, {mode}, {args.model} SD1.5 UNet on {args.device} in {args.dtype}"
+            f"{compiled if args.compile else ''}, rank "
             f"{args.rank} ({result['file_mb']:.1f} MB file): first use {r['first_use_ms']:.0f} ms, switch "
             f"{r['switch_ms']:.1f} ms, off {r['off_ms']:.1f} ms, two LoRAs {r['two_loras_ms']:.1f} ms"
         )
