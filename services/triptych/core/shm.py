@@ -74,23 +74,29 @@ def _open(region: tensor_pb2.SharedMemoryRegion, field: str, flags: int) -> int:
 
 
 def read(region: tensor_pb2.SharedMemoryRegion, field: str) -> bytes:
-    """A copy of the range: the caller may reuse its object as soon as the call returns."""
-    out = bytearray(region.byte_size)
-    read_into(region, field, out)
-    return bytes(out)
+    """A copy of the range (one copy, straight into the bytes object): the caller may reuse its object as soon
+    as the call returns."""
+    return _read(region, field, lambda fd: os.pread(fd, region.byte_size, region.offset))
 
 
 def read_into(region: tensor_pb2.SharedMemoryRegion, field: str, out) -> None:
     """Copies the range into `out` (a writable buffer of exactly byte_size bytes, e.g. a fresh torch tensor's
     memory, which is 64-byte aligned)."""
+    _read(region, field, lambda fd: os.preadv(fd, [out], region.offset))
+
+
+def _read(region: tensor_pb2.SharedMemoryRegion, field: str, transfer):
+    """Opens and checks the range, runs `transfer(fd)` (bytes read, or their count) and checks it got them all."""
     fd = _open(region, field, os.O_RDONLY)
     try:
-        got = os.preadv(fd, [out], region.offset)
+        result = transfer(fd)
     finally:
         os.close(fd)
+    got = result if isinstance(result, int) else len(result)
     if got != region.byte_size:  # the object shrank under us
         raise InvalidArgument.one(field, f"{region.name} is shorter than the range {region.offset}+{region.byte_size}")
     counters["shared_memory_reads"] += 1
+    return result
 
 
 class Writer:
