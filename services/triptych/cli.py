@@ -201,11 +201,16 @@ def cmd_generate(args) -> int:
 
 
 def _timing_line(timing: dict[str, float]) -> str:
-    """`took 389 ms: encode 2.0, denoise 350.7, decode 26.6; hops 3.3, gateway 1.4` from a Generate's trailer."""
+    """`took 389 ms: encode 2.0, denoise 350.7 (queued 0.1), decode 26.6; hops 3.3, gateway 1.4` from a
+    Generate's trailer."""
     if "total" not in timing:
         return ""  # a gateway that sends no timing
-    stages = [name for name in timing if not name.endswith("-hop") and name not in ("gateway", "total")]
-    listed = ", ".join(f"{name} {timing[name] * 1e3:.1f}" for name in stages)
+
+    def stage(name: str) -> str:
+        queued = timing.get(f"{name}-queue")
+        return f"{name} {timing[name] * 1e3:.1f}" + ("" if queued is None else f" (queued {queued * 1e3:.1f})")
+
+    listed = ", ".join(stage(name) for name in timing if "-" not in name and name not in ("gateway", "total"))
     hops = sum(seconds for name, seconds in timing.items() if name.endswith("-hop"))
     own = timing.get("gateway", 0.0)
     return f"took {timing['total'] * 1e3:.0f} ms: {listed}; hops {hops * 1e3:.1f}, gateway {own * 1e3:.1f}"

@@ -42,12 +42,13 @@ def test_append_keeps_other_trailers_and_adds_after_the_metrics_already_set():
 def test_stage_clock_sums_calls_per_stage_and_leaves_out_hops_it_cannot_know():
     clock = StageClock()
     clock.record("encode", 0.010, [("server-timing", "total;dur=7.000")])
-    clock.record("denoise", 0.100, [("server-timing", "total;dur=95.000")])
-    clock.record("denoise", 0.050, [("server-timing", "total;dur=46.000")])
+    clock.record("denoise", 0.100, [("server-timing", "queue;dur=30.000, total;dur=95.000")])
+    clock.record("denoise", 0.050, [("server-timing", "queue;dur=1.000, total;dur=46.000")])
     clock.record("decode", 0.020, [])  # a downstream that sends no trailer
     time.sleep(0.001)
     metrics = clock.metrics()
-    assert list(metrics) == ["encode", "encode-hop", "denoise", "denoise-hop", "decode", "gateway"]
+    assert list(metrics) == ["encode", "encode-hop", "denoise", "denoise-queue", "denoise-hop", "decode", "gateway"]
+    assert abs(metrics["denoise-queue"] - 0.031) < 1e-9
     assert abs(metrics["encode-hop"] - 0.003) < 1e-9 and abs(metrics["denoise"] - 0.150) < 1e-9
     assert abs(metrics["denoise-hop"] - 0.009) < 1e-9
     assert metrics["gateway"] == 0.0  # the recorded calls took longer than the clock has run: never negative

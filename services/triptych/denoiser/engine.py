@@ -81,6 +81,7 @@ class DenoiseOutcome:
     scheduler_class: str
     scheduler_options: list[str]
     model_calls: int
+    queued_seconds: float = 0.0  # from the call's admission until the model's compute thread took it up
 
 
 def sdxl_time_ids(
@@ -184,17 +185,22 @@ class DenoiserEngine:
         # Admission first, in the caller's thread (refused at once when full); then the model's compute thread,
         # where requests for one model run one at a time (LoRA state lives in the shared UNet).
         with self.queue.slot(job.model):
-            yield from self.compute.stream(job.model, lambda: self._run(job, info, is_active))
+            admitted = time.perf_counter()
+            yield from self.compute.stream(job.model, lambda: self._run(job, info, is_active, admitted))
 
     def _run(
-        self, job: DenoiseJob, info: ModelInfo, is_active: Callable[[], bool]
+        self, job: DenoiseJob, info: ModelInfo, is_active: Callable[[], bool], admitted: float
     ) -> Iterator[StepDone | DenoiseOutcome]:
+        queued = time.perf_counter() - admitted
         if not is_active():  # cancelled while it waited for the compute thread
             raise Cancelled("the caller went away before the job started")
         parts = self._parts(info)
         with parts["_lock"]:
             self.loras.activate(info.family, {"unet": parts["unet"]}, job.loras)
-            yield from self._sample(info, parts, job, is_active)
+            for event in self._sample(info, parts, job, is_active):
+                if isinstance(event, DenoiseOutcome):
+                    event.queued_seconds = queued
+                yield event
 
     def _sample(self, info: ModelInfo, parts: dict, job: DenoiseJob, is_active: Callable[[], bool]):
         unet: UNet2DConditionModel = parts["unet"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from triptych.core import shm
+from triptych.core import shm, timing
 from triptych.core.codec import decode_tensor, encode_tensor
 from triptych.core.components import ComponentCache
 from triptych.core.compute import ComputeThreads
@@ -200,6 +200,8 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
         for event in self.engine.denoise(job, is_active=context.is_active):
             if isinstance(event, DenoiseOutcome):
                 state["answered"] = True
+                # Before the handler's total, which the interceptor adds: how long the job waited for its model.
+                timing.append(context, {"queue": event.queued_seconds})
                 yield denoiser_service_pb2.DenoiseResponse(
                     result=denoiser_service_pb2.DenoiseResult(
                         latents=encode_tensor(event.latents, into),

@@ -1,9 +1,10 @@
 """Reading the `server-timing` trailer every successful Triptych call ends with (W3C Server-Timing syntax).
 
-`total` is the handler's own time; a gateway's Generate also names its stages (`encode`, `denoise`, `refine`,
-`decode`), each stage's hop (`encode-hop`, ...: transport, (de)serialisation and queueing) and `gateway`
-(its time outside the downstream calls). The service docs (docs/decisions.md, Timing) say exactly what each
-covers.
+`total` is the handler's own time; a denoiser's also has `queue` (the wait for its model behind other jobs); a
+gateway's Generate also names its stages (`encode`, `denoise`, `refine`, `decode`), the denoising stages' queue
+(`denoise-queue`, ...), each stage's hop (`encode-hop`, ...: transport, (de)serialisation and gRPC's queueing)
+and `gateway` (its time outside the downstream calls). The service docs (docs/decisions.md, Timing) say
+exactly what each covers.
 
     call = client.stream(request)
     images = [event.image for event in call if event.HasField("image")]
