@@ -129,15 +129,16 @@ def main(argv: list[str] | None = None) -> dict:
                 embedded.negative.pooled_prompt_embeds, "n"
             ).clone()
 
-        diffusers_steps: list[float] = []
+        diffusers_steps: list[float] = []  # one diffusers step's duration, per step after the first of each run
+        step_ends: list[float] = []
 
         def step_ended(_pipe, _step, _timestep, _tensors) -> dict:
-            diffusers_steps.append(time.perf_counter())
+            step_ends.append(time.perf_counter())
             return {}
 
         def in_process_denoise() -> float:
             started = time.perf_counter()
-            ends = len(diffusers_steps)
+            step_ends.clear()
             pipe(
                 **embeddings,
                 width=args.size,
@@ -149,9 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
                 callback_on_step_end=step_ended,
             )
             seconds = time.perf_counter() - started
-            marks = diffusers_steps[ends:]  # step ends: the first step's time would include the set-up
-            del diffusers_steps[ends:]
-            diffusers_steps.extend(b - a for a, b in zip(marks, marks[1:], strict=False))
+            # Between step ends only: the first step's time would include the set-up.
+            diffusers_steps.extend(b - a for a, b in zip(step_ends, step_ends[1:], strict=False))
             return seconds
 
         alone = denoise_request(embedded, progress_interval_ms=60_000)
