@@ -4,13 +4,15 @@ stages and hops (core/timing.py)."""
 from __future__ import annotations
 
 import time
+from concurrent import futures
 
 import grpc
 import pytest
 
+from tests.e2e.processes import serve_role
 from tests.e2e.stubs import DEADLINE_S, conditioning, open_stubs, tiny_decode, tiny_denoise, tiny_encode, tiny_generate
-from triptych.client import field_violations, server_timing
-from triptych.v1 import image_service_pb2
+from triptych.client import ImageClient, field_violations, open_channel, server_timing
+from triptych.v1 import denoiser_service_pb2_grpc, image_service_pb2
 
 STAGES = ["encode", "encode-hop", "denoise", "denoise-queue", "denoise-hop", "decode", "decode-hop"]
 
@@ -96,3 +98,43 @@ def test_a_refused_call_carries_its_error_not_a_timing(stubs):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [field for field, _ in field_violations(caught.value)] == ["clip_skip"]
     assert server_timing(caught.value) == {}
+
+
+class LingeringDenoiser(denoiser_service_pb2_grpc.DenoiserServiceServicer):
+    """A denoiser written elsewhere against our protos: relays the real one, then holds its stream open after
+    the result, and sends no timing."""
+
+    def __init__(self, address: str, linger_s: float):
+        self.channel = open_channel(address)
+        self.real = denoiser_service_pb2_grpc.DenoiserServiceStub(self.channel)
+        self.linger_s = linger_s
+
+    def Denoise(self, request, context):
+        yield from self.real.Denoise(request, timeout=DEADLINE_S)
+        time.sleep(self.linger_s)
+
+
+def test_a_backend_that_holds_its_stream_open_after_the_result_costs_a_second_not_the_deadline(services, model_root):
+    linger_s = 8.0
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    denoiser = LingeringDenoiser(services.addresses["denoiser"], linger_s)
+    denoiser_service_pb2_grpc.add_DenoiserServiceServicer_to_server(denoiser, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    links = (
+        f"--encoder-address={services.addresses['encoder']}",
+        f"--denoiser-address=127.0.0.1:{port}",
+        f"--decoder-address={services.addresses['decoder']}",
+    )
+    try:
+        with serve_role("gateway", model_root, args=links) as (_, gateway), ImageClient(gateway) as client:
+            started = time.perf_counter()
+            call = client.stream(tiny_generate(), timeout=DEADLINE_S)
+            assert [event for event in call if event.HasField("image")]
+            assert time.perf_counter() - started < linger_s / 2
+            timing = server_timing(call)
+            assert "denoise" in timing and "denoise-hop" not in timing, timing  # its handler's time is unknown
+            assert "decode-hop" in timing
+    finally:
+        server.stop(0)
+        denoiser.channel.close()

@@ -267,12 +267,22 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                     progress.stage, progress.image_index = stage, index
                     yield image_service_pb2.GenerateResponse(progress=progress)
                 else:
-                    # The result is the stream's last message; its trailer (the handler's time) follows at once.
-                    calls.clock.record(stage, time.perf_counter() - started, call.trailing_metadata())
+                    calls.clock.record(stage, time.perf_counter() - started, _trailer_after_result(call))
                     return event.result
         except grpc.RpcError as exc:
             raise Relayed(exc, DOWNSTREAM_FIELDS) from exc
         raise Relayed(CancelledByCaller())
+
+
+def _trailer_after_result(call, wait_s: float = 1.0):
+    """The stream's trailing metadata, which follows its last message (the result) at once; None (no hop for the
+    stage) from a backend that holds its stream open after the result, which then costs this call `wait_s`, not
+    its deadline."""
+    try:
+        call.exception(timeout=wait_s)  # returns when the call has ended, whatever its status
+    except (grpc.FutureTimeoutError, grpc.FutureCancelledError):
+        return None
+    return call.trailing_metadata()
 
 
 def _progress(stage: str, step: int, total: int, started: float, index: int) -> image_service_pb2.GenerateResponse:
