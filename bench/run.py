@@ -1,4 +1,4 @@
-"""Runs the CPU benchmarks (under 10 minutes) and rewrites the CPU table of bench/RESULTS.md.
+"""Runs the CPU benchmarks (under 10 minutes) and rewrites the CPU and encoder tables of bench/RESULTS.md.
 
 .venv/bin/python -m bench.run [--quick]
 """
@@ -91,6 +91,8 @@ def main() -> None:
                 f"MiB: {', '.join(m['holds']) or 'none'}) | | |"
             )
     rewrite_results("cpu", rows)
+    # The encoder table too (its own markers), so one command rewrites every CPU figure.
+    importlib.import_module("bench.encoder_throughput").main(["--record", *(["--quick"] if quick else [])])
 
 
 if __name__ == "__main__":
