@@ -95,7 +95,7 @@ def forward_ceiling(model_root: Path, model: str, count: int, rounds: int) -> di
     from triptych.core.placement import Placement
     from triptych.core.settings import Limits, Settings
     from triptych.encoder.chunks import split_into_chunks
-    from triptych.encoder.engine import TextEncoderEngine
+    from triptych.encoder.engine import TextEncoderEngine, tokenizer_for
     from triptych.encoder.forward import encode_rows
     from triptych.encoder.prompt_syntax import literal
 
@@ -106,12 +106,11 @@ def forward_ceiling(model_root: Path, model: str, count: int, rounds: int) -> di
     info = store.resolve(model, "model")
     parts = engine.components(info)
     names = [name for name in ("text_encoder", "text_encoder_2") if name in parts]
-    tokenizers = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
     texts = [
         text for item in (request(model) for _ in range(count)) for text in (item.positive_prompt, item.negative_prompt)
     ]
     rows = {
-        name: [split_into_chunks(parts[tokenizers[name]], literal(text), [], name).chunks[0] for text in texts]
+        name: [split_into_chunks(tokenizer_for(parts, name), literal(text), [], name).chunks[0] for text in texts]
         for name in names
     }
 

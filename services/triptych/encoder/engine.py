@@ -233,7 +233,7 @@ class TextEncoderEngine:
                 fragments.append(Fragment(" " + embedding.token, 1.0))
         chunked = {}
         for name in encoder_names:
-            chunked[name] = split_into_chunks(_tokenizer(parts, name), fragments, tis, name)
+            chunked[name] = split_into_chunks(tokenizer_for(parts, name), fragments, tis, name)
         if len({len(c.chunks) for c in chunked.values()}) > 1:  # never with CLIP's shared vocabulary
             raise InvalidArgument.one(field_name, "the model's two tokenizers split this prompt differently")
         token_count = chunked[encoder_names[0]].token_count
@@ -274,7 +274,7 @@ class TextEncoderEngine:
     def _embeddings(self, job: EncodeJob, parts: dict, encoder_names: list[str]) -> list[tuple[Embedding, float]]:
         """Loads the request's embeddings and checks each fits this model's encoders (SD1 vs SDXL files)."""
         loaded, violations = [], []
-        chunk_tokens = min(_tokenizer(parts, name).model_max_length for name in encoder_names) - 2
+        chunk_tokens = min(tokenizer_for(parts, name).model_max_length for name in encoder_names) - 2
         for i, (model_id, weight) in enumerate(job.embeddings):
             field_name = f"embeddings[{i}].model"
             embedding = self.embedding_files.get(model_id, field_name)
@@ -343,12 +343,13 @@ def _pad_to_equal_chunks(prompts: list[_Prompt], parts: dict, encoder_names: lis
     for prompt, count, other in zip(prompts, counts, reversed(prompts), strict=True):
         if count < target:
             for name in encoder_names:
-                prompt.chunks[name] = prompt.chunks[name] + [empty_chunk(_tokenizer(parts, name))] * (target - count)
+                prompt.chunks[name] = prompt.chunks[name] + [empty_chunk(tokenizer_for(parts, name))] * (target - count)
             notes.append(f"{prompt.field}: padded with {target - count} empty chunks to match {other.field}")
     return notes
 
 
-def _tokenizer(parts: dict, encoder_name: str):
+def tokenizer_for(parts: dict, encoder_name: str):
+    """The tokenizer that feeds `encoder_name` ("text_encoder" or "text_encoder_2") in a model's components."""
     return parts["tokenizer" if encoder_name == "text_encoder" else "tokenizer_2"]
 
 
