@@ -48,6 +48,9 @@ def test_a1111_doctests(prompt, expected):
         ("((loud))", [("loud", 1.1 * 1.1)]),
         ("(a (b:2) c:0.5)", [("a ", 0.5), ("b", 1.0), (" c", 0.5)]),
         ("(neg:-1)", [("neg", -1.0)]),
+        # A1111's re_attention allows blanks around the weight: `:\s*([+-]?[.\d]+)\s*\)`.
+        ("a (red: 1.3) cat", [("a ", 1.0), ("red", 1.3), (" cat", 1.0)]),
+        ("(red:1.3 )(blue :\t0.5\n)", [("red", 1.3), ("blue ", 0.5)]),
         ("unmatched) and ]", [("unmatched) and ]", 1.0)]),
         ("ratio 3:2", [("ratio 3:2", 1.0)]),
         ("no weight here:1.5)", [("no weight here:1.5)", 1.0)]),
