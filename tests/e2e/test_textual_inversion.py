@@ -81,6 +81,15 @@ def test_sd15_token_inside_the_prompt_takes_its_place(client, sd15):
     assert np.array_equal(got, run(sd15, prompt="a ti-sd15 style fox", negative_prompt=None))
 
 
+def test_sd15_token_matches_in_any_case(client, sd15):
+    """CLIP's tokenizer lowercases the prompt before it matches diffusers' added tokens, and A1111 matches token
+    ids: "TI-SD15" is the embedding too. (diffusers' own pipeline then writes only the first of this 2-vector
+    embedding's vectors, since maybe_convert_prompt expands the token case-sensitively; the lower-case prompt is
+    the reference, checked against diffusers above.)"""
+    upper = chain(client, "tiny/sd15", "a TI-SD15 style fox", "", [("tiny/ti-sd15", 1.0)])
+    assert np.array_equal(upper, chain(client, "tiny/sd15", "a ti-sd15 style fox", "", [("tiny/ti-sd15", 1.0)]))
+
+
 def test_sd15_negative_weight_goes_to_the_negative_prompt(client, sd15):
     got = chain(client, "tiny/sd15", "a red fox", "blurry", [("tiny/ti-sd15", -1.0)])
     assert np.array_equal(got, run(sd15, prompt="a red fox", negative_prompt="blurry ti-sd15"))
@@ -101,6 +110,13 @@ def test_sd15_emphasis_follows_the_a1111_maths(client, sd15, weight):
 def test_sdxl_embedding_both_halves(client, sdxl):
     got = chain(client, "tiny/sdxl", "a red fox", "", [("tiny/ti-sdxl", 1.0)])
     assert np.array_equal(got, run(sdxl, prompt="a red fox ti-sdxl"))
+
+
+def test_sdxl_negative_embedding_with_an_empty_negative_prompt(client, sdxl):
+    """The SDXL base's zeros stand for no negative prompt; one that gets a negative embedding is its token."""
+    got = chain(client, "tiny/sdxl", "a red fox", "", [("tiny/ti-sdxl", -1.0)])
+    assert np.array_equal(got, run(sdxl, prompt="a red fox", negative_prompt="ti-sdxl"))
+    assert not np.array_equal(got, chain(client, "tiny/sdxl", "a red fox", "", []))
 
 
 def test_every_file_layout_gives_the_same_image(client, model_root):

@@ -9,6 +9,7 @@ ids equal `tokenizer(prompt, padding="max_length", truncation=True)`, diffusers'
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -37,6 +38,12 @@ class ChunkedPrompt:
     token_count: int
 
 
+def token_pattern(token: str) -> re.Pattern:
+    """Where an embedding's token stands in prompt text: in any case, as CLIP's tokenizer lowercases the prompt
+    before it matches added tokens (diffusers' load_textual_inversion) and A1111 matches token ids."""
+    return re.compile(re.escape(token), re.IGNORECASE)
+
+
 def _pieces(
     fragments: list[Fragment], embeddings: list[tuple[Embedding, float]]
 ) -> Iterator[tuple[str, object, float]]:
@@ -52,7 +59,7 @@ def _pieces(
                 if owner is not None:
                     split.append((text, owner))
                     continue
-                for i, part in enumerate(text.split(item[0].token)):
+                for i, part in enumerate(token_pattern(item[0].token).split(text)):
                     if i:
                         split.append((item[0].token, item))
                     split.append((part, None))

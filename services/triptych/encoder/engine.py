@@ -25,7 +25,7 @@ from triptych.core.settings import Limits
 from triptych.encoder.batching import Batcher
 from triptych.encoder.cache import ByteBoundedLRU
 from triptych.encoder.catalog import DEFAULT_SKIP, max_clip_skip
-from triptych.encoder.chunks import CHUNK_TOKENS, Chunk, empty_chunk, split_into_chunks
+from triptych.encoder.chunks import CHUNK_TOKENS, Chunk, empty_chunk, split_into_chunks, token_pattern
 from triptych.encoder.forward import encode_rows, make_rows_independent, project_pooled
 from triptych.encoder.prompt_syntax import Fragment, PromptSyntaxError, literal, parse_weighted
 from triptych.encoder.textual_inversion import Embedding, EmbeddingFiles, emphasise
@@ -193,9 +193,13 @@ class TextEncoderEngine:
         """Chunks both prompts, checks their length, pads them to equal chunk counts and runs them."""
         # w >= 0 adds the concept to the positive prompt at emphasis w; w < 0 to the negative at emphasis |w|.
         texts = [("positive_prompt", job.positive_prompt, [(e, w) for e, w in embeddings if w >= 0])]
-        zero_negative = not job.negative_prompt and info.flag("force_zeros_for_empty_prompt", False)
+        negative_tis = [(e, -w) for e, w in embeddings if w < 0]
+        # diffusers' zeros stand for no negative prompt; one that a negative embedding goes to is not empty.
+        zero_negative = (
+            not job.negative_prompt and not negative_tis and info.flag("force_zeros_for_empty_prompt", False)
+        )
         if job.include_negative and not zero_negative:
-            texts.append(("negative_prompt", job.negative_prompt, [(e, -w) for e, w in embeddings if w < 0]))
+            texts.append(("negative_prompt", job.negative_prompt, negative_tis))
         prompts, violations = [], []
         for field_name, text, tis in texts:
             prompt = self._chunked(parts, encoder_names, field_name, job.prompt_weighting, text, tis)
@@ -229,7 +233,7 @@ class TextEncoderEngine:
             raise InvalidArgument.one(field_name, str(exc)) from exc
         # An embedding whose token the prompt lacks is appended after one space, with weight 1 from the prompt.
         for embedding, _ in tis:
-            if not any(embedding.token in fragment.text for fragment in fragments):
+            if not any(token_pattern(embedding.token).search(fragment.text) for fragment in fragments):
                 fragments.append(Fragment(" " + embedding.token, 1.0))
         chunked = {}
         for name in encoder_names:
