@@ -1,4 +1,5 @@
-"""A full per-model denoise queue answers RESOURCE_EXHAUSTED at once instead of hanging."""
+"""A full per-model denoise queue, and a process at its call limit, answer RESOURCE_EXHAUSTED at once instead of
+hanging; a waiting request whose caller went away gives its place back."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from triptych.v1 import denoiser_service_pb2, denoiser_service_pb2_grpc, encoder
 
 @pytest.fixture(scope="module")
 def small_queue_denoiser(model_root):
-    with serve_role("denoiser", model_root, env={"TRIPTYCH_DENOISER_QUEUE_PER_MODEL": "1"}) as (_, address):
+    # Two denoise requests per model (one running, one waiting) and three calls in flight in the whole process.
+    env = {"TRIPTYCH_DENOISER_QUEUE_PER_MODEL": "2", "TRIPTYCH_MAX_WORKERS": "3"}
+    with serve_role("denoiser", model_root, env=env) as (_, address):
         yield address
 
 
@@ -38,20 +41,49 @@ def request(encoded, model: str, steps: int, size: int) -> denoiser_service_pb2.
     )
 
 
+def refused_at_once(call) -> grpc.StatusCode:
+    started = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    assert time.perf_counter() - started < 2.0, "refused at once, not after waiting"
+    return raised.value.code()
+
+
+def waiting(call) -> bool:
+    """Whether a Denoise stream was admitted and still waits (not refused, not finished) a second later."""
+    time.sleep(1.0)
+    return not call.done()
+
+
 def test_full_queue_is_refused_at_once_and_other_models_still_run(services, small_queue_denoiser):
     sdxl, sd15 = conditioning(services, "tiny/sdxl"), conditioning(services, "tiny/sd15")
     with open_channel(small_queue_denoiser) as channel:
         stub = denoiser_service_pb2_grpc.DenoiserServiceStub(channel)
-        long_call = stub.Denoise(request(sdxl, "tiny/sdxl", 150, 256))
-        next(long_call)  # the first progress event: the long job holds the only slot
-        started = time.perf_counter()
-        with pytest.raises(grpc.RpcError) as raised:
-            list(stub.Denoise(request(sdxl, "tiny/sdxl", 2, 64)))
-        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert time.perf_counter() - started < 2.0, "refused at once, not after waiting"
+        long_call = stub.Denoise(request(sdxl, "tiny/sdxl", 150, 512))
+        next(long_call)  # the first progress event: the long job runs
+        queued = stub.Denoise(request(sdxl, "tiny/sdxl", 2, 64))
+        assert waiting(queued), "the second request waits its turn"
+        refused = refused_at_once(lambda: list(stub.Denoise(request(sdxl, "tiny/sdxl", 2, 64))))
+        assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
         results = [e for e in stub.Denoise(request(sd15, "tiny/sd15", 2, 64)) if e.HasField("result")]
         assert len(results) == 1, "another model's queue is independent"
+
+        # A waiting request whose caller went away gives its place back at once, not when its turn comes.
+        queued.cancel()
+        time.sleep(0.75)
+        queued_again = stub.Denoise(request(sdxl, "tiny/sdxl", 2, 64))
+        assert waiting(queued_again)
+
+        # Three calls in flight (the process's max_workers): a fourth of any kind is refused at once, never
+        # queued behind them, and the process serves again once one ends.
+        other = stub.Denoise(request(sd15, "tiny/sd15", 150, 512))
+        next(other)
+        listing = denoiser_service_pb2.ListSchedulersRequest()
+        assert refused_at_once(lambda: stub.ListSchedulers(listing)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        other.cancel()
+        time.sleep(0.75)
+        assert stub.ListSchedulers(listing).schedulers
+
         long_call.cancel()
-        time.sleep(0.5)
-        results = [e for e in stub.Denoise(request(sdxl, "tiny/sdxl", 2, 64)) if e.HasField("result")]
-        assert len(results) == 1, "the slot is free again once the long job was cancelled"
+        results = [e for e in queued_again if e.HasField("result")]
+        assert len(results) == 1, "the waiting request runs once the long job was cancelled"

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from triptych.core.compute import ComputeThreads
-from triptych.core.errors import NotFound
+from triptych.core.errors import Cancelled, NotFound
 from triptych.core.server import keep_freed_memory
 
 
@@ -38,6 +38,40 @@ def test_errors_are_raised_in_the_callers_thread_with_their_type():
         for item in compute.stream("a", failing_stream):
             got.append(item)
     assert got == [1]
+
+
+def test_a_stream_waiting_behind_other_work_ends_when_its_caller_goes_away():
+    compute = ComputeThreads("t")
+    release, started = threading.Event(), threading.Event()
+    compute._executor("a").submit(lambda: (started.set(), release.wait(10)))  # a long job holds the thread
+    assert started.wait(5)
+    ran = threading.Event()
+    active = [True]
+
+    def job():
+        ran.set()
+        yield "never reached by the caller"
+
+    stream = compute.stream("a", job, is_active=lambda: active[0])
+    raised = []
+
+    def wait():
+        try:
+            next(stream)
+        except Exception as exc:  # noqa: BLE001 - checked below, in the test's thread
+            raised.append(exc)
+
+    waited = threading.Thread(target=wait, daemon=True)
+    began = time.perf_counter()
+    waited.start()
+    time.sleep(0.1)
+    active[0] = False
+    waited.join(5)
+    assert time.perf_counter() - began < 2.0, "freed within the poll, not at its turn"
+    assert len(raised) == 1 and isinstance(raised[0], Cancelled)
+    assert not ran.is_set(), "the long job still runs"
+    release.set()
+    assert compute.run("a", lambda: "free again") == "free again"
 
 
 def test_closing_a_stream_closes_its_iterator_on_its_thread():

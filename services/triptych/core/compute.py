@@ -17,8 +17,11 @@ from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from triptych.core.errors import Cancelled
+
 T = TypeVar("T")
 _DONE = object()
+POLL_SECONDS = 0.25  # how often a stream waiting for its next item checks that its caller is still there
 
 
 class ComputeThreads:
@@ -46,10 +49,15 @@ class ComputeThreads:
         """fn(*args) on the key's thread; returns its result or raises its exception here."""
         return self._executor(key).submit(fn, *args).result()
 
-    def stream(self, key: Hashable, make: Callable[[], Iterator[T]]) -> Iterator[T]:
+    def stream(
+        self, key: Hashable, make: Callable[[], Iterator[T]], is_active: Callable[[], bool] | None = None
+    ) -> Iterator[T]:
         """Runs the iterator `make()` on the key's thread and yields its items here, as they come.
 
         Closing this generator (the caller went away) closes the iterator after its current item, on its thread.
+        With `is_active`, a wait for the next item (behind other work on the thread, or a long step) that sees it
+        turn false raises Cancelled within POLL_SECONDS, so what this caller holds (an admission slot, a gRPC
+        worker thread) is freed then; `make()` that has not started yet is expected to check it too.
         """
         items: queue.SimpleQueue = queue.SimpleQueue()
         stop = threading.Event()
@@ -69,7 +77,12 @@ class ComputeThreads:
         self._executor(key).submit(produce)
         try:
             while True:
-                item, error = items.get()
+                try:
+                    item, error = items.get(timeout=None if is_active is None else POLL_SECONDS)
+                except queue.Empty:
+                    if not is_active():
+                        raise Cancelled("the caller went away (cancelled, or past its deadline)") from None
+                    continue
                 if error is not None:
                     raise error
                 if item is _DONE:

@@ -251,6 +251,8 @@ def start(
         # ErrorInterceptor first (outermost): it maps what the token check raises, like any typed error.
         interceptors=[ErrorInterceptor(drain), *server_interceptors(settings)],
         options=settings.grpc_options(),
+        # Beyond the threads, grpc's own executor queue has no bound and no deadline of its own: refuse instead.
+        maximum_concurrent_rpcs=settings.max_workers,
     )
     service.register(server)
     health_servicer = health.HealthServicer()

@@ -128,10 +128,19 @@ class Settings(BaseSettings):
     keep_freed_memory: bool = Field(
         True, description="glibc malloc keeps freed memory for reuse (no per-step page faults; RSS stays at its peak)"
     )
-    max_workers: int = Field(16, description="gRPC worker threads per process")
+    max_workers: int = Field(
+        64,
+        ge=1,
+        description="gRPC worker threads per process, which is also the most calls it serves at once (a streaming "
+        "call holds its thread to the end): one more is RESOURCE_EXHAUSTED at once, never queued",
+    )
     max_message_bytes: int = Field(256 * 1024 * 1024, description="gRPC send/receive limit, both ends")
     shutdown_grace_seconds: float = Field(30.0, description="time in-flight calls get after SIGTERM")
-    max_loaded_models: int = Field(4, description="models kept in memory per service (LRU)")
+    max_loaded_models: int = Field(
+        4,
+        description="models kept in memory per service (LRU); the denoiser keeps ControlNets in an LRU of their "
+        "own, of at least limits.max_controlnets",
+    )
     preload_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="model ids, comma-separated, each backend loads and runs once before it serves (the denoiser "

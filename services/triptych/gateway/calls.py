@@ -31,6 +31,7 @@ class Calls:
         self.clock = StageClock()
         self._lock = threading.Lock()
         self._active: list = []
+        self._cancelled = False
         context.add_callback(self.cancel_all)
 
     def timeout(self) -> float | None:
@@ -38,12 +39,16 @@ class Calls:
         return remaining if remaining is not None and remaining < 1e8 else None
 
     def track(self, call):
+        """Registers a downstream call; one started after the caller went away is cancelled at once."""
         with self._lock:
             self._active.append(call)
+            if self._cancelled:
+                call.cancel()
         return call
 
     def cancel_all(self) -> None:
         with self._lock:
+            self._cancelled = True
             for call in self._active:
                 call.cancel()
 
