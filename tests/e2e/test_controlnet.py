@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 
 import grpc
 import numpy as np
@@ -18,6 +19,7 @@ from diffusers import (
 from PIL import Image
 
 from tests.e2e.reference import pixels
+from tests.e2e.test_services import runtime_info
 from triptych.v1 import common_pb2, image_service_pb2
 
 STEPS, SEED = 8, 31
@@ -136,6 +138,21 @@ def test_sd15_two_units_percentage_windows(client, sd15_pipe, nets):
         [0.6, 1.0],
     )
     assert np.array_equal(chain(client, "tiny/sd15", units), expected)
+
+
+def test_the_most_units_keep_their_unet_loaded(client, services, model_root):
+    """ControlNets have an LRU of their own: a request with four ControlNets (the most a request may name) leaves
+    its UNet in memory, rather than reloading it, and its LoRAs, on every such request."""
+    copies = model_root / "controlnet-copies"
+    ids = [f"controlnet-copies/{name}" for name in "abcd"]
+    for model in ids:
+        shutil.copytree(model_root / "tiny/controlnet-sd15", model_root / model)
+    try:
+        chain(client, "tiny/sd15", [unit(model, guide(i), weight=0.5) for i, model in enumerate(ids)])
+        held = {(c.model, c.component) for c in runtime_info(services.addresses["denoiser"]).loaded_components}
+        assert ("tiny/sd15", "unet") in held and {(model, "controlnet") for model in ids} <= held, held
+    finally:
+        shutil.rmtree(copies)
 
 
 def test_sd15_controlnet_mode_equals_guess_mode(client, sd15_pipe, nets):

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
 
 from tests.e2e.reference import pixels, set_scheduler
-from triptych.v1 import image_service_pb2
+from triptych.v1 import common_pb2, image_service_pb2
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +28,18 @@ def pipes(model_root):
     return base, refiner
 
 
-def reference(pipes, *, prompt, negative, seed, steps, fraction, scheduler, cfg=7.0, size=64):
-    base, refiner = pipes
+def reference(pipes, *, prompt, negative, seed, steps, fraction, scheduler, cfg=7.0, size=64, **base_kwargs):
+    """diffusers' ensemble of expert denoisers; base_kwargs go to the base (a ControlNet pipeline when they name a
+    controlnet)."""
+    # Views of the loaded pipelines (shared weights) whose scheduler this call may replace: no test leaves its
+    # scheduler to the next.
+    if "controlnet" in base_kwargs:
+        base = StableDiffusionXLControlNetPipeline.from_pipe(pipes[0], controlnet=base_kwargs.pop("controlnet"))
+    else:
+        base = StableDiffusionXLPipeline.from_pipe(pipes[0])
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pipe(pipes[1])
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
     set_scheduler(base, scheduler)
     set_scheduler(refiner, scheduler)
     generator = torch.Generator("cpu").manual_seed(seed)  # one generator object across both, as diffusers' docs
@@ -35,6 +53,7 @@ def reference(pipes, *, prompt, negative, seed, steps, fraction, scheduler, cfg=
         denoising_end=fraction,
         output_type="latent",
         generator=generator,
+        **base_kwargs,
     ).images
     image = refiner(
         prompt=prompt,
@@ -117,3 +136,41 @@ def test_refiner_needs_an_sdxl_base_and_an_sdxl_refiner(client, base, refiner):
             )
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "refiner.model" in raised.value.details()
+
+
+def test_controlnet_window_is_a_fraction_of_the_whole_schedule(client, pipes, model_root):
+    """The base's ControlNet unit ends at 50% of all 10 steps (5 model calls), not of the 8 calls the base runs
+    before an 80% hand-off: diffusers' SDXL ControlNet pipeline sets controlnet_keep before denoising_end."""
+    guide = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    guide.save(buffer, format="PNG")
+    request = image_service_pb2.GenerateRequest(
+        model="tiny/sdxl",
+        positive_prompt="a red fox",
+        negative_prompt="blurry",
+        seed=5,
+        steps=10,
+        width=64,
+        height=64,
+        control_net=[
+            common_pb2.ControlNetUnit(
+                model="tiny/controlnet-sdxl", guide_image=buffer.getvalue(), end_step_percentage=50, weight=2.0
+            )
+        ],
+        refiner=image_service_pb2.Refiner(model="tiny/sdxl-refiner", start_step_percentage=80),
+    )
+    got = pixels(client.generate(request)[0].image.data)
+    expected = reference(
+        pipes,
+        prompt="a red fox",
+        negative="blurry",
+        seed=5,
+        steps=10,
+        fraction=0.8,
+        scheduler="",
+        controlnet=ControlNetModel.from_pretrained(model_root / "tiny/controlnet-sdxl"),
+        image=guide,
+        controlnet_conditioning_scale=2.0,
+        control_guidance_end=0.5,
+    )
+    assert np.array_equal(got, expected)

@@ -95,9 +95,25 @@ def sdxl_time_ids(
     return time_ids, time_ids
 
 
-def window_timesteps(scheduler, start_fraction: float, end_fraction: float) -> torch.Tensor:
-    """The part of scheduler.timesteps a window runs, by timestep value as diffusers cuts it."""
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """diffusers' get_guidance_scale_embedding (the pipelines' `timestep_cond` for a UNet with time_cond_proj_dim):
+    sinusoidal features of 1000 w, [len(w), embedding_dim], float32."""
+    w = w * 1000.0
+    half_dim = embedding_dim // 2
+    emb = torch.log(torch.tensor(10000.0)) / (half_dim - 1)
+    emb = torch.exp(torch.arange(half_dim, dtype=torch.float32) * -emb)
+    emb = w.to(torch.float32)[:, None] * emb[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if embedding_dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+def window_timesteps(scheduler, start_fraction: float, end_fraction: float) -> tuple[torch.Tensor, int]:
+    """The part of scheduler.timesteps a window runs, by timestep value as diffusers cuts it, and the index of its
+    first model call in the whole schedule."""
     timesteps = scheduler.timesteps
+    t_start = 0
     train = scheduler.config.num_train_timesteps
     if start_fraction > 0:  # StableDiffusionXLImg2ImgPipeline.get_timesteps(denoising_start=...)
         cutoff = int(round(train - start_fraction * train))
@@ -111,7 +127,7 @@ def window_timesteps(scheduler, start_fraction: float, end_fraction: float) -> t
     if end_fraction < 1:  # StableDiffusionXLPipeline: "Apply denoising_end"
         cutoff = int(round(train - end_fraction * train))
         timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
-    return timesteps
+    return timesteps, t_start
 
 
 class DenoiserEngine:
@@ -126,11 +142,14 @@ class DenoiserEngine:
         compute: ComputeThreads | None = None,
         placement: Placement = CPU_FLOAT32,
         compile_mode: str | None = None,
+        controlnets: ComponentCache | None = None,
     ):
         self.store = store
         self.placement = placement
         self.compile_mode = compile_mode  # None = eager; else a torch.compile mode for every UNet and ControlNet
         self.cache = cache
+        # ControlNets have an LRU of their own: a request's units never evict its own UNet (or each other).
+        self.controlnets = controlnets or ComponentCache(4)
         self.loras = loras
         self.compute = compute or ComputeThreads("denoiser")
         self.queue = BoundedQueue(queue_per_model, "denoise")
@@ -186,7 +205,7 @@ class DenoiserEngine:
         # where requests for one model run one at a time (LoRA state lives in the shared UNet).
         with self.queue.slot(job.model):
             admitted = time.perf_counter()
-            yield from self.compute.stream(job.model, lambda: self._run(job, info, is_active, admitted))
+            yield from self.compute.stream(job.model, lambda: self._run(job, info, is_active, admitted), is_active)
 
     def _run(
         self, job: DenoiseJob, info: ModelInfo, is_active: Callable[[], bool], admitted: float
@@ -221,7 +240,8 @@ class DenoiserEngine:
 
         try:
             scheduler.set_timesteps(job.steps, device=place.device)
-            timesteps = window_timesteps(scheduler, job.start_fraction, job.end_fraction)
+            schedule_length = len(scheduler.timesteps)
+            timesteps, first_call = window_timesteps(scheduler, job.start_fraction, job.end_fraction)
         except ValueError as exc:  # e.g. PNDM with PRK steps needs >= 4, LCM <= its original_inference_steps
             raise InvalidArgument.one(
                 "steps", f"{type(scheduler).__name__} cannot run {job.steps} steps ({exc})"
@@ -242,6 +262,12 @@ class DenoiserEngine:
         prompt_embeds, added_cond_kwargs = self._unet_conditioning(info, unet, job, do_cfg, height, width, place)
         nets = self._control_nets(job, unet)
         control = prepare_units(list(job.control_units), nets, width, height, do_cfg, place.device, place.dtype)
+        timestep_cond = None  # a guidance-distilled (LCM) UNet takes the guidance scale as an embedding, not CFG
+        if unet.config.time_cond_proj_dim is not None:
+            guidance = torch.tensor(job.guidance_scale - 1).repeat(1)
+            timestep_cond = guidance_scale_embedding(guidance, unet.config.time_cond_proj_dim).to(
+                device=place.device, dtype=latents.dtype
+            )
         step_params = set(inspect.signature(scheduler.step).parameters)
         extra_step_kwargs = {}
         if "eta" in step_params:
@@ -262,10 +288,12 @@ class DenoiserEngine:
                 latent_model_input = scheduler.scale_model_input(latent_model_input, t)
                 down, mid = None, None
                 if control:
+                    # A unit's window is a fraction of the whole schedule, not of this window: diffusers' SDXL
+                    # ControlNet pipeline sets controlnet_keep before it applies denoising_end.
                     down, mid = residuals(
                         control,
-                        i,
-                        len(timesteps),
+                        first_call + i,
+                        schedule_length,
                         t,
                         latents,
                         latent_model_input,
@@ -278,7 +306,7 @@ class DenoiserEngine:
                     latent_model_input,
                     t,
                     encoder_hidden_states=prompt_embeds,
-                    timestep_cond=None,
+                    timestep_cond=timestep_cond,
                     cross_attention_kwargs=None,
                     added_cond_kwargs=added_cond_kwargs,
                     down_block_additional_residuals=down,
@@ -310,7 +338,7 @@ class DenoiserEngine:
         )
 
     def _control_nets(self, job: DenoiseJob, unet) -> list[ControlNetModel]:
-        """Loads each unit's ControlNet (cached like UNets) and checks it fits the base model."""
+        """Loads each unit's ControlNet (cached, in an LRU apart from the UNets') and checks it fits the base model."""
         nets = []
         for unit in job.control_units:
             field = f"{unit.field}.model"
@@ -324,7 +352,7 @@ class DenoiserEngine:
                     compile_in_place(net, self.compile_mode)
                 return {"controlnet": net}
 
-            net = self.cache.get(unit.model, load)["controlnet"]
+            net = self.controlnets.get(unit.model, load)["controlnet"]
             check_family(net, unet, field, unit.model)
             nets.append(net)
         return nets
@@ -350,8 +378,14 @@ class DenoiserEngine:
                 pooled = cond.pooled_prompt_embeds
                 if pooled is None or pooled.ndim != 2 or pooled.shape[0] != 1:
                     violations.append((f"{name}.pooled_prompt_embeds", "required [1, dim] for an SDXL model"))
-        if do_cfg and not violations and job.negative.prompt_embeds.shape != job.positive.prompt_embeds.shape:
-            violations.append(("negative.prompt_embeds", "must have the same shape as positive.prompt_embeds"))
+        if do_cfg and not violations:
+            if job.negative.prompt_embeds.shape != job.positive.prompt_embeds.shape:
+                violations.append(("negative.prompt_embeds", "must have the same shape as positive.prompt_embeds"))
+            pooled = job.negative.pooled_prompt_embeds, job.positive.pooled_prompt_embeds
+            if info.family == "sdxl" and pooled[0].shape != pooled[1].shape:
+                violations.append(
+                    ("negative.pooled_prompt_embeds", "must have the same shape as positive.pooled_prompt_embeds")
+                )
         if violations:
             raise InvalidArgument(violations)
 

@@ -242,15 +242,24 @@ def build(settings: Settings) -> Service:
     loras = (MergedLoras if merged else LoraAdapters)(store, settings.lora_cache_bytes)
     compute = ComputeThreads("denoiser", settings.max_loaded_models)
     placement = Placement.from_settings(settings)
+    # As many ControlNets as a request may use (or as many as models, if more), so a request never evicts its own.
+    controlnets = ComponentCache(max(settings.max_loaded_models, settings.limits.max_controlnets))
     engine = DenoiserEngine(
-        store, cache, loras, settings.denoiser_queue_per_model, compute, placement, settings.active_compile_mode
+        store,
+        cache,
+        loras,
+        settings.denoiser_queue_per_model,
+        compute,
+        placement,
+        settings.active_compile_mode,
+        controlnets,
     )
     servicer = DenoiserServicer(engine, settings)
     return Service(
         "denoiser",
         ["triptych.v1.DenoiserService"],
         lambda server: denoiser_service_pb2_grpc.add_DenoiserServiceServicer_to_server(servicer, server),
-        cache.loaded,
+        lambda: [*cache.loaded(), *controlnets.loaded()],
         lambda: {
             "lora_disk_reads": loras.disk_reads,
             "lora_evictions": loras.evictions,
