@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import grpc
 import numpy as np
 import pytest
@@ -78,6 +81,21 @@ def test_switching_lora_sets_leaks_nothing_and_reads_disk_once(client, services,
     }
     assert after == reads, "a LoRA already loaded is not read from disk again"
     assert np.array_equal(base, reference(model_root, []))
+
+
+def test_a_lora_file_replaced_in_place_is_read_again(client, model_root):
+    """Encoder and denoiser know an adapter by its file's identity too: the same model id over new bytes gives the
+    new LoRA's image, not the one injected before (nor the encoder's cached embeddings of the old file)."""
+    folder = model_root / "replaced"
+    folder.mkdir(exist_ok=True)
+    path = folder / "lora.safetensors"
+    try:
+        for i, source in enumerate((KOHYA, PEFT)):
+            shutil.copyfile(model_root / f"{source}.safetensors", path)
+            os.utime(path, ns=(10**18 + i, 10**18 + i))  # distinct even on a file system with coarse times
+            assert np.array_equal(generate(client, [("replaced/lora", 0.9)]), generate(client, [(source, 0.9)]))
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_bad_lora_weight_is_named_as_in_the_request(client):

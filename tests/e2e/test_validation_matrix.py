@@ -127,7 +127,7 @@ def test_every_bad_field_of_a_generate_request_is_reported_at_once(ctx):
         "embeddings[0].weight",
         "control_net",
         "refiner.model",
-        "refiner.start",
+        "refiner.start_step_percentage",
     }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
@@ -32,9 +33,11 @@ from triptych.core.model_store import ModelStore
 _LOADERS = {"sd1": StableDiffusionLoraLoaderMixin, "sdxl": StableDiffusionXLLoraLoaderMixin}
 
 
-def adapter_name(model_id: str) -> str:
-    """A peft-safe adapter name that is unique per model id."""
-    digest = hashlib.sha1(model_id.encode()).hexdigest()[:8]
+def adapter_name(model_id: str, path: Path) -> str:
+    """A peft-safe adapter name, unique per model id and file identity (mtime, size): a file replaced in place
+    gets a new name, so it is read and injected afresh (the old adapter ages out of the LRU like any other)."""
+    stat = path.stat()
+    digest = hashlib.sha1(f"{model_id}\0{stat.st_mtime_ns}\0{stat.st_size}".encode()).hexdigest()[:12]
     return re.sub(r"[^A-Za-z0-9_]", "_", model_id) + "_" + digest
 
 
@@ -73,7 +76,7 @@ class LoraAdapters:
             info = self.store.resolve(model_id, f"{field}[{i}].model")
             if info.kind != "file" or info.path.suffix != ".safetensors":
                 raise InvalidArgument.one(f"{field}[{i}].model", f"{model_id!r} is not a .safetensors LoRA file")
-            wanted.append((adapter_name(model_id), info.path, weight, f"{field}[{i}].model"))
+            wanted.append((adapter_name(model_id, info.path), info.path, weight, f"{field}[{i}].model"))
         return wanted
 
     def _inject(self, family: str, targets, name: str, path, field_name: str) -> list[bool]:

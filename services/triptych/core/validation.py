@@ -51,10 +51,14 @@ def weighted(
         violations.append((field, f"at most {maximum} entries (got {len(items)})"))
     parsed = []
     low, high = weight_range
+    first: dict[str, int] = {}
     for i, item in enumerate(items):
         weight = item.weight if item.HasField("weight") else 1.0
         if not item.model:
             violations.append((f"{field}[{i}].model", "a model id is required"))
+        elif item.model in first:  # diffusers refuses an adapter name twice; one entry, one weight
+            violations.append((f"{field}[{i}].model", f"{item.model!r} is already {field}[{first[item.model]}]"))
+        first.setdefault(item.model, i)
         if not (math.isfinite(weight) and low <= weight <= high):
             violations.append((f"{field}[{i}].weight", f"must be between {low:g} and {high:g} (got {weight})"))
         parsed.append((item.model, weight))

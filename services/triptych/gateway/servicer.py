@@ -22,7 +22,6 @@ from triptych.core.security import is_loopback, outgoing_channel
 from triptych.core.server import VERSION, Service
 from triptych.core.settings import Settings
 from triptych.core.validation import (
-    check_fraction,
     check_guidance,
     check_prompt,
     check_size,
@@ -97,13 +96,13 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         if request.HasField("refiner"):
             if not request.refiner.model:
                 v.append(("refiner.model", "a refiner model id is required"))
+            which = request.refiner.WhichOneof("start")
             fraction = self.refiner_fraction(request)
-            if fraction is None:
+            steps_zero = which == "start_step" and math.isnan(fraction)  # reported on `steps`
+            if which is None:
                 v.append(("refiner", "set start_step or start_step_percentage"))
-            elif not math.isnan(fraction):
-                check_fraction(fraction, "refiner.start", v, low=0.0, high=1.0)
-                if not 0 < fraction < 1:
-                    v.append(("refiner.start", f"the hand-off must fall strictly inside the schedule (got {fraction})"))
+            elif not steps_zero and not (math.isfinite(fraction) and 0 < fraction < 1):
+                v.append((f"refiner.{which}", f"the hand-off must fall inside the schedule (got {fraction})"))
         if v:
             raise InvalidArgument(v)
 
@@ -214,6 +213,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             request_json = _json(task_from_request(reproduce))
             height, width = (int(d) * 8 for d in result.latents.shape[-2:])
             parameters = a1111_parameters(request, seed, steps, cfg_scale, width, height, VERSION)
+            decode_started = time.perf_counter()
             decoded = calls.unary(
                 "decode",
                 self.decoder.Decode,
@@ -226,7 +226,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                     png_text={"parameters": parameters, "triptych-request": request_json},
                 ),
             )
-            yield _progress("decode", 1, 1, started, index)
+            yield _progress("decode", 1, 1, decode_started, index)
             yield image_service_pb2.GenerateResponse(
                 image=image_service_pb2.GeneratedImage(
                     task_uuid=request.task_uuid,
