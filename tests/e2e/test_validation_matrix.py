@@ -110,7 +110,7 @@ def test_every_bad_field_of_a_generate_request_is_reported_at_once(ctx):
         prompt_weighting=7,
         lora=[common_pb2.Lora(model="tiny/lora-sd15-kohya", weight=11)],
         embeddings=[common_pb2.TextualInversion(model="tiny/ti-sd15", weight=5)],
-        control_net=[unit()] * 5,
+        control_net=[unit(weight=6, end_step_percentage=150)] + [unit()] * 4,
         refiner=image_service_pb2.Refiner(start_step_percentage=100),
     )
     assert violated(ctx, "gateway", request) == {
@@ -126,6 +126,8 @@ def test_every_bad_field_of_a_generate_request_is_reported_at_once(ctx):
         "lora[0].weight",
         "embeddings[0].weight",
         "control_net",
+        "control_net[0].weight",
+        "control_net[0].end_step_percentage",
         "refiner.model",
         "refiner.start_step_percentage",
     }

@@ -18,25 +18,12 @@ from diffusers import ControlNetModel
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from triptych.core.control_units import CONTROLNET, PROMPT, ControlUnit
 from triptych.core.errors import InvalidArgument
 
-BALANCED, PROMPT, CONTROLNET = "balanced", "prompt", "controlnet"
 MAX_GUIDE_PIXELS = 4096 * 4096  # checked from the header, before decoding (decompression bombs)
 # What the proto promises, and all PIL may try: no TIFF, BMP, GIF, PSD, EPS ... decoders reachable from a request.
 GUIDE_FORMATS = ("PNG", "JPEG", "WEBP")
-
-
-@dataclass(frozen=True)
-class ControlUnit:
-    """One parsed unit: fractions of the schedule, already range-checked by the servicer."""
-
-    model: str
-    guide_image: bytes
-    scale: float
-    start: float
-    end: float
-    mode: str
-    field: str  # e.g. "control_net[0]", for error messages
 
 
 @dataclass

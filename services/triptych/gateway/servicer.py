@@ -16,6 +16,7 @@ import grpc
 from triptych.client.task import task_from_request
 from triptych.client.transport import address_hosts
 from triptych.core import timing
+from triptych.core.control_units import parse_control_units
 from triptych.core.errors import InvalidArgument, Relayed
 from triptych.core.scheduler_table import parse_scheduler
 from triptych.core.security import is_loopback, outgoing_channel
@@ -72,7 +73,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         check_prompt(request.negative_prompt, "negative_prompt", self.limits, v)
         check_size(request.width if request.HasField("width") else None, "width", self.limits.max_width, v)
         check_size(request.height if request.HasField("height") else None, "height", self.limits.max_height, v)
-        check_steps(request.steps if request.HasField("steps") else DEFAULT_STEPS, "steps", self.limits, v)
+        steps = request.steps if request.HasField("steps") else DEFAULT_STEPS
+        check_steps(steps, "steps", self.limits, v)
         check_guidance(
             request.cfg_scale if request.HasField("cfg_scale") else DEFAULT_CFG_SCALE, "cfg_scale", self.limits, v
         )
@@ -91,8 +93,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         weighted(request.embeddings, "embeddings", self.limits.max_embeddings, (-4.0, 4.0), v)
         if request.prompt_weighting not in encoder_service_pb2.PromptWeighting.values():
             v.append(("prompt_weighting", f"unknown value {request.prompt_weighting}"))
-        if len(request.control_net) > self.limits.max_controlnets:
-            v.append(("control_net", f"at most {self.limits.max_controlnets} units (got {len(request.control_net)})"))
+        parse_control_units(request.control_net, steps, self.limits, v)  # the denoiser's own check, before any work
         if request.HasField("refiner"):
             if not request.refiner.model:
                 v.append(("refiner.model", "a refiner model id is required"))
