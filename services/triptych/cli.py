@@ -192,6 +192,9 @@ def cmd_generate(args) -> int:
                             f"{image.scheduler_class}",
                             flush=True,
                         )
+                        if not args.quiet and image.index == 0:
+                            for note in image.notes:
+                                print(f"note: {note}", file=sys.stderr)
                 if not args.quiet and (line := _timing_line(server_timing(call))):
                     print(line, file=sys.stderr)
             except grpc.RpcError as exc:

@@ -157,7 +157,11 @@ def test_chain_with_a_long_weighted_prompt_equals_diffusers_on_the_reference_emb
         model=model, positive_prompt=prompt, negative_prompt=negative, seed=11, width=64, height=64, steps=6,
         cfg_scale=6.0, prompt_weighting=A1111,
     )  # fmt: skip
-    got = pixels(client.generate(request)[0].image.data)
+    generated = client.generate(request)[0]
+    got = pixels(generated.image.data)
+    # The encoder's remarks reach the caller of Generate.
+    assert any(n.startswith("positive_prompt:") and "encoded as 2 chunks" in n for n in generated.notes), generated
+    assert "negative_prompt: padded with 1 empty chunks to match positive_prompt" in generated.notes
     reference = ref[model.split("/")[1]]
     embeds, pooled = reference.encode([(LONG, 1.2), (", ", 1.0), ("dull", 1 / 1.1)])
     negative_embeds, negative_pooled = reference.encode([(negative, 1.0)], pad_to=2)

@@ -165,6 +165,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                     f"a refiner needs an SDXL base and an SDXL refiner (got {pairing[0]} -> {pairing[1]})",
                 )
 
+        refiner_notes = refiner_encoded.notes if refiner_encoded is not None else ()
+        notes = [*encoded.notes, *(f"refiner: {note}" for note in refiner_notes)]
         for index in range(count):
             seed = (base_seed + index) % 2**64
             denoise_request = denoiser_service_pb2.DenoiseRequest(
@@ -239,6 +241,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                     hidden_layer_index=encoded.hidden_layer_index,
                     parameters=parameters,
                     request_json=request_json,
+                    notes=notes,
                 )
             )
 
