@@ -16,7 +16,8 @@ from diffusers import (
 from PIL import Image
 
 from tests.e2e.reference import pixels, set_scheduler
-from triptych.v1 import common_pb2, image_service_pb2
+from tests.e2e.stubs import conditioning, open_stubs, tiny_denoise
+from triptych.v1 import common_pb2, denoiser_service_pb2, image_service_pb2
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +175,31 @@ def test_controlnet_window_is_a_fraction_of_the_whole_schedule(client, pipes, mo
         control_guidance_end=0.5,
     )
     assert np.array_equal(got, expected)
+
+
+def test_a_continued_generator_state_without_a_seed_reports_none(services):
+    """A second window that continues generator_state draws from that state alone: the same latents whatever
+    seed it names or omits, and a result seed of 0 when it names none (no seed reproduces that noise)."""
+    stubs = open_stubs(services)
+    try:
+        first = tiny_denoise(conditioning(stubs), "tiny/sd15", steps=6, scheduler="Euler a", seed=9)
+        first.window.end_fraction = 0.5
+        base = [e.result for e in stubs.call("denoiser", first) if e.HasField("result")][0]
+
+        def second(**seed) -> denoiser_service_pb2.DenoiseResult:
+            request = denoiser_service_pb2.DenoiseRequest()
+            request.CopyFrom(first)
+            request.ClearField("seed")
+            request.window.Clear()
+            request.window.start_fraction = 0.5
+            request.latents.CopyFrom(base.latents)
+            request.generator_state = base.generator_state
+            for name, value in seed.items():
+                setattr(request, name, value)
+            return [e.result for e in stubs.call("denoiser", request) if e.HasField("result")][0]
+
+        unseeded, seeded, other = second(), second(seed=9), second(seed=123)
+        assert unseeded.seed == 0 and seeded.seed == 9
+        assert unseeded.latents.data == seeded.latents.data == other.latents.data
+    finally:
+        stubs.close()

@@ -230,7 +230,9 @@ class DenoiserEngine:
         do_cfg = job.guidance_scale > 1 and unet.config.time_cond_proj_dim is None
         self._check_conditioning(info, unet, job, do_cfg)
 
-        seed = job.seed if job.seed is not None else secrets.randbits(64)
+        # A continued generator state without a seed draws from that state alone: there is no seed to report.
+        random_seed = 0 if job.generator_state else secrets.randbits(64)
+        seed = job.seed if job.seed is not None else random_seed
         generator = torch.Generator("cpu").manual_seed(seed)
         if job.generator_state:
             try:
