@@ -129,7 +129,7 @@ class Settings(BaseSettings):
         True, description="glibc malloc keeps freed memory for reuse (no per-step page faults; RSS stays at its peak)"
     )
     max_workers: int = Field(
-        64,
+        128,
         ge=1,
         description="gRPC worker threads per process, which is also the most calls it serves at once (a streaming "
         "call holds its thread to the end): one more is RESOURCE_EXHAUSTED at once, never queued",
