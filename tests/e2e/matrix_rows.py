@@ -198,6 +198,9 @@ GATEWAY = [
      "control_net[0]"),
     ("controlnet-mode-unknown", {"control_net": [cn(control_mode=9)]}, IA, "control_net[0].control_mode"),
     ("controlnet-guide-missing", {"control_net": [cn(guide_image=b"")]}, IA, "control_net[0].guide_image"),
+    # Each within max_guide_image_bytes, but the image's response carries them twice in base64: over 256 MiB.
+    ("controlnet-guides-too-large-together", {"control_net": [cn(guide_image=bytes(32 << 20))] * 3}, IA,
+     "control_net"),
     ("controlnet-guide-undecodable", {"control_net": [cn(guide_image=b"not an image")]}, IA,
      "control_net[0].guide_image"),
     ("controlnet-guide-truncated-png", {"control_net": [cn(guide_image=TRUNCATED_PNG)]}, IA,

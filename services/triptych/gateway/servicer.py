@@ -50,6 +50,7 @@ DEFAULT_CFG_SCALE = 7.0
 class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     def __init__(self, settings: Settings):
         self.limits = settings.limits
+        self.max_message_bytes = settings.max_message_bytes
 
         # Each address may be a replica list: one round-robin channel per role, UNAVAILABLE retried elsewhere;
         # TLS and the gateway's own token (settings.security) apply to every downstream call.
@@ -94,6 +95,12 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         if request.prompt_weighting not in encoder_service_pb2.PromptWeighting.values():
             v.append(("prompt_weighting", f"unknown value {request.prompt_weighting}"))
         parse_control_units(request.control_net, steps, self.limits, v)  # the denoiser's own check, before any work
+        # Each image's response carries the request twice (the PNG's "triptych-request" text and request_json), guide
+        # images in base64: refuse now what would only fail at the end. 16 MiB are left for the image itself.
+        guides = sum(len(unit.guide_image) for unit in request.control_net)
+        most = (self.max_message_bytes - (16 << 20)) // 2 // 4 * 3
+        if guides > most:
+            v.append(("control_net", f"guide images of {guides} bytes in all; the response holds at most {most}"))
         if request.HasField("refiner"):
             if not request.refiner.model:
                 v.append(("refiner.model", "a refiner model id is required"))
