@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from triptych.encoder.chunks import empty_chunk, split_into_chunks
+from triptych.encoder.chunks import empty_chunk, placed_tokens, split_into_chunks
 from triptych.encoder.prompt_syntax import literal, parse_weighted
 from triptych.encoder.textual_inversion import PLACEHOLDER_ID, Embedding
 from triptych.models.clip_vocab import write_clip_tokenizer
@@ -91,3 +91,19 @@ def test_an_embedding_without_vectors_for_this_encoder_is_dropped(tokenizer):
     embedding = Embedding("sdxl-only", {"text_encoder_2": torch.ones(2, 4)})
     chunked = split_into_chunks(tokenizer, literal("a sdxl-only a"), [(embedding, 1.0)], "text_encoder")
     assert chunked.chunks[0].input_ids[:4] == (BOS, A, A, EOS)
+
+
+def test_the_longest_embedding_token_wins_and_matching_ignores_case(tokenizer):
+    """As the tokenizer matches diffusers' added tokens: longest first and in any case, so "EasyNegativeV2" is that
+    embedding, not "EasyNegative" followed by the text "V2", whichever order the request lists them in."""
+    short = Embedding("EasyNegative", {"text_encoder": torch.ones(1, 32)})
+    long = Embedding("EasyNegativeV2", {"text_encoder": torch.full((2, 32), 2.0)})
+    for embeddings in ([(short, 1.0), (long, 1.0)], [(long, 1.0), (short, 1.0)]):
+        fragments = literal("a easynegativev2 and EASYNEGATIVE")
+        assert placed_tokens(fragments, embeddings) == {"EasyNegative", "EasyNegativeV2"}
+        chunk = split_into_chunks(tokenizer, fragments, embeddings, "text_encoder").chunks[0]
+        vectors = [float(vector[0]) for _, vector in chunk.substitutions]
+        assert vectors == [2.0, 2.0, 1.0], "the two vectors of V2, then EasyNegative's one"
+        text = [i for i in chunk.input_ids if i not in (BOS, EOS, PLACEHOLDER_ID)]
+        assert text == tokenizer("a and", add_special_tokens=False).input_ids, "no stray 'v2' text"
+    assert placed_tokens(literal("a fox"), [(short, 1.0), (long, 1.0)]) == set()

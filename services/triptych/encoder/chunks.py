@@ -38,7 +38,7 @@ class ChunkedPrompt:
     token_count: int
 
 
-def token_pattern(token: str) -> re.Pattern:
+def _token_pattern(token: str) -> re.Pattern:
     """Where an embedding's token stands in prompt text: in any case, as CLIP's tokenizer lowercases the prompt
     before it matches added tokens (diffusers' load_textual_inversion) and A1111 matches token ids."""
     return re.compile(re.escape(token), re.IGNORECASE)
@@ -53,13 +53,14 @@ def _pieces(
             yield "break", None, 1.0
             continue
         pieces: list[tuple[str, tuple[Embedding, float] | None]] = [(fragment.text, None)]
-        for item in embeddings:
+        # Longest token first, as the tokenizer's added-token matching: "EasyNegativeV2" is not "EasyNegative" + "V2".
+        for item in sorted(embeddings, key=lambda item: len(item[0].token), reverse=True):
             split: list[tuple[str, tuple[Embedding, float] | None]] = []
             for text, owner in pieces:
                 if owner is not None:
                     split.append((text, owner))
                     continue
-                for i, part in enumerate(token_pattern(item[0].token).split(text)):
+                for i, part in enumerate(_token_pattern(item[0].token).split(text)):
                     if i:
                         split.append((item[0].token, item))
                     split.append((part, None))
@@ -69,6 +70,11 @@ def _pieces(
                 yield "embedding", owner, fragment.weight
             elif text.strip():
                 yield "text", text, fragment.weight
+
+
+def placed_tokens(fragments: list[Fragment], embeddings: list[tuple[Embedding, float]]) -> set[str]:
+    """The tokens of `embeddings` that stand somewhere in the prompt's text (the rest are appended to it)."""
+    return {value[0].token for kind, value, _ in _pieces(fragments, embeddings) if kind == "embedding"}
 
 
 def split_into_chunks(

@@ -25,7 +25,7 @@ from triptych.core.settings import Limits
 from triptych.encoder.batching import Batcher
 from triptych.encoder.cache import ByteBoundedLRU
 from triptych.encoder.catalog import DEFAULT_SKIP, max_clip_skip
-from triptych.encoder.chunks import CHUNK_TOKENS, Chunk, empty_chunk, split_into_chunks, token_pattern
+from triptych.encoder.chunks import CHUNK_TOKENS, Chunk, empty_chunk, placed_tokens, split_into_chunks
 from triptych.encoder.forward import encode_rows, make_rows_independent, project_pooled
 from triptych.encoder.prompt_syntax import Fragment, PromptSyntaxError, literal, parse_weighted
 from triptych.encoder.textual_inversion import Embedding, EmbeddingFiles, emphasise
@@ -232,9 +232,8 @@ class TextEncoderEngine:
         except PromptSyntaxError as exc:
             raise InvalidArgument.one(field_name, str(exc)) from exc
         # An embedding whose token the prompt lacks is appended after one space, with weight 1 from the prompt.
-        for embedding, _ in tis:
-            if not any(token_pattern(embedding.token).search(fragment.text) for fragment in fragments):
-                fragments.append(Fragment(" " + embedding.token, 1.0))
+        placed = placed_tokens(fragments, tis)
+        fragments += [Fragment(" " + embedding.token, 1.0) for embedding, _ in tis if embedding.token not in placed]
         chunked = {}
         for name in encoder_names:
             chunked[name] = split_into_chunks(tokenizer_for(parts, name), fragments, tis, name)
