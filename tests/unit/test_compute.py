@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -48,11 +50,18 @@ def test_a_stream_waiting_behind_other_work_ends_when_its_caller_goes_away():
     ran = threading.Event()
     active = [True]
 
-    def job():
-        ran.set()
-        yield "never reached by the caller"
+    class Payload:  # stands for what a job carries (tensors, guide images)
+        pass
 
-    stream = compute.stream("a", job, is_active=lambda: active[0])
+    payload = Payload()
+    held = weakref.ref(payload)
+
+    def job(carried):
+        ran.set()
+        yield carried
+
+    stream = compute.stream("a", lambda carried=payload: job(carried), is_active=lambda: active[0])
+    del payload
     raised = []
 
     def wait():
@@ -70,6 +79,8 @@ def test_a_stream_waiting_behind_other_work_ends_when_its_caller_goes_away():
     assert time.perf_counter() - began < 2.0, "freed within the poll, not at its turn"
     assert len(raised) == 1 and isinstance(raised[0], Cancelled)
     assert not ran.is_set(), "the long job still runs"
+    gc.collect()
+    assert held() is None, "the queued task no longer holds the job"
     release.set()
     assert compute.run("a", lambda: "free again") == "free again"
 

@@ -61,10 +61,16 @@ class ComputeThreads:
         """
         items: queue.SimpleQueue = queue.SimpleQueue()
         stop = threading.Event()
+        # The only reference the queued task holds to the job: a caller that leaves before it starts takes it
+        # back, so what the job carries (tensors, guide images) is freed then, not when the task's turn comes.
+        pending = {"make": make}
 
         def produce() -> None:
+            make_now = pending.pop("make", None)
+            if make_now is None:
+                return  # its caller went away before it started
             try:
-                with contextlib.closing(make()) as iterator:
+                with contextlib.closing(make_now()) as iterator:
                     for item in iterator:
                         items.put((item, None))
                         if stop.is_set():
@@ -74,7 +80,8 @@ class ComputeThreads:
                 return
             items.put((_DONE, None))
 
-        self._executor(key).submit(produce)
+        del make
+        task = self._executor(key).submit(produce)
         try:
             while True:
                 try:
@@ -90,3 +97,5 @@ class ComputeThreads:
                 yield item
         finally:
             stop.set()
+            pending.pop("make", None)
+            task.cancel()  # one that has not started is skipped when its turn comes
