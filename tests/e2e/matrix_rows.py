@@ -32,6 +32,7 @@ from tests.e2e.stubs import (
 from tests.e2e.stubs import unit as cn
 from triptych.core.settings import Settings
 from triptych.v1 import common_pb2, tensor_pb2
+from triptych.v1.decoder_service_pb2 import OUTPUT_FORMAT_JPEG
 from triptych.v1.denoiser_service_pb2 import DenoisingWindow
 from triptych.v1.image_service_pb2 import Refiner
 
@@ -201,6 +202,9 @@ GATEWAY = [
     # Each within max_guide_image_bytes, but the image's response carries them twice in base64: over 256 MiB.
     ("controlnet-guides-too-large-together", {"control_net": [cn(guide_image=bytes(32 << 20))] * 3}, IA,
      "control_net"),
+    ("controlnet-guides-too-large-together-jpeg", {"control_net": [cn(guide_image=bytes(32 << 20))] * 4,
+                                                   "output_format": OUTPUT_FORMAT_JPEG},
+     IA, "control_net[0].guide_image"),  # within what a JPEG's response holds: the denoiser finds no image in it
     ("controlnet-guide-undecodable", {"control_net": [cn(guide_image=b"not an image")]}, IA,
      "control_net[0].guide_image"),
     ("controlnet-guide-truncated-png", {"control_net": [cn(guide_image=TRUNCATED_PNG)]}, IA,

@@ -95,10 +95,14 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         if request.prompt_weighting not in encoder_service_pb2.PromptWeighting.values():
             v.append(("prompt_weighting", f"unknown value {request.prompt_weighting}"))
         parse_control_units(request.control_net, steps, self.limits, v)  # the denoiser's own check, before any work
-        # Each image's response carries the request twice (the PNG's "triptych-request" text and request_json), guide
-        # images in base64: refuse now what would only fail at the end. 16 MiB are left for the image itself.
+        # Each image's response carries the request, guide images in base64: in request_json and, for a PNG, in its
+        # "triptych-request" text too. Refuse now what would only fail at the end; 16 MiB are left for the image.
         guides = sum(len(unit.guide_image) for unit in request.control_net)
-        most = (self.max_message_bytes - (16 << 20)) // 2 // 4 * 3
+        png = request.output_format in (
+            decoder_service_pb2.OUTPUT_FORMAT_UNSPECIFIED,
+            decoder_service_pb2.OUTPUT_FORMAT_PNG,
+        )
+        most = max(0, self.max_message_bytes - (16 << 20)) // (2 if png else 1) // 4 * 3
         if guides > most:
             v.append(("control_net", f"guide images of {guides} bytes in all; the response holds at most {most}"))
         if request.HasField("refiner"):
