@@ -95,6 +95,23 @@ def sdxl_time_ids(
     return time_ids, time_ids
 
 
+def unet_config(info: ModelInfo) -> dict:
+    """A pipeline's UNet arguments from its config.json, defaults filled in as diffusers fills them, unloaded."""
+    config = UNet2DConditionModel.load_config(info.path / "unet")
+    return UNet2DConditionModel.extract_init_dict(config)[0]
+
+
+def output_size(config, job: DenoiseJob) -> tuple[int, int]:
+    """(height, width): the request's, else the model's default size, as diffusers."""
+    default_size = config["sample_size"] * VAE_SCALE
+    return job.height or default_size, job.width or default_size
+
+
+def uses_cfg(config, job: DenoiseJob) -> bool:
+    """Classifier-free guidance runs above scale 1, except on a guidance-distilled (LCM) UNet."""
+    return job.guidance_scale > 1 and config["time_cond_proj_dim"] is None
+
+
 def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
     """diffusers' get_guidance_scale_embedding (the pipelines' `timestep_cond` for a UNet with time_cond_proj_dim):
     sinusoidal features of 1000 w, [len(w), embedding_dim], float32."""
@@ -201,6 +218,7 @@ class DenoiserEngine:
         """Yields a StepDone after each step, then one DenoiseOutcome. Stops with CANCELLED when
         is_active() turns false (checked before every step)."""
         info = self.resolve(job.model)
+        self.check(info, job)  # what the model's files show is wrong is refused before the request queues
         # Admission first, in the caller's thread (refused at once when full); then the model's compute thread,
         # where requests for one model run one at a time (LoRA state lives in the shared UNet).
         with self.queue.slot(job.model):
@@ -225,10 +243,8 @@ class DenoiserEngine:
         unet: UNet2DConditionModel = parts["unet"]
         place = self.placement
         scheduler = build_scheduler(job.scheduler, parts["scheduler_config"])
-        default_size = unet.config.sample_size * VAE_SCALE
-        height, width = job.height or default_size, job.width or default_size
-        do_cfg = job.guidance_scale > 1 and unet.config.time_cond_proj_dim is None
-        self._check_conditioning(info, unet, job, do_cfg)
+        height, width = output_size(unet.config, job)
+        do_cfg = uses_cfg(unet.config, job)
 
         # A continued generator state without a seed draws from that state alone: there is no seed to report.
         random_seed = 0 if job.generator_state else secrets.randbits(64)
@@ -249,11 +265,7 @@ class DenoiserEngine:
                 "steps", f"{type(scheduler).__name__} cannot run {job.steps} steps ({exc})"
             ) from exc
         shape = (1, unet.config.in_channels, height // VAE_SCALE, width // VAE_SCALE)
-        if job.start_fraction > 0:
-            if job.latents is None:
-                raise InvalidArgument.one("latents", "a window with start_fraction > 0 needs the previous latents")
-            if tuple(job.latents.shape) != shape:
-                raise InvalidArgument.one("latents", f"expected shape {list(shape)}, got {list(job.latents.shape)}")
+        if job.start_fraction > 0:  # check() saw latents of this shape
             latents = place.tensor(job.latents).clone()
         else:
             # Noise from the CPU generator in the UNet's dtype, then moved: the same numbers on every device, as
@@ -344,9 +356,7 @@ class DenoiserEngine:
         nets = []
         for unit in job.control_units:
             field = f"{unit.field}.model"
-            info = self.store.resolve(unit.model, field)
-            if info.kind != "controlnet":
-                raise InvalidArgument.one(field, f"{unit.model!r} is not a ControlNet folder ({info.kind})")
+            info = self._control_net_info(unit)
 
             def load(path=info.path) -> dict:
                 net = self.placement.module(ControlNetModel.from_pretrained(path, use_safetensors=True).eval())
@@ -359,9 +369,21 @@ class DenoiserEngine:
             nets.append(net)
         return nets
 
-    @staticmethod
-    def _check_conditioning(info: ModelInfo, unet, job: DenoiseJob, do_cfg: bool) -> None:
-        expected = unet.config.cross_attention_dim
+    def _control_net_info(self, unit: ControlUnit) -> ModelInfo:
+        field = f"{unit.field}.model"
+        info = self.store.resolve(unit.model, field)
+        if info.kind != "controlnet":
+            raise InvalidArgument.one(field, f"{unit.model!r} is not a ControlNet folder ({info.kind})")
+        return info
+
+    def check(self, info: ModelInfo, job: DenoiseJob) -> None:
+        """Everything about a request that the model's files show without loading it: the conditioning's shapes
+        against the UNet's config, a window's latents, each ControlNet's id. Runs before the request queues, so
+        a malformed one is refused at once instead of after the jobs ahead of it."""
+        config = unet_config(info)
+        height, width = output_size(config, job)
+        do_cfg = uses_cfg(config, job)
+        expected = config["cross_attention_dim"]
         violations = []
         pairs = [("positive", job.positive)] + ([("negative", job.negative)] if do_cfg else [])
         for name, cond in pairs:
@@ -388,6 +410,29 @@ class DenoiserEngine:
                 violations.append(
                     ("negative.pooled_prompt_embeds", "must have the same shape as positive.pooled_prompt_embeds")
                 )
+        if info.family == "sdxl" and not violations:
+            # The added embedding (diffusers' text_time): the time ids and the pooled text embeddings, concatenated.
+            time_ids, _ = sdxl_time_ids(info, height, width, job.aesthetic_score, job.negative_aesthetic_score)
+            added = config["projection_class_embeddings_input_dim"]
+            passed = config["addition_time_embed_dim"] * len(time_ids) + job.positive.pooled_prompt_embeds.shape[-1]
+            if added != passed:
+                violations.append(
+                    (
+                        "positive.pooled_prompt_embeds",
+                        f"{job.model!r} expects {added} added-embedding features, got {passed}",
+                    )
+                )
+        if job.start_fraction > 0:
+            shape = [1, config["in_channels"], height // VAE_SCALE, width // VAE_SCALE]
+            if job.latents is None:
+                violations.append(("latents", "a window with start_fraction > 0 needs the previous latents"))
+            elif list(job.latents.shape) != shape:
+                violations.append(("latents", f"expected shape {shape}, got {list(job.latents.shape)}"))
+        for unit in job.control_units:
+            try:
+                self._control_net_info(unit)
+            except InvalidArgument as exc:
+                violations.extend(exc.violations)
         if violations:
             raise InvalidArgument(violations)
 
@@ -405,13 +450,6 @@ class DenoiserEngine:
         time_ids, negative_time_ids = sdxl_time_ids(
             info, height, width, job.aesthetic_score, job.negative_aesthetic_score
         )
-        expected = unet.add_embedding.linear_1.in_features
-        passed = unet.config.addition_time_embed_dim * len(time_ids) + positive.pooled_prompt_embeds.shape[-1]
-        if expected != passed:
-            raise InvalidArgument.one(
-                "positive.pooled_prompt_embeds",
-                f"{job.model!r} expects {expected} added-embedding features, got {passed}",
-            )
         add_text_embeds = place.tensor(positive.pooled_prompt_embeds)
         add_time_ids = place.tensor(torch.tensor([time_ids], dtype=torch.float32))
         if do_cfg:
