@@ -95,6 +95,12 @@ def test_sd15_negative_weight_goes_to_the_negative_prompt(client, sd15):
     assert np.array_equal(got, run(sd15, prompt="a red fox", negative_prompt="blurry ti-sd15"))
 
 
+def test_sd15_one_embedding_in_both_prompts(client, sd15):
+    """Listed once with each sign, an embedding goes to each prompt (twice with one sign is INVALID_ARGUMENT)."""
+    got = chain(client, "tiny/sd15", "a red fox", "blurry", [("tiny/ti-sd15", 1.0), ("tiny/ti-sd15", -1.0)])
+    assert np.array_equal(got, run(sd15, prompt="a red fox ti-sd15", negative_prompt="blurry ti-sd15"))
+
+
 @pytest.mark.parametrize("weight", [2.0, 0.5, -1.5])
 def test_sd15_emphasis_follows_the_a1111_maths(client, sd15, weight):
     got = chain(client, "tiny/sd15", "a red fox", "blurry", [("tiny/ti-sd15", weight)])

@@ -43,22 +43,31 @@ def check_fraction(value: float, field: str, violations: Violations, *, low: flo
 
 
 def weighted(
-    items: Iterable, field: str, maximum: int, weight_range: tuple[float, float], violations: Violations
+    items: Iterable,
+    field: str,
+    maximum: int,
+    weight_range: tuple[float, float],
+    violations: Violations,
+    by_sign: bool = False,
 ) -> tuple[tuple[str, float], ...]:
-    """Lora/TextualInversion messages -> ((model, weight), ...), weight defaulting to 1.0."""
+    """Lora/TextualInversion messages -> ((model, weight), ...), weight defaulting to 1.0.
+
+    A model listed twice is refused; with `by_sign` (embeddings: w >= 0 goes to the positive prompt, w < 0 to the
+    negative) only twice with the same sign, since once each way is one entry per prompt."""
     items = list(items)
     if len(items) > maximum:
         violations.append((field, f"at most {maximum} entries (got {len(items)})"))
     parsed = []
     low, high = weight_range
-    first: dict[str, int] = {}
+    first: dict[tuple[str, bool], int] = {}
     for i, item in enumerate(items):
         weight = item.weight if item.HasField("weight") else 1.0
+        key = (item.model, by_sign and weight < 0)
         if not item.model:
             violations.append((f"{field}[{i}].model", "a model id is required"))
-        elif item.model in first:  # diffusers refuses an adapter name twice; one entry, one weight
-            violations.append((f"{field}[{i}].model", f"{item.model!r} is already {field}[{first[item.model]}]"))
-        first.setdefault(item.model, i)
+        elif key in first:  # diffusers refuses an adapter name twice; one entry, one weight
+            violations.append((f"{field}[{i}].model", f"{item.model!r} is already {field}[{first[key]}]"))
+        first.setdefault(key, i)
         if not (math.isfinite(weight) and low <= weight <= high):
             violations.append((f"{field}[{i}].weight", f"must be between {low:g} and {high:g} (got {weight})"))
         parsed.append((item.model, weight))

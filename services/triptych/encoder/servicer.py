@@ -40,7 +40,9 @@ class TextEncoderServicer(encoder_service_pb2_grpc.TextEncoderServiceServicer):
         check_prompt(request.positive_prompt, "positive_prompt", self.limits, violations)
         check_prompt(request.negative_prompt, "negative_prompt", self.limits, violations)
         loras = weighted(request.loras, "loras", self.limits.max_loras, (-10.0, 10.0), violations)
-        embeddings = weighted(request.embeddings, "embeddings", self.limits.max_embeddings, (-4.0, 4.0), violations)
+        embeddings = weighted(
+            request.embeddings, "embeddings", self.limits.max_embeddings, (-4.0, 4.0), violations, by_sign=True
+        )
         weighting = _WEIGHTINGS.get(request.prompt_weighting)
         if weighting is None:
             violations.append(("prompt_weighting", f"unknown value {request.prompt_weighting}"))

@@ -91,7 +91,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         except InvalidArgument as exc:
             v.extend(exc.violations)
         weighted(request.lora, "lora", self.limits.max_loras, (-10.0, 10.0), v)
-        weighted(request.embeddings, "embeddings", self.limits.max_embeddings, (-4.0, 4.0), v)
+        weighted(request.embeddings, "embeddings", self.limits.max_embeddings, (-4.0, 4.0), v, by_sign=True)
         if request.prompt_weighting not in encoder_service_pb2.PromptWeighting.values():
             v.append(("prompt_weighting", f"unknown value {request.prompt_weighting}"))
         parse_control_units(request.control_net, steps, self.limits, v)  # the denoiser's own check, before any work
