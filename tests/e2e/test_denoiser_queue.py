@@ -7,6 +7,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.e2e.processes import serve_role
 from triptych.client import open_channel
@@ -85,13 +86,15 @@ def test_full_queue_is_refused_at_once_and_other_models_still_run(services, smal
         queued_again = stub.Denoise(request(sdxl, "tiny/sdxl", 2, 64))
         assert waiting(queued_again)
 
-        # Three calls in flight (the process's max_workers): a fourth of any kind is refused at once, never
-        # queued behind them, and the process serves again once one ends.
+        # Three calls in flight (the process's max_workers): a fourth is refused at once, never queued behind
+        # them, health checks are still answered, and the process serves again once one ends.
         other = stub.Denoise(request(sd15, "tiny/sd15", 150, 512))
         next(other)
         listing = denoiser_service_pb2.ListSchedulersRequest()
         code, details = refused_at_once(lambda: stub.ListSchedulers(listing))
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in details
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_workers 3" in details
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING, "probes are answered at the limit"
         other.cancel()
         time.sleep(0.75)
         assert stub.ListSchedulers(listing).schedulers

@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 
 from triptych.core import shm, timing
 from triptych.core.components import LoadedComponent
-from triptych.core.errors import InvalidArgument, TriptychError, Unavailable
+from triptych.core.errors import InvalidArgument, ResourceExhausted, TriptychError, Unavailable
 from triptych.core.security import describe, server_credentials, server_interceptors
 from triptych.core.settings import ConfigurationError, Settings
 from triptych.v1 import runtime_service_pb2, runtime_service_pb2_grpc
@@ -56,20 +56,34 @@ def _status_for(method: str, exc: BaseException) -> grpc.Status:
 _UNTRACKED = ("/grpc.health.", "/grpc.reflection.")
 
 
-class Drain:
-    """Graceful shutdown. Once started, new calls get UNAVAILABLE (callers and the gateway retry them on another
-    replica) while the calls in flight run to their end; wait() returns when none is left or at the deadline."""
+# Threads and call slots kept beyond max_workers for what Drain does not count (health checks, reflection), so a
+# process that is busy with max_workers calls still answers its probes.
+PROBE_RESERVE = 8
 
-    def __init__(self):
+
+class Drain:
+    """Admission of the calls that do work (all but health checks and reflection). At most `max_calls` run at once;
+    one more is RESOURCE_EXHAUSTED at once. Graceful shutdown: once started, new calls get UNAVAILABLE (callers and
+    the gateway retry them on another replica) while the calls in flight run to their end; wait() returns when none
+    is left or at the deadline."""
+
+    def __init__(self, max_calls: int | None = None):
         self._condition = threading.Condition()
         self._in_flight = 0
         self._draining = False
+        self.max_calls = max_calls
 
     def admit(self, context: grpc.ServicerContext) -> None:
-        """Counts a new call until gRPC reports its end (completed, failed or cancelled); refuses it if draining."""
+        """Counts a new call until gRPC reports its end (completed, failed or cancelled); refuses it if draining or
+        if max_calls are running."""
         with self._condition:
             if self._draining:
                 raise Unavailable("this server is shutting down; retry on another replica")
+            if self.max_calls is not None and self._in_flight >= self.max_calls:
+                raise ResourceExhausted(
+                    f"this process is serving its most calls at once (max_workers {self.max_calls}); "
+                    "retry later or on another replica"
+                )
             self._in_flight += 1
         if not context.add_callback(self._done):  # the call has already ended
             self._done()
@@ -246,13 +260,18 @@ def start(
     """
     credentials = server_credentials(settings)
     shm.configure(settings.shared_memory)
+    drain = drain or Drain()
+    drain.max_calls = settings.max_workers
+    # Calls that do work: at most max_workers (Drain, with our message). Every call has its thread: grpc refuses
+    # beyond the threads, since its own executor queue has no bound and no deadline. The reserve answers health
+    # checks while max_workers calls run, and refuses calls beyond them.
+    threads = settings.max_workers + PROBE_RESERVE
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix=service.role),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=service.role),
         # ErrorInterceptor first (outermost): it maps what the token check raises, like any typed error.
         interceptors=[ErrorInterceptor(drain), *server_interceptors(settings)],
         options=settings.grpc_options(),
-        # Beyond the threads, grpc's own executor queue has no bound and no deadline of its own: refuse instead.
-        maximum_concurrent_rpcs=settings.max_workers,
+        maximum_concurrent_rpcs=threads,
     )
     service.register(server)
     health_servicer = health.HealthServicer()

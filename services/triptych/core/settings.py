@@ -131,8 +131,8 @@ class Settings(BaseSettings):
     max_workers: int = Field(
         128,
         ge=1,
-        description="gRPC worker threads per process, which is also the most calls it serves at once (a streaming "
-        "call holds its thread to the end): one more is RESOURCE_EXHAUSTED at once, never queued",
+        description="the most calls a process serves at once, each on its own gRPC thread (a streaming call holds "
+        "it to the end): one more is RESOURCE_EXHAUSTED at once, never queued; health checks have 8 threads beyond",
     )
     max_message_bytes: int = Field(256 * 1024 * 1024, description="gRPC send/receive limit, both ends")
     shutdown_grace_seconds: float = Field(30.0, description="time in-flight calls get after SIGTERM")
