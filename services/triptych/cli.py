@@ -132,9 +132,19 @@ def _serve_all(args) -> int:
                 process.kill()
 
 
-def _output_path(base: Path, task_index: int, tasks: int, image_index: int) -> Path:
+_REQUEST_FLAGS = ("negative_prompt", "seed", "steps", "width", "height", "cfg_scale", "scheduler", "clip_skip")
+_REQUEST_FLAGS += ("number_results", "vae")
+_DEFAULT_MODEL = "tiny/sd15"
+_SUFFIXES = {"image/png": (".png",), "image/jpeg": (".jpg", ".jpeg"), "image/webp": (".webp",)}
+
+
+def _output_path(base: Path, task_index: int, tasks: int, image_index: int, mime_type: str = "image/png") -> Path:
+    """-o's path, "-<task>-<image>" added when there are several, with the suffix of the format the image is in
+    (`out.png` for a JPEG task becomes `out.jpg`)."""
     parts = ([str(task_index)] if tasks > 1 else []) + ([str(image_index)] if image_index else [])
-    return base if not parts else base.with_name(f"{base.stem}-{'-'.join(parts)}{base.suffix}")
+    suffixes = _SUFFIXES.get(mime_type, (base.suffix,))
+    suffix = base.suffix if base.suffix.lower() in suffixes else suffixes[0]
+    return base.with_name(f"{base.stem}{'-' if parts else ''}{'-'.join(parts)}{suffix}")
 
 
 def cmd_generate(args) -> int:
@@ -146,6 +156,12 @@ def cmd_generate(args) -> int:
     from triptych.client import ImageClient, TaskError, describe_error, requests_from_json, server_timing
     from triptych.v1 import image_service_pb2
 
+    flags = [f"--{name.replace('_', '-')}" for name in _REQUEST_FLAGS if getattr(args, name) is not None]
+    flags += ["--model"] if args.model != _DEFAULT_MODEL else []
+    if args.request and (args.prompt or flags):
+        given = ", ".join(["a prompt"] * bool(args.prompt) + flags)
+        print(f"--request takes the whole request from its file; drop {given} or put it in the file", file=sys.stderr)
+        return 2
     try:
         if args.request:
             path = Path(args.request)
@@ -156,6 +172,9 @@ def cmd_generate(args) -> int:
                 print(f"cannot read request file {path}: {why}", file=sys.stderr)
                 return 2
             requests = requests_from_json(text, base_dir=path.parent)
+            if not requests:
+                print(f"{path} holds no task", file=sys.stderr)
+                return 2
         else:
             if not args.prompt:
                 print("give a prompt or --request FILE", file=sys.stderr)
@@ -163,32 +182,40 @@ def cmd_generate(args) -> int:
             request = image_service_pb2.GenerateRequest(positive_prompt=args.prompt, model=args.model)
             for name in ("seed", "steps", "width", "height", "cfg_scale", "clip_skip", "number_results"):
                 if getattr(args, name) is not None:
-                    setattr(request, name, getattr(args, name))
+                    try:
+                        setattr(request, name, getattr(args, name))
+                    except ValueError:  # e.g. a negative seed for a uint64 field
+                        raise TaskError([(f"--{name.replace('_', '-')}", "out of range")]) from None
             request.negative_prompt = args.negative_prompt or ""
             request.scheduler = args.scheduler or ""
             request.vae = args.vae or ""
             requests = [request]
     except TaskError as exc:
-        print("INVALID_ARGUMENT: bad request file", file=sys.stderr)
+        print(f"INVALID_ARGUMENT: bad {'request file' if args.request else 'flags'}", file=sys.stderr)
         for key, why in exc.violations:
             print(f"  field {key}: {why}", file=sys.stderr)
         return 2
     base = Path(args.output)
     with ImageClient(args.address, **_client_security(args)) as client:
         for task_index, request in enumerate(requests):
+            progress_shown = False
             try:
                 call = client.stream(request, timeout=args.timeout)
                 for event in call:
                     if event.HasField("progress") and not args.quiet:
                         p = event.progress
                         print(f"\r[{p.image_index}] {p.stage} {p.step}/{p.total_steps}", end="", file=sys.stderr)
+                        progress_shown = True
                     elif event.HasField("image"):
                         image = event.image
-                        out = _output_path(base, task_index, len(requests), image.index)
+                        out = _output_path(base, task_index, len(requests), image.index, image.image.mime_type)
                         out.parent.mkdir(parents=True, exist_ok=True)
                         out.write_bytes(image.image.data)
+                        if progress_shown:  # end the progress line (stderr) before the result line (stdout)
+                            print(file=sys.stderr, flush=True)
+                            progress_shown = False
                         print(
-                            f"\r{out}  seed={image.seed}  {image.image.width}x{image.image.height}  "
+                            f"{out}  seed={image.seed}  {image.image.width}x{image.image.height}  "
                             f"{image.scheduler_class}",
                             flush=True,
                         )
@@ -198,7 +225,8 @@ def cmd_generate(args) -> int:
                 if not args.quiet and (line := _timing_line(server_timing(call))):
                     print(line, file=sys.stderr)
             except grpc.RpcError as exc:
-                print(f"\n{describe_error(exc)}", file=sys.stderr)
+                which = f"task [{task_index}]: " if len(requests) > 1 else ""
+                print(f"\n{which}{describe_error(exc)}", file=sys.stderr)
                 return 1
     return 0
 
@@ -229,6 +257,8 @@ def _client_security(args) -> dict:
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.allow_insecure:
         overrides["allow_insecure"] = True
+    if args.client_auth_token_file is not None:
+        overrides["client_auth_token"] = None  # the flag's file, not TRIPTYCH_CLIENT_AUTH_TOKEN
     return outgoing_channel_args(Security(**overrides), args.address)
 
 
@@ -269,7 +299,7 @@ def parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images through a gateway")
     gen.add_argument("prompt", nargs="?")
     gen.add_argument("--request", help="Runware imageInference task JSON file (object or array)")
-    gen.add_argument("--model", default="tiny/sd15")
+    gen.add_argument("--model", default=_DEFAULT_MODEL)
     gen.add_argument("--negative-prompt")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--steps", type=int)

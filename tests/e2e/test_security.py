@@ -181,7 +181,7 @@ def test_cli_generates_over_mtls_with_a_token(secure, pki, tmp_path):
         "generate", "a red fox", "--steps", "2", "--seed", "7", "-o", str(out), "--address", secure["gateway"],
         "--tls-ca-file", str(pki.ca), "--tls-client-cert-file", str(pki.client_cert),
         "--tls-client-key-file", str(pki.client_key), "--auth-token-file", str(tmp_path / "token"),
-        env=_env(),
+        env=_env(TRIPTYCH_CLIENT_AUTH_TOKEN="not-a-token"),  # the flag's file wins over the environment
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert Image.open(out).size == (128, 128)

@@ -221,6 +221,27 @@ def test_cli_reports_status_and_field_and_exits_non_zero(services, tmp_path):
     assert done.returncode != 0 and "INVALID_ARGUMENT" in done.stderr and "field sampler" in done.stderr
 
 
+def test_cli_refuses_flags_it_would_ignore_and_names_the_format_it_wrote(services, tmp_path):
+    (tmp_path / "task.json").write_text(
+        json.dumps({"positivePrompt": "x", "model": "tiny/sd15", "width": 64, "height": 64, "steps": 2,
+                    "outputFormat": "JPG"})
+    )  # fmt: skip
+    request = ("--request", str(tmp_path / "task.json"), "--address", services.gateway)
+    done = run_cli("generate", "a cat", *request, "--seed", "5")
+    assert done.returncode == 2 and "drop a prompt, --seed" in done.stderr, done.stderr
+    done = run_cli("generate", "a fox", "--seed", "-1", "--address", services.gateway)
+    assert done.returncode == 2 and "field --seed: out of range" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "empty.json").write_text("[]")
+    done = run_cli("generate", "--request", str(tmp_path / "empty.json"), "--address", services.gateway)
+    assert done.returncode == 2 and "holds no task" in done.stderr
+    # A JPEG task asked to write out.png writes out.jpg (and says so), never JPEG bytes under a .png name.
+    done = run_cli("generate", *request, "-o", str(tmp_path / "out.png"))
+    assert done.returncode == 0, done.stderr
+    written = tmp_path / "out.jpg"
+    assert done.stdout.startswith(f"{written}  seed=") and written.read_bytes()[:3] == b"\xff\xd8\xff"
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_cli_names_an_unreadable_request_file_without_a_traceback(services, tmp_path):
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
     for path, why in ((tmp_path / "missing.json", "No such file"), (tmp_path / "binary.json", "not UTF-8")):

@@ -57,6 +57,8 @@ def test_full_task_round_trips():
         ({"width": "512"}, "width"),
         ({"steps": 2.5}, "steps"),
         ({"CFGScale": "high"}, "CFGScale"),
+        ({"CFGScale": 10**400}, "CFGScale"),  # JSON allows it; float() cannot hold it
+        ({"lora": [{"model": "x", "weight": -(10**400)}]}, "lora[0].weight"),
         ({"taskType": "imageUpscale"}, "taskType"),
         ({"outputFormat": "GIF"}, "outputFormat"),
         ({"lora": [{"model": "x", "strength": 1}]}, "lora[0].strength"),
@@ -83,3 +85,7 @@ def test_guide_image_from_a_local_path(tmp_path):
     (tmp_path / "guide.png").write_bytes(b"bytes")
     task = {**FULL, "controlNet": [{"model": "c", "guideImage": "guide.png"}]}
     assert requests_from_json(json.dumps(task), base_dir=tmp_path)[0].control_net[0].guide_image == b"bytes"
+
+
+def test_a_null_refiner_is_no_refiner():
+    assert not request_from_task({**FULL, "refiner": None}).HasField("refiner")

@@ -107,10 +107,14 @@ class _Reader:
         value = self.obj.get(name)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self.bad(name, f"must be a finite number (got {json.dumps(value)})")
+        try:  # an integer beyond float's range (JSON allows 400 digits) is not finite either
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            self.bad(name, f"must be a finite number (got {json.dumps(value)[:40]})")
             return None
-        return float(value)
+        return number
 
     def items(self, name: str) -> list:
         value = self.obj.get(name)
@@ -202,7 +206,7 @@ def request_from_task(task: Any, base_dir: Path | None = None) -> image_service_
                 entry.weight = weight
     for i, item in enumerate(r.items("controlNet")):
         request.control_net.append(_control_unit(item, f"controlNet[{i}]", violations, base_dir))
-    if "refiner" in r.obj:
+    if r.obj.get("refiner") is not None:  # null means absent, as for every other key
         sub = _Reader(r.obj["refiner"], "refiner", violations, ("model", "startStep", "startStepPercentage"))
         request.refiner.model = sub.string("model") or ""
         _start_end(sub, request.refiner, "start", violations)
