@@ -64,8 +64,13 @@ def read_serving_lines(lines) -> tuple[dict[str, str], dict[str, int]]:
     return addresses, pids
 
 
-def _spawn(role: str, port: int, args, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    """Starts one role as its own OS process and returns it with the address it reported."""
+class _Stopping(Exception):
+    """A stop signal that came while the services were still starting."""
+
+
+def _spawn(role: str, port: int, args, extra: list[str], processes: list) -> str:
+    """Starts one role as its own OS process (added to `processes` at once, so a stop during its start reaches
+    it) and returns the address it reported."""
     command = [sys.executable, "-m", "triptych.cli", "serve", role, "--port", str(port), *extra]
     if args.model_root is not None:
         command += ["--model-root", str(args.model_root)]
@@ -74,6 +79,7 @@ def _spawn(role: str, port: int, args, extra: list[str]) -> tuple[subprocess.Pop
     if args.torch_threads is not None:
         command += ["--torch-threads", str(args.torch_threads)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1)
+    processes.append(process)
     for line in process.stdout:
         if line.startswith(f"triptych {role} SERVING "):
             address = line.split()[-1]
@@ -87,7 +93,7 @@ def _spawn(role: str, port: int, args, extra: list[str]) -> tuple[subprocess.Pop
         raise RuntimeError(f"{role} exited with code {process.wait()} before serving")
     # Keep draining its stdout so the child never blocks on a full pipe.
     threading.Thread(target=lambda: [sys.stdout.write(x) for x in process.stdout], daemon=True).start()
-    return process, address
+    return address
 
 
 def _serve_all(args) -> int:
@@ -99,21 +105,26 @@ def _serve_all(args) -> int:
     server_credentials(settings)
     check_serves_and_calls(settings.security)
     processes: list[subprocess.Popen] = []
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop, started = threading.Event(), threading.Event()
+
+    def on_signal(*_) -> None:
+        stop.set()
+        if not started.is_set():  # a start can take minutes (preload, compile): stop it now, not after
+            raise _Stopping
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         addresses = {}
         for role in ("encoder", "denoiser", "decoder"):
-            process, addresses[role] = _spawn(role, 0, args, [])
-            processes.append(process)
+            addresses[role] = _spawn(role, 0, args, [], processes)
         gateway_port = args.port if args.port is not None else 50051
         links = [f"--{role}-address={addresses[role]}" for role in ("encoder", "denoiser", "decoder")]
-        process, addresses["gateway"] = _spawn("gateway", gateway_port, args, links)
-        processes.append(process)
+        addresses["gateway"] = _spawn("gateway", gateway_port, args, links, processes)
         for role in ROLES:
             wait_until_serving(addresses[role], timeout=60, **outgoing_channel_args(settings.security, addresses[role]))
             print(f"triptych {role} SERVING {addresses[role]} (pid {processes[ROLES.index(role)].pid})", flush=True)
+        started.set()
         print("all services SERVING; Ctrl-C stops them", flush=True)
         while not stop.wait(0.5):
             dead = [(ROLES[i], p.returncode) for i, p in enumerate(processes) if p.poll() is not None]
@@ -121,7 +132,11 @@ def _serve_all(args) -> int:
                 print(f"stopping: {dead[0][0]} exited with code {dead[0][1]}", file=sys.stderr, flush=True)
                 return 1
         return 0
+    except _Stopping:
+        print("stopped while starting", file=sys.stderr, flush=True)
+        return 0
     finally:
+        started.set()  # a second signal must not cut the cleanup short
         for process in reversed(processes):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

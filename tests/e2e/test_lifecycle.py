@@ -47,6 +47,28 @@ def test_serve_starts_four_processes_and_stops_them_all(model_root, stop_signal)
     ]
 
 
+def test_a_stop_while_starting_stops_at_once_and_leaves_no_process(model_root):
+    """An orchestrator's SIGTERM during a slow start (here a preload) is not held until every service serves."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "triptych.cli", "serve", "--port", "0", "--model-root", str(model_root)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TRIPTYCH_PRELOAD_MODELS": "tiny/sdxl"},
+    )
+    parent = psutil.Process(process.pid)
+    deadline = time.monotonic() + 60
+    while not parent.children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = parent.children(recursive=True)
+    assert children, "the first service never started"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert "stopped while starting" in process.stderr.read()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [child.cmdline() for child in alive]
+
+
 def test_the_python_client_never_imports_torch():
     code = (
         "import sys, triptych.client, triptych.v1.image_service_pb2_grpc; "
