@@ -165,8 +165,9 @@ def _output_path(base: Path, task_index: int, tasks: int, image_index: int, mime
 def cmd_generate(args) -> int:
     import grpc
 
+    settings = _settings(args)
     if args.address is None:
-        args.address = _settings(args).gateway_address
+        args.address = settings.gateway_address
 
     from triptych.client import ImageClient, TaskError, describe_error, requests_from_json, server_timing
     from triptych.v1 import image_service_pb2
@@ -211,7 +212,12 @@ def cmd_generate(args) -> int:
             print(f"  field {key}: {why}", file=sys.stderr)
         return 2
     base = Path(args.output)
-    with ImageClient(args.address, **_client_security(args)) as client:
+    try:  # the same message limit as the services (TRIPTYCH_MAX_MESSAGE_BYTES)
+        client = ImageClient(args.address, max_message_bytes=settings.max_message_bytes, **_client_security(args))
+    except ValueError as exc:  # e.g. a replica list of host names
+        print(f"--address: {exc}", file=sys.stderr)
+        return 2
+    with client:
         for task_index, request in enumerate(requests):
             progress_shown = False
             try:

@@ -231,6 +231,8 @@ def test_cli_refuses_flags_it_would_ignore_and_names_the_format_it_wrote(service
     assert done.returncode == 2 and "drop a prompt, --seed" in done.stderr, done.stderr
     done = run_cli("generate", "a fox", "--seed", "-1", "--address", services.gateway)
     assert done.returncode == 2 and "field --seed: out of range" in done.stderr and "Traceback" not in done.stderr
+    done = run_cli("generate", "a fox", "--address", "a.example:443,b.example:443", "--allow-insecure")
+    assert done.returncode == 2 and "--address: replica list" in done.stderr and "Traceback" not in done.stderr
     (tmp_path / "empty.json").write_text("[]")
     done = run_cli("generate", "--request", str(tmp_path / "empty.json"), "--address", services.gateway)
     assert done.returncode == 2 and "holds no task" in done.stderr
