@@ -260,8 +260,7 @@ def start(
     """
     credentials = server_credentials(settings)
     shm.configure(settings.shared_memory)
-    drain = drain or Drain()
-    drain.max_calls = settings.max_workers
+    drain = drain or Drain(settings.max_workers)
     # Calls that do work: at most max_workers (Drain, with our message). Every call has its thread: grpc refuses
     # beyond the threads, since its own executor queue has no bound and no deadline. The reserve answers health
     # checks while max_workers calls run, and refuses calls beyond them.
@@ -319,7 +318,7 @@ def serve_forever(service: Service, settings: Settings, port: int) -> None:
     if settings.torch_threads > 0 and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(settings.torch_threads)
     preload(service, settings.preload_models)
-    drain = Drain()
+    drain = Drain(settings.max_workers)
     server, bound, health_servicer = start(service, settings, port, drain)
     stop = threading.Event()
 
