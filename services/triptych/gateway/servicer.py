@@ -74,7 +74,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         check_prompt(request.negative_prompt, "negative_prompt", self.limits, v)
         check_size(request.width if request.HasField("width") else None, "width", self.limits.max_width, v)
         check_size(request.height if request.HasField("height") else None, "height", self.limits.max_height, v)
-        steps = request.steps if request.HasField("steps") else DEFAULT_STEPS
+        steps = _steps(request)
         check_steps(steps, "steps", self.limits, v)
         check_guidance(
             request.cfg_scale if request.HasField("cfg_scale") else DEFAULT_CFG_SCALE, "cfg_scale", self.limits, v
@@ -122,7 +122,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     def refiner_fraction(request: image_service_pb2.GenerateRequest) -> float | None:
         which = request.refiner.WhichOneof("start")
         if which == "start_step":
-            steps = request.steps if request.HasField("steps") else DEFAULT_STEPS
+            steps = _steps(request)
             return request.refiner.start_step / steps if steps else math.nan  # steps=0 is reported as such
         if which == "start_step_percentage":
             return request.refiner.start_step_percentage / 100.0
@@ -140,7 +140,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         timing.append(context, calls.clock.metrics())  # the stages; the interceptor adds `total` after them
 
     def _generate(self, request, calls: Calls):
-        steps = request.steps if request.HasField("steps") else DEFAULT_STEPS
+        steps = _steps(request)
         cfg_scale = request.cfg_scale if request.HasField("cfg_scale") else DEFAULT_CFG_SCALE
         base_seed = request.seed if request.HasField("seed") else secrets.randbits(64)
         count = request.number_results if request.HasField("number_results") else 1
@@ -287,6 +287,11 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         except grpc.RpcError as exc:
             raise Relayed(exc, DOWNSTREAM_FIELDS) from exc
         raise Relayed(CancelledByCaller())
+
+
+def _steps(request: image_service_pb2.GenerateRequest) -> int:
+    """The request's `steps`, or the default when unset."""
+    return request.steps if request.HasField("steps") else DEFAULT_STEPS
 
 
 def _trailer_after_result(call, wait_s: float = 1.0):
