@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @contextlib.contextmanager
 def tiny_store():
     """A freshly built tiny model family in a temporary directory."""
-    from triptych.models.tiny import build_tiny_family
+    from triptych.model_builders.tiny import build_tiny_family
 
     with tempfile.TemporaryDirectory(prefix="triptych-bench-") as root:
         build_tiny_family(Path(root))
@@ -30,7 +30,7 @@ def full_size_store(family: str, dtype: str = "float32", device: str = "cpu"):
     """One full-size model (the real architecture, random weights) in a temporary directory: full-size/<family>."""
     import torch
 
-    from triptych.models.full_size import build_full_size
+    from triptych.model_builders.full_size import build_full_size
 
     with tempfile.TemporaryDirectory(prefix="triptych-bench-") as root:
         build_full_size(Path(root), family, dtype=getattr(torch, dtype), device=device)

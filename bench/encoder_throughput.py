@@ -89,15 +89,16 @@ def forward_ceiling(model_root: Path, model: str, count: int, rounds: int) -> di
     encoder service's own (`encode_rows`, rows made batch-independent); medians of interleaved rounds."""
     import torch
 
-    from triptych.core.components import ComponentCache
-    from triptych.core.lora import LoraAdapters
-    from triptych.core.model_store import ModelStore
-    from triptych.core.placement import Placement
-    from triptych.core.settings import Limits, Settings
     from triptych.encoder.chunks import split_into_chunks
     from triptych.encoder.engine import TextEncoderEngine, tokenizer_for
     from triptych.encoder.forward import encode_rows
     from triptych.encoder.prompt_syntax import literal
+    from triptych.model_store import ModelStore
+    from triptych.rules.limits import Limits
+    from triptych.runtime.components import ComponentCache
+    from triptych.runtime.lora import LoraAdapters
+    from triptych.runtime.placement import Placement
+    from triptych.serving.settings import Settings
 
     store = ModelStore(model_root)
     # Placed as the encoder processes are (TRIPTYCH_DEVICE, TRIPTYCH_DTYPE from the environment).
@@ -134,7 +135,7 @@ def forward_ceiling(model_root: Path, model: str, count: int, rounds: int) -> di
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from triptych.core.settings import Settings
+    from triptych.serving.settings import Settings
     from triptych.v1 import encoder_service_pb2_grpc
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,7 +1,7 @@
 """GPU benchmark: the Triptych denoiser service against diffusers' eager pipeline, same weights, same run.
 
 Full-size SD1.5 at 512² and SDXL at 1024² (the real architectures with random weights, which cost exactly what
-trained ones do: triptych.models.full_size), 30 steps, CFG 7, fp16. For each: seconds per image and it/s of
+trained ones do: triptych.model_builders.full_size), 30 steps, CFG 7, fp16. For each: seconds per image and it/s of
 diffusers eager (pipeline to latents, prompt embeddings given) and of a real `triptych serve denoiser` process
 (TRIPTYCH_DEVICE / TRIPTYCH_DTYPE / TRIPTYCH_CHANNELS_LAST) called over gRPC with the same embeddings, eager
 and compiled (TRIPTYCH_COMPILE, --compile-mode; its first call, which compiles, is reported apart); the
@@ -41,12 +41,12 @@ def _pipeline(root: Path, family: str, tiny: bool, dtype: torch.dtype, device: t
     import diffusers
 
     if tiny:
-        from triptych.models.tiny import build_tiny_family
+        from triptych.model_builders.tiny import build_tiny_family
 
         build_tiny_family(root)
         model = f"tiny/{family}"
     else:
-        from triptych.models.full_size import build_full_size
+        from triptych.model_builders.full_size import build_full_size
 
         model = f"full-size/{family}"
         build_full_size(root, family, dtype=dtype, device=device)
@@ -76,7 +76,7 @@ def _step_flops(pipe, embeds: dict, size: int, device: torch.device, dtype: torc
 
 def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     from triptych.client import open_channel
-    from triptych.core.codec import encode_tensor
+    from triptych.runtime.codec import encode_tensor
     from triptych.v1 import (
         common_pb2,
         denoiser_service_pb2,

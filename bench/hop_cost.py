@@ -22,10 +22,10 @@ import grpc
 import torch
 
 from bench.common import machine, percentile
-from triptych.core import shm
-from triptych.core.codec import decode_tensor, encode_tensor
-from triptych.core.server import Service, keep_freed_memory, start
-from triptych.core.settings import Settings
+from triptych.runtime.codec import decode_tensor, encode_tensor
+from triptych.serving import shm
+from triptych.serving.server import Service, keep_freed_memory, start
+from triptych.serving.settings import Settings
 from triptych.v1 import (
     common_pb2,
     decoder_service_pb2,

@@ -47,18 +47,18 @@ def _write_lora(unet, folder: Path, name: str, rank: int, seed: int) -> None:
 
 def _unet(model: str):
     if model == "tiny":
-        from triptych.models.tiny import _sd15_unet
+        from triptych.model_builders.tiny import _sd15_unet
 
         return _sd15_unet()
-    from triptych.models.full_size import sd15_unet
+    from triptych.model_builders.full_size import sd15_unet
 
     return sd15_unet()
 
 
 def _measure(unet, root: Path, mode: str, args) -> dict:
-    from triptych.core.lora import LoraAdapters, MergedLoras
-    from triptych.core.model_store import ModelStore
-    from triptych.core.placement import compiled_graphs
+    from triptych.model_store import ModelStore
+    from triptych.runtime.lora import LoraAdapters, MergedLoras
+    from triptych.runtime.placement import compiled_graphs
 
     adapters = (MergedLoras if mode == "merged" else LoraAdapters)(ModelStore(root), 1 << 30)
     modules = {"unet": unet}
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", default="adapters,merged")
     args = parser.parse_args(argv)
 
-    from triptych.core.server import keep_freed_memory
+    from triptych.serving.server import keep_freed_memory
 
     keep_freed_memory()  # as every service process does at start
     result = {"machine": machine(), "device": args.device, "rank": args.rank, "model": args.model}

@@ -1,6 +1,6 @@
 """Resident memory of each service process, and which components each holds (the denoiser holds no encoder or
 VAE weights): with the tiny family loaded (SD1.5 + SDXL generated once each), and with `--full-size`, with one
-full-size SD1.5 (the real architecture, random weights: triptych.models.full_size) generated once at 512².
+full-size SD1.5 (the real architecture, random weights: triptych.model_builders.full_size) generated once at 512².
 
     python -m bench.memory [--full-size]
 """

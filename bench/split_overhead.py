@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     import diffusers
 
     from triptych.client import ImageClient, open_channel, server_timing
-    from triptych.core.codec import decode_tensor
+    from triptych.runtime.codec import decode_tensor
     from triptych.v1 import (
         denoiser_service_pb2,
         denoiser_service_pb2_grpc,

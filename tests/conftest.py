@@ -20,7 +20,7 @@ ROLES = ("encoder", "denoiser", "decoder", "gateway")
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory) -> Path:
     """The tiny family, built once per session with `triptych models build-tiny`'s own code."""
-    from triptych.models.tiny import build_tiny_family
+    from triptych.model_builders.tiny import build_tiny_family
 
     root = tmp_path_factory.mktemp("models")
     build_tiny_family(root)

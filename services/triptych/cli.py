@@ -13,7 +13,7 @@ ROLES = ("encoder", "denoiser", "decoder", "gateway")
 
 
 def _settings(args):
-    from triptych.core.settings import Settings
+    from triptych.serving.settings import Settings
 
     overrides = {}
     for name in ("model_root", "host", "torch_threads", "encoder_address", "denoiser_address", "decoder_address"):
@@ -38,9 +38,9 @@ def _build_role(role: str, settings):
 
 def cmd_serve(args) -> int:
     if args.role != "all":
-        from triptych.core.security import server_credentials
-        from triptych.core.server import serve_forever
-        from triptych.core.settings import DEFAULT_PORTS
+        from triptych.serving.security import server_credentials
+        from triptych.serving.server import serve_forever
+        from triptych.serving.settings import DEFAULT_PORTS
 
         settings = _settings(args)
         server_credentials(settings)  # a security misconfiguration stops here, before any model code loads
@@ -98,7 +98,7 @@ def _spawn(role: str, port: int, args, extra: list[str], processes: list) -> str
 
 def _serve_all(args) -> int:
     from triptych.client.connection import wait_until_serving
-    from triptych.core.security import check_serves_and_calls, outgoing_channel_args, server_credentials
+    from triptych.serving.security import check_serves_and_calls, outgoing_channel_args, server_credentials
 
     # The children read the same TRIPTYCH_* environment (TLS, tokens); check here, once, that it can work.
     settings = _settings(args)
@@ -271,8 +271,8 @@ def _timing_line(timing: dict[str, float]) -> str:
 def _client_security(args) -> dict:
     """TLS and token for `generate`: flags first, then TRIPTYCH_TLS_CA_FILE etc. (the same settings the
     gateway uses for its own outgoing calls)."""
-    from triptych.core.security import outgoing_channel_args
-    from triptych.core.settings import Security
+    from triptych.serving.security import outgoing_channel_args
+    from triptych.serving.settings import Security
 
     names = ("tls_ca_file", "tls_client_cert_file", "tls_client_key_file", "tls_server_name", "client_auth_token_file")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
@@ -284,17 +284,17 @@ def _client_security(args) -> dict:
 
 
 def cmd_models(args) -> int:
-    from triptych.core.model_store import ModelStore
+    from triptych.model_store import ModelStore
 
     root = Path(args.root or _settings(args).model_root)
     if args.action == "build-tiny":
-        from triptych.models.tiny import build_tiny_family
+        from triptych.model_builders.tiny import build_tiny_family
 
         for model_id in build_tiny_family(root):
             print(f"built {model_id}")
         return 0
     if args.action == "build-full-size":
-        from triptych.models.full_size import build_full_size
+        from triptych.model_builders.full_size import build_full_size
 
         print(f"built {build_full_size(root, args.family)}")
         return 0
@@ -358,7 +358,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from triptych.core.settings import ConfigurationError
+    from triptych.serving.settings import ConfigurationError
 
     args = parser().parse_args(argv)
     try:

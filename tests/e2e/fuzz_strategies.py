@@ -20,7 +20,7 @@ from PIL import Image
 from tests.e2e.matrix_rows import TRUNCATED_PNG, png_header_only
 from tests.e2e.stubs import GUIDE_PNG
 from triptych.client.task import TASK_KEYS
-from triptych.core.scheduler_table import TABLE
+from triptych.rules.scheduler_table import TABLE
 from triptych.v1 import common_pb2, tensor_pb2
 from triptych.v1.image_service_pb2 import Refiner
 

@@ -30,7 +30,7 @@ from tests.e2e.stubs import (
     tiny_generate,
 )
 from tests.e2e.stubs import unit as cn
-from triptych.core.settings import Settings
+from triptych.serving.settings import Settings
 from triptych.v1 import common_pb2, tensor_pb2
 from triptych.v1.decoder_service_pb2 import OUTPUT_FORMAT_JPEG
 from triptych.v1.denoiser_service_pb2 import DenoisingWindow

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from triptych.core.scheduler_table import parse_scheduler
+from triptych.rules.scheduler_table import parse_scheduler
 
 
 def pixels(png: bytes) -> np.ndarray:

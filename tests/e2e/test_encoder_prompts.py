@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from tests.e2e.chunked_reference import ChunkedReference
 from tests.e2e.reference import References, pixels
 from triptych.client import field_violations, open_channel
-from triptych.core.codec import decode_tensor
+from triptych.runtime.codec import decode_tensor
 from triptych.v1 import common_pb2, encoder_service_pb2, encoder_service_pb2_grpc, image_service_pb2
 
 A1111 = encoder_service_pb2.PROMPT_WEIGHTING_A1111

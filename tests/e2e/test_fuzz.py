@@ -46,8 +46,8 @@ from tests.e2e.stubs import (
     unit,
 )
 from triptych.client import TaskError, field_violations, requests_from_json
-from triptych.core.errors import SharedMemoryUnavailable
-from triptych.core.settings import Settings
+from triptych.serving.errors import SharedMemoryUnavailable
+from triptych.serving.settings import Settings
 from triptych.v1 import common_pb2, image_service_pb2
 from triptych.v1.denoiser_service_pb2 import DenoisingWindow
 

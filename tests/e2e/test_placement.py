@@ -16,7 +16,7 @@ import torch
 from tests.e2e.processes import serve_role
 from tests.e2e.reference import pixels
 from triptych.client import ImageClient, open_channel
-from triptych.core.codec import decode_tensor
+from triptych.runtime.codec import decode_tensor
 from triptych.v1 import encoder_service_pb2, encoder_service_pb2_grpc, image_service_pb2
 
 BF16 = {"TRIPTYCH_DTYPE": "bfloat16"}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.reference import References, pixels
-from triptych.core.scheduler_table import TABLE
+from triptych.rules.scheduler_table import TABLE
 from triptych.v1 import image_service_pb2
 
 NAMES = [row.name for row in TABLE] + [

@@ -20,7 +20,7 @@ from tests.e2e.processes import serve_role
 from tests.e2e.stubs import DEADLINE_S, open_stubs, tensor, tiny_decode, tiny_encode, tiny_generate
 from tests.e2e.test_services import runtime_info
 from triptych.client import ImageClient, field_violations
-from triptych.core import shm
+from triptych.serving import shm
 from triptych.v1 import tensor_pb2
 
 REQUEST = dict(model="tiny/sdxl", width=64, height=64, steps=3, seed=5)

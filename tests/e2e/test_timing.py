@@ -1,5 +1,5 @@
 """The `server-timing` trailer through the real processes: each service's handler time, and the gateway's
-stages and hops (core/timing.py)."""
+stages and hops (serving/timing.py)."""
 
 from __future__ import annotations
 

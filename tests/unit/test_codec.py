@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from triptych.core import shm
-from triptych.core.codec import ALIGN, aligned_bytes, all_finite, decode_tensor, encode_tensor
-from triptych.core.errors import InvalidArgument
+from triptych.runtime.codec import ALIGN, aligned_bytes, all_finite, decode_tensor, encode_tensor
+from triptych.serving import shm
+from triptych.serving.errors import InvalidArgument
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int64])

@@ -9,9 +9,9 @@ import weakref
 
 import pytest
 
-from triptych.core.compute import ComputeThreads
-from triptych.core.errors import Cancelled, NotFound
-from triptych.core.server import keep_freed_memory
+from triptych.runtime.compute import ComputeThreads
+from triptych.serving.errors import Cancelled, NotFound
+from triptych.serving.server import keep_freed_memory
 
 
 def test_each_key_runs_on_one_steady_thread_of_its_own():

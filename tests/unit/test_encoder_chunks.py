@@ -9,7 +9,7 @@ from transformers import CLIPTokenizer
 from triptych.encoder.chunks import empty_chunk, placed_tokens, split_into_chunks
 from triptych.encoder.prompt_syntax import literal, parse_weighted
 from triptych.encoder.textual_inversion import PLACEHOLDER_ID, Embedding
-from triptych.models.clip_vocab import write_clip_tokenizer
+from triptych.model_builders.clip_vocab import write_clip_tokenizer
 
 BOS, EOS, A = 49406, 49407, 320  # "a" is one token
 

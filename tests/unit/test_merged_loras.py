@@ -8,8 +8,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from peft.tuners.lora import Linear as LoraLinear
 
-from triptych.core.lora import MergedLoras
-from triptych.core.model_store import ModelStore
+from triptych.model_store import ModelStore
+from triptych.runtime.lora import MergedLoras
 
 KOHYA, PEFT = "tiny/lora-sd15-kohya", "tiny/lora-sd15-peft"
 

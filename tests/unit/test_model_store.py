@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from triptych.core.errors import InvalidArgument, NotFound
-from triptych.core.model_store import ModelStore
+from triptych.model_store import ModelStore
+from triptych.serving.errors import InvalidArgument, NotFound
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 import diffusers
 import pytest
 
-from triptych.core.errors import InvalidArgument
-from triptych.core.scheduler_table import TABLE, parse_scheduler
 from triptych.denoiser.schedulers import build_scheduler, scheduler_rows
+from triptych.rules.scheduler_table import TABLE, parse_scheduler
+from triptych.serving.errors import InvalidArgument
 
 SD15_CONFIG = diffusers.PNDMScheduler(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1

@@ -7,11 +7,11 @@ import signal
 import subprocess
 import sys
 
-from triptych.core import shm
+from triptych.serving import shm
 
 KILLED_OWNER = """
 import os, signal
-from triptych.core.shm import OwnedRegion
+from triptych.serving.shm import OwnedRegion
 region = OwnedRegion(1 << 20)
 print(region.name, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)

@@ -1,11 +1,11 @@
-"""The server-timing trailer's syntax and the gateway's stage clock (core/timing.py, client/timing.py)."""
+"""The server-timing trailer's syntax and the gateway's stage clock (serving/timing.py, client/timing.py)."""
 
 from __future__ import annotations
 
 import time
 
 from triptych.client.timing import parse_server_timing
-from triptych.core.timing import StageClock, append, format_metrics
+from triptych.serving.timing import StageClock, append, format_metrics
 
 
 class FakeContext:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from triptych.models.clip_vocab import write_clip_tokenizer
-from triptych.models.tiny import TINY_IDS, build_tiny_family
+from triptych.model_builders.clip_vocab import write_clip_tokenizer
+from triptych.model_builders.tiny import TINY_IDS, build_tiny_family
 
 SMALL = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
 

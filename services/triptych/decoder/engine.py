@@ -16,11 +16,11 @@ from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from triptych.core.components import ComponentCache
-from triptych.core.compute import ComputeThreads
-from triptych.core.errors import InvalidArgument
-from triptych.core.model_store import ModelInfo, ModelStore
-from triptych.core.placement import CPU_FLOAT32, Placement, compile_in_place
+from triptych.model_store import ModelInfo, ModelStore
+from triptych.runtime.components import ComponentCache
+from triptych.runtime.compute import ComputeThreads
+from triptych.runtime.placement import CPU_FLOAT32, Placement, compile_in_place
+from triptych.serving.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

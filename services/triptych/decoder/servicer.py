@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from triptych.core.codec import decode_tensor
-from triptych.core.components import ComponentCache
-from triptych.core.compute import ComputeThreads
-from triptych.core.errors import InvalidArgument
-from triptych.core.model_store import ModelStore
-from triptych.core.placement import Placement, compiled_graphs
-from triptych.core.server import Service
-from triptych.core.settings import Settings
 from triptych.decoder.engine import DecodeJob, DecoderEngine
 from triptych.decoder.image_io import MIME, encode_image
+from triptych.model_store import ModelStore
+from triptych.runtime.codec import decode_tensor
+from triptych.runtime.components import ComponentCache
+from triptych.runtime.compute import ComputeThreads
+from triptych.runtime.placement import Placement, compiled_graphs
+from triptych.serving.errors import InvalidArgument
+from triptych.serving.server import Service
+from triptych.serving.settings import Settings
 from triptych.v1 import decoder_service_pb2, decoder_service_pb2_grpc
 
 _FORMATS = {

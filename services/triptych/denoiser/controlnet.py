@@ -18,8 +18,8 @@ from diffusers import ControlNetModel
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from triptych.core.control_units import CONTROLNET, PROMPT, ControlUnit
-from triptych.core.errors import InvalidArgument
+from triptych.rules.control_units import CONTROLNET, PROMPT, ControlUnit
+from triptych.serving.errors import InvalidArgument
 
 MAX_GUIDE_PIXELS = 4096 * 4096  # checked from the header, before decoding (decompression bombs)
 # What the proto promises, and all PIL may try: no TIFF, BMP, GIF, PSD, EPS ... decoders reachable from a request.

@@ -19,17 +19,17 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from triptych.core.admission import BoundedQueue
-from triptych.core.components import ComponentCache
-from triptych.core.compute import ComputeThreads
-from triptych.core.errors import Cancelled, InvalidArgument
-from triptych.core.lora import LoraAdapters
-from triptych.core.model_store import ModelInfo, ModelStore
-from triptych.core.placement import CPU_FLOAT32, Placement, compile_in_place
-from triptych.core.scheduler_table import SchedulerChoice
 from triptych.denoiser.controlnet import ControlUnit, check_family, prepare_units, residuals
 from triptych.denoiser.preview import preview_png
 from triptych.denoiser.schedulers import build_scheduler, describe_options
+from triptych.model_store import ModelInfo, ModelStore
+from triptych.rules.scheduler_table import SchedulerChoice
+from triptych.runtime.admission import BoundedQueue
+from triptych.runtime.components import ComponentCache
+from triptych.runtime.compute import ComputeThreads
+from triptych.runtime.lora import LoraAdapters
+from triptych.runtime.placement import CPU_FLOAT32, Placement, compile_in_place
+from triptych.serving.errors import Cancelled, InvalidArgument
 
 VAE_SCALE = 8  # every supported family's VAE downsamples by 8
 

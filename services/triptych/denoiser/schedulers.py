@@ -6,8 +6,8 @@ import inspect
 
 import diffusers
 
-from triptych.core.errors import InvalidArgument
-from triptych.core.scheduler_table import SUFFIXES, TABLE, SchedulerChoice, SchedulerRow
+from triptych.rules.scheduler_table import SUFFIXES, TABLE, SchedulerChoice, SchedulerRow
+from triptych.serving.errors import InvalidArgument
 
 
 def _accepts(class_name: str, option: str) -> bool:

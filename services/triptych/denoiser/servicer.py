@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from triptych.core import shm, timing
-from triptych.core.codec import decode_tensor, encode_tensor
-from triptych.core.components import ComponentCache
-from triptych.core.compute import ComputeThreads
-from triptych.core.control_units import parse_control_units
-from triptych.core.errors import Cancelled, InvalidArgument
-from triptych.core.lora import LoraAdapters, MergedLoras
-from triptych.core.model_store import ModelStore
-from triptych.core.placement import Placement, compiled_graphs
-from triptych.core.scheduler_table import parse_scheduler
-from triptych.core.server import Service
-from triptych.core.settings import Settings
-from triptych.core.validation import check_fraction, check_guidance, check_size, check_steps, weighted
 from triptych.denoiser.engine import Conditioning, DenoiseJob, DenoiseOutcome, DenoiserEngine
 from triptych.denoiser.schedulers import scheduler_rows
+from triptych.model_store import ModelStore
+from triptych.rules.control_units import parse_control_units
+from triptych.rules.scheduler_table import parse_scheduler
+from triptych.rules.validation import check_fraction, check_guidance, check_size, check_steps, weighted
+from triptych.runtime.codec import decode_tensor, encode_tensor
+from triptych.runtime.components import ComponentCache
+from triptych.runtime.compute import ComputeThreads
+from triptych.runtime.lora import LoraAdapters, MergedLoras
+from triptych.runtime.placement import Placement, compiled_graphs
+from triptych.serving import shm, timing
+from triptych.serving.errors import Cancelled, InvalidArgument
+from triptych.serving.server import Service
+from triptych.serving.settings import Settings
 from triptych.v1 import common_pb2, denoiser_service_pb2, denoiser_service_pb2_grpc
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from safetensors import safe_open
 
-from triptych.core.model_store import ModelInfo, ModelStore
+from triptych.model_store import ModelInfo, ModelStore
 
 # The layer a family uses without clip skip, counted back from the last: SD1.x the last (normed), SDXL the
 # penultimate.

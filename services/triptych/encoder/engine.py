@@ -15,13 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from triptych.core.codec import all_finite
-from triptych.core.components import ComponentCache
-from triptych.core.errors import InvalidArgument
-from triptych.core.lora import LoraAdapters
-from triptych.core.model_store import ModelInfo, ModelStore
-from triptych.core.placement import CPU_FLOAT32, Placement
-from triptych.core.settings import Limits
 from triptych.encoder.batching import Batcher
 from triptych.encoder.cache import ByteBoundedLRU
 from triptych.encoder.catalog import DEFAULT_SKIP, max_clip_skip
@@ -29,6 +22,13 @@ from triptych.encoder.chunks import CHUNK_TOKENS, Chunk, empty_chunk, placed_tok
 from triptych.encoder.forward import encode_rows, make_rows_independent, project_pooled
 from triptych.encoder.prompt_syntax import Fragment, PromptSyntaxError, literal, parse_weighted
 from triptych.encoder.textual_inversion import Embedding, EmbeddingFiles, emphasise
+from triptych.model_store import ModelInfo, ModelStore
+from triptych.rules.limits import Limits
+from triptych.runtime.codec import all_finite
+from triptych.runtime.components import ComponentCache
+from triptych.runtime.lora import LoraAdapters
+from triptych.runtime.placement import CPU_FLOAT32, Placement
+from triptych.serving.errors import InvalidArgument
 
 PROMPT_WEIGHTINGS = ("literal", "a1111")  # literal: the prompt as diffusers reads it; a1111: (word:1.2) syntax
 

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from triptych.core import shm
-from triptych.core.codec import encode_tensor
-from triptych.core.components import ComponentCache
-from triptych.core.errors import InvalidArgument
-from triptych.core.lora import LoraAdapters
-from triptych.core.model_store import ModelStore
-from triptych.core.placement import Placement
-from triptych.core.server import Service
-from triptych.core.settings import Settings
-from triptych.core.validation import check_prompt, weighted
 from triptych.encoder.catalog import list_catalog
 from triptych.encoder.chunks import CHUNK_TOKENS
 from triptych.encoder.engine import Conditioning, EncodeJob, TextEncoderEngine
+from triptych.model_store import ModelStore
+from triptych.rules.validation import check_prompt, weighted
+from triptych.runtime.codec import encode_tensor
+from triptych.runtime.components import ComponentCache
+from triptych.runtime.lora import LoraAdapters
+from triptych.runtime.placement import Placement
+from triptych.serving import shm
+from triptych.serving.errors import InvalidArgument
+from triptych.serving.server import Service
+from triptych.serving.settings import Settings
 from triptych.v1 import common_pb2, encoder_service_pb2, encoder_service_pb2_grpc
 
 _WEIGHTINGS = {

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from triptych.core.errors import InvalidArgument
-from triptych.core.model_store import ModelStore
+from triptych.model_store import ModelStore
+from triptych.serving.errors import InvalidArgument
 
 PLACEHOLDER_ID = 0  # an ordinary token id: never BOS/EOS, so pooling and padding are unaffected
 

@@ -12,9 +12,9 @@ import time
 
 import grpc
 
-from triptych.core import shm
-from triptych.core.errors import Relayed
-from triptych.core.timing import StageClock
+from triptych.serving import shm
+from triptych.serving.errors import Relayed
+from triptych.serving.timing import StageClock
 
 log = logging.getLogger(__name__)
 

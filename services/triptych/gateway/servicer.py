@@ -15,22 +15,22 @@ import grpc
 
 from triptych.client.task import task_from_request
 from triptych.client.transport import address_hosts
-from triptych.core import timing
-from triptych.core.control_units import parse_control_units
-from triptych.core.errors import InvalidArgument, Relayed
-from triptych.core.scheduler_table import parse_scheduler
-from triptych.core.security import is_loopback, outgoing_channel
-from triptych.core.server import VERSION, Service
-from triptych.core.settings import Settings
-from triptych.core.validation import (
+from triptych.gateway.calls import DOWNSTREAM_FIELDS, Calls, CancelledByCaller, SharedMemory, Transport
+from triptych.gateway.metadata import a1111_parameters
+from triptych.rules.control_units import parse_control_units
+from triptych.rules.scheduler_table import parse_scheduler
+from triptych.rules.validation import (
     check_guidance,
     check_prompt,
     check_size,
     check_steps,
     weighted,
 )
-from triptych.gateway.calls import DOWNSTREAM_FIELDS, Calls, CancelledByCaller, SharedMemory, Transport
-from triptych.gateway.metadata import a1111_parameters
+from triptych.serving import timing
+from triptych.serving.errors import InvalidArgument, Relayed
+from triptych.serving.security import is_loopback, outgoing_channel
+from triptych.serving.server import VERSION, Service
+from triptych.serving.settings import Settings
 from triptych.v1 import (
     common_pb2,
     decoder_service_pb2,

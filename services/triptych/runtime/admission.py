@@ -6,7 +6,7 @@ import contextlib
 import threading
 from collections import Counter
 
-from triptych.core.errors import ResourceExhausted
+from triptych.serving.errors import ResourceExhausted
 
 
 class BoundedQueue:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from triptych.core.errors import InvalidArgument, NotFound
+from triptych.serving.errors import InvalidArgument, NotFound
 
 _AIR = re.compile(r"^(?P<source>[A-Za-z0-9_.-]+):(?P<id>[A-Za-z0-9_.-]+)@(?P<version>[A-Za-z0-9_.-]+)$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.@:+-]+(/[A-Za-z0-9_.@:+-]+)*$")

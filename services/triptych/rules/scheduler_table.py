@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from triptych.core.errors import InvalidArgument
+from triptych.serving.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from triptych.core.errors import ModelLoadFailed, TriptychError
+from triptych.serving.errors import ModelLoadFailed, TriptychError
 
 log = logging.getLogger("triptych")
 

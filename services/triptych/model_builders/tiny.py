@@ -311,7 +311,7 @@ def _build_tis(tiny: Path) -> None:
 
 
 _README = """\
-Tiny random-weight Stable Diffusion family for tests (built by triptych.models.tiny).
+Tiny random-weight Stable Diffusion family for tests (built by triptych.model_builders.tiny).
 Real CLIP tokenizer and scheduler configs; ~32-channel networks; latents are 1/8 of the image.
 
 sd15/                 StableDiffusionPipeline

@@ -13,8 +13,8 @@ import grpc
 
 from triptych.client.connection import open_channel
 from triptych.client.transport import address_hosts, channel_credentials
-from triptych.core.errors import Unauthenticated
-from triptych.core.settings import ConfigurationError, Security, Settings
+from triptych.serving.errors import Unauthenticated
+from triptych.serving.settings import ConfigurationError, Security, Settings
 
 log = logging.getLogger("triptych")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from triptych.core.settings import Limits
+from triptych.rules.limits import Limits
 
 Violations = list[tuple[str, str]]
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from triptych.core.settings import ConfigurationError, Settings
+from triptych.serving.settings import ConfigurationError, Settings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -8,8 +8,8 @@ import warnings
 
 import torch
 
-from triptych.core import shm
-from triptych.core.errors import InvalidArgument
+from triptych.serving import shm
+from triptych.serving.errors import InvalidArgument
 from triptych.v1 import tensor_pb2
 
 _TO_WIRE = {

@@ -21,7 +21,7 @@ import threading
 
 from google.protobuf.message import Message
 
-from triptych.core.errors import InvalidArgument, SharedMemoryUnavailable
+from triptych.serving.errors import InvalidArgument, SharedMemoryUnavailable
 from triptych.v1 import tensor_pb2
 
 SHM_DIR = "/dev/shm"

@@ -19,11 +19,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from triptych.core import shm, timing
-from triptych.core.components import LoadedComponent
-from triptych.core.errors import InvalidArgument, ResourceExhausted, TriptychError, Unavailable
-from triptych.core.security import describe, server_credentials, server_interceptors
-from triptych.core.settings import ConfigurationError, Settings
+from triptych.runtime.components import LoadedComponent
+from triptych.serving import shm, timing
+from triptych.serving.errors import InvalidArgument, ResourceExhausted, TriptychError, Unavailable
+from triptych.serving.security import describe, server_credentials, server_interceptors
+from triptych.serving.settings import ConfigurationError, Settings
 from triptych.v1 import runtime_service_pb2, runtime_service_pb2_grpc
 
 log = logging.getLogger("triptych")
@@ -103,7 +103,7 @@ class Drain:
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps exceptions raised by servicers to statuses, in one place (unknown exceptions become INTERNAL),
     admits each call through the server's Drain, and ends each successful call with its `server-timing` trailer
-    (core/timing.py)."""
+    (serving/timing.py)."""
 
     def __init__(self, drain: Drain | None = None):
         self.drain = drain or Drain()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from triptych.core.errors import Cancelled
+from triptych.serving.errors import Cancelled
 
 T = TypeVar("T")
 _DONE = object()

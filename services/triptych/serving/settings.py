@@ -12,25 +12,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from triptych.rules.limits import Limits
+
 DEFAULT_PORTS = {"gateway": 50051, "encoder": 50061, "denoiser": 50062, "decoder": 50063}
-
-
-class Limits(BaseSettings):
-    """Request limits, shared by every service so a caller meets the same bounds wherever it enters."""
-
-    model_config = SettingsConfigDict(env_prefix="TRIPTYCH_", extra="ignore")
-
-    max_width: int = 2048
-    max_height: int = 2048
-    max_steps: int = 150
-    max_cfg_scale: float = 50.0
-    max_number_results: int = 20
-    max_loras: int = 8
-    max_embeddings: int = 8
-    max_controlnets: int = 4
-    max_prompt_chars: int = 20_000
-    max_prompt_chunks: int = 10  # 75-token chunks per prompt (750 tokens); more -> INVALID_ARGUMENT on the prompt
-    max_guide_image_bytes: int = 32 * 1024 * 1024
 
 
 class ConfigurationError(Exception):

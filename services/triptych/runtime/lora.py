@@ -27,8 +27,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.peft_utils import delete_adapter_layers, set_adapter_layers
 from peft.tuners.lora import LoraLayer
 
-from triptych.core.errors import InvalidArgument
-from triptych.core.model_store import ModelStore
+from triptych.model_store import ModelStore
+from triptych.serving.errors import InvalidArgument
 
 _LOADERS = {"sd1": StableDiffusionLoraLoaderMixin, "sdxl": StableDiffusionXLLoraLoaderMixin}
 
