@@ -106,7 +106,7 @@ def forward_ceiling(model_root: Path, model: str, count: int, rounds: int) -> di
     engine = TextEncoderEngine(store, ComponentCache(1), LoraAdapters(store, 0), Limits(), placement=placement)
     info = store.resolve(model, "model")
     parts = engine.components(info)
-    names = [name for name in ("text_encoder", "text_encoder_2") if name in parts]
+    names = [slot.encoder for slot in info.family.encoder_slots(info)]
     texts = [
         text for item in (request(model) for _ in range(count)) for text in (item.positive_prompt, item.negative_prompt)
     ]

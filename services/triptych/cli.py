@@ -299,7 +299,7 @@ def cmd_models(args) -> int:
         print(f"built {build_full_size(root, args.family)}")
         return 0
     for info in ModelStore(root).list():
-        print(f"{info.model_id:40s} {info.kind:10s} {info.family or '':6s} {info.path}")
+        print(f"{info.model_id:40s} {info.kind:10s} {info.family_name:12s} {info.path}")
     return 0
 
 

@@ -12,20 +12,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from triptych import families
+from triptych.families import Family
 from triptych.serving.errors import InvalidArgument, NotFound
 
 _AIR = re.compile(r"^(?P<source>[A-Za-z0-9_.-]+):(?P<id>[A-Za-z0-9_.-]+)@(?P<version>[A-Za-z0-9_.-]+)$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.@:+-]+(/[A-Za-z0-9_.@:+-]+)*$")
-
-# model_index.json _class_name -> family. The family decides how prompts are encoded and the UNet is called.
-FAMILIES = {
-    "StableDiffusionPipeline": "sd1",
-    "StableDiffusionImg2ImgPipeline": "sd1",
-    "StableDiffusionControlNetPipeline": "sd1",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionXLImg2ImgPipeline": "sdxl",
-    "StableDiffusionXLControlNetPipeline": "sdxl",
-}
 
 
 @dataclass(frozen=True)
@@ -35,7 +27,7 @@ class ModelInfo:
     model_id: str
     path: Path
     kind: str  # "pipeline", "vae", "controlnet", "unet", "file"
-    family: str | None  # "sd1" / "sdxl" for pipelines, else None
+    family: Family | None  # for a pipeline of a family we serve, else None
     index: dict  # model_index.json (pipelines) or config.json (single components); {} for files
 
     def flag(self, name: str, default=None):
@@ -44,18 +36,13 @@ class ModelInfo:
 
     @property
     def is_text_to_image(self) -> bool:
-        """A diffusers pipeline folder of a family we serve (sd1 / sdxl): what the encoder and denoiser take."""
+        """A diffusers pipeline folder of a family we serve: what the encoder and denoiser take."""
         return self.kind == "pipeline" and self.family is not None
 
     @property
     def family_name(self) -> str:
-        """ "sd1", "sdxl" or "sdxl-refiner"."""
-        return "sdxl-refiner" if self.is_refiner else (self.family or "")
-
-    @property
-    def is_refiner(self) -> bool:
-        """An SDXL refiner: its own text_encoder_2 only, aesthetic-score conditioning."""
-        return self.family == "sdxl" and self.index.get("text_encoder", [None, None])[0] is None
+        """The family's name for this model ("sd1", "sdxl", "sdxl-refiner"); "" when it is no pipeline we serve."""
+        return self.family.variant(self) if self.family is not None else ""
 
 
 class ModelStore:
@@ -111,7 +98,7 @@ def _describe(model_id: str, path: Path) -> ModelInfo:
         return ModelInfo(model_id, path, "file", None, {})
     if (path / "model_index.json").exists():
         index = json.loads((path / "model_index.json").read_text())
-        return ModelInfo(model_id, path, "pipeline", FAMILIES.get(index.get("_class_name", "")), index)
+        return ModelInfo(model_id, path, "pipeline", families.for_pipeline(index.get("_class_name", "")), index)
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     kinds = {"AutoencoderKL": "vae", "ControlNetModel": "controlnet", "UNet2DConditionModel": "unet"}
     return ModelInfo(model_id, path, kinds.get(config.get("_class_name", ""), "component"), None, config)

@@ -8,6 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from peft.tuners.lora import Linear as LoraLinear
 
+from triptych.families.sd1 import FAMILY as SD1
 from triptych.model_store import ModelStore
 from triptych.runtime.lora import MergedLoras
 
@@ -18,8 +19,8 @@ def test_a_merge_that_fails_half_way_is_undone_by_the_next_switch(model_root, mo
     unet = UNet2DConditionModel.from_pretrained(model_root / "tiny/sd15/unet").eval()
     original = {k: v.clone() for k, v in unet.state_dict().items()}
     loras = MergedLoras(ModelStore(model_root), 1 << 30)
-    loras.activate("sd1", {"unet": unet}, ((KOHYA, 0.7),))
-    loras.activate("sd1", {"unet": unet}, ((PEFT, 1.0),))  # both files loaded, PEFT merged
+    loras.activate(SD1, {"unet": unet}, ((KOHYA, 0.7),))
+    loras.activate(SD1, {"unet": unet}, ((PEFT, 1.0),))  # both files loaded, PEFT merged
 
     merge, calls = LoraLinear.merge, []
 
@@ -31,9 +32,9 @@ def test_a_merge_that_fails_half_way_is_undone_by_the_next_switch(model_root, mo
 
     monkeypatch.setattr(LoraLinear, "merge", failing_merge)
     with pytest.raises(RuntimeError):
-        loras.activate("sd1", {"unet": unet}, ((KOHYA, 0.5), (PEFT, 0.8)))
+        loras.activate(SD1, {"unet": unet}, ((KOHYA, 0.5), (PEFT, 0.8)))
     monkeypatch.undo()
     assert not all(torch.equal(v, original[k]) for k, v in unet.state_dict().items()), "it failed half-way"
 
-    loras.activate("sd1", {"unet": unet}, ())
+    loras.activate(SD1, {"unet": unet}, ())
     assert all(torch.equal(v, original[k]) for k, v in unet.state_dict().items())

@@ -20,7 +20,7 @@ def store(tmp_path):
 
 
 def test_ids_resolve_to_folders_files_and_air_paths(store):
-    assert store.resolve("tiny/sd15", "model").family == "sd1"
+    assert store.resolve("tiny/sd15", "model").family.name == "sd1"
     assert store.resolve("tiny/lora", "lora").kind == "file"
     assert store.resolve("civitai:4201@130072", "model").path.name == "130072.safetensors"
 

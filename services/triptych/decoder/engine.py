@@ -16,8 +16,9 @@ from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from triptych.families.base import unscale_latents, vae_scale_factor
 from triptych.model_store import ModelInfo, ModelStore
-from triptych.runtime.components import ComponentCache
+from triptych.runtime.components import ComponentCache, LoadedModel
 from triptych.runtime.compute import ComputeThreads
 from triptych.runtime.placement import CPU_FLOAT32, Placement, compile_in_place
 from triptych.serving.errors import InvalidArgument
@@ -62,18 +63,22 @@ class DecoderEngine:
             return False
         config = json.loads((folder / "config.json").read_text())
         size = config.get("sample_size")
-        side = (size if isinstance(size, int) else 512) // 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
+        side = (size if isinstance(size, int) else 512) // vae_scale_factor(config)
         self.decode(DecodeJob(model_id, "", torch.zeros(1, config.get("latent_channels", 4), side, side)))
         return True
 
+    def scale_factor(self, model: str, vae: str) -> int:
+        """Pixels per latent per side of the VAE that decodes (model, vae), from its config (nothing loaded)."""
+        return vae_scale_factor(json.loads((self._folder(*_source(model, vae)) / "config.json").read_text()))
+
     def decode(self, job: DecodeJob) -> list[Image.Image]:
         """Checks the VAE exists here, then loads it (once) and decodes on its compute thread."""
-        model_id, field = (job.vae, "vae") if job.vae else (job.model, "model")
+        model_id, field = _source(job.model, job.vae)
         folder = self._folder(model_id, field)
         return self.compute.run(model_id, self._decode, model_id, folder, job)
 
     def _decode(self, model_id: str, folder: Path, job: DecodeJob) -> list[Image.Image]:
-        def load() -> dict:
+        def load() -> LoadedModel:
             vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
             place = self.placement
             if place.dtype == torch.float16 and vae.config.force_upcast:
@@ -82,7 +87,7 @@ class DecoderEngine:
             vae = place.module(vae, convolutional=False)
             if self.compile_mode is not None:
                 compile_in_place(vae.decoder, self.compile_mode)  # the encoder half is never used here
-            return {"vae": vae}
+            return LoadedModel({"vae": vae})
 
         vae: AutoencoderKL = self.cache.get(model_id, load)["vae"]
         latents = job.latents
@@ -91,19 +96,16 @@ class DecoderEngine:
             raise InvalidArgument.one(
                 "latents", f"expected [B, {channels}, h, w] with B, h, w >= 1, got {list(latents.shape)}"
             )
-        depth = len(vae.config.block_out_channels) - 1
-        processor = VaeImageProcessor(vae_scale_factor=2**depth)
+        processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae.config))
         with torch.no_grad():
-            latents = latents.to(device=vae.device, dtype=vae.dtype)
-            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-            if mean is not None and std is not None:
-                mean = torch.tensor(mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
-                std = torch.tensor(std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
-                latents = latents * std / vae.config.scaling_factor + mean
-            else:
-                latents = latents / vae.config.scaling_factor
+            latents = unscale_latents(latents.to(device=vae.device, dtype=vae.dtype), vae.config)
             image = vae.decode(latents, return_dict=False)[0].cpu()
         return processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+
+
+def _source(model: str, vae: str) -> tuple[str, str]:
+    """(id, request field) of the VAE a decode uses: `vae` when set, else the model's own."""
+    return (vae, "vae") if vae else (model, "model")
 
 
 def _vae_folder(info: ModelInfo) -> Path | None:

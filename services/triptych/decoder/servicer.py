@@ -50,8 +50,9 @@ class DecoderServicer(decoder_service_pb2_grpc.DecoderServiceServicer):
             raise InvalidArgument.one(
                 "latents", f"at most {self.limits.max_number_results} latents per call (got {latents.shape[0]})"
             )
+        scale = self.engine.scale_factor(request.model, request.vae)
         if latents.ndim == 4 and (
-            latents.shape[-1] * 8 > self.limits.max_width or latents.shape[-2] * 8 > self.limits.max_height
+            latents.shape[-1] * scale > self.limits.max_width or latents.shape[-2] * scale > self.limits.max_height
         ):
             raise InvalidArgument.one(
                 "latents", f"decodes to more than {self.limits.max_width}x{self.limits.max_height}"

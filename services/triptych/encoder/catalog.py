@@ -13,15 +13,6 @@ from safetensors import safe_open
 
 from triptych.model_store import ModelInfo, ModelStore
 
-# The layer a family uses without clip skip, counted back from the last: SD1.x the last (normed), SDXL the
-# penultimate.
-DEFAULT_SKIP = {"sd1": 0, "sdxl": 1}
-
-
-def max_clip_skip(family: str, layers: int) -> int:
-    """The largest clip skip a family's encoders allow, given the fewest layers among them."""
-    return layers - 1 - DEFAULT_SKIP[family]
-
 
 @dataclass(frozen=True)
 class EncoderComponent:
@@ -57,13 +48,13 @@ class EmbeddingListing:
 
 def _encoders(info: ModelInfo) -> list[EncoderComponent]:
     found = []
-    for name in ("text_encoder", "text_encoder_2"):
-        entry = info.index.get(name)
+    for slot in info.family.encoder_slots(info):
+        name = slot.encoder
         config_path = info.path / name / "config.json"
-        if not entry or entry[0] is None or not config_path.exists():
+        if not config_path.exists():
             continue
         config = json.loads(config_path.read_text())
-        class_name = entry[1]
+        class_name = info.index[name][1]
         projection = config.get("projection_dim", 0) if class_name == "CLIPTextModelWithProjection" else 0
         found.append(EncoderComponent(name, class_name, config["hidden_size"], config["num_hidden_layers"], projection))
     return found
@@ -93,7 +84,7 @@ def list_catalog(store: ModelStore) -> tuple[list[TextToImageModel], list[Embedd
     """Every text-to-image model and every textual-inversion .safetensors file in the store, sorted by id."""
     models, embeddings = [], []
     for info in store.list():
-        if info.kind == "pipeline" and info.family in DEFAULT_SKIP:
+        if info.is_text_to_image:
             encoders = _encoders(info)
             if not encoders:
                 continue
@@ -103,7 +94,7 @@ def list_catalog(store: ModelStore) -> tuple[list[TextToImageModel], list[Embedd
                     model=info.model_id,
                     family=info.family_name,
                     encoders=encoders,
-                    max_clip_skip=max(0, max_clip_skip(info.family, layers)),
+                    max_clip_skip=max(0, info.family.max_clip_skip(layers)),
                     zeros_for_empty_negative=bool(info.flag("force_zeros_for_empty_prompt", False)),
                 )
             )

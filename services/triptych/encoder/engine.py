@@ -17,15 +17,15 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from triptych.encoder.batching import Batcher
 from triptych.encoder.cache import ByteBoundedLRU
-from triptych.encoder.catalog import DEFAULT_SKIP, max_clip_skip
 from triptych.encoder.chunks import CHUNK_TOKENS, Chunk, empty_chunk, placed_tokens, split_into_chunks
 from triptych.encoder.forward import encode_rows, make_rows_independent, project_pooled
 from triptych.encoder.prompt_syntax import Fragment, PromptSyntaxError, literal, parse_weighted
 from triptych.encoder.textual_inversion import Embedding, EmbeddingFiles, emphasise
+from triptych.families import Family
 from triptych.model_store import ModelInfo, ModelStore
 from triptych.rules.limits import Limits
 from triptych.runtime.codec import all_finite
-from triptych.runtime.components import ComponentCache
+from triptych.runtime.components import ComponentCache, LoadedModel
 from triptych.runtime.lora import LoraAdapters
 from triptych.runtime.placement import CPU_FLOAT32, Placement
 from triptych.serving.errors import InvalidArgument
@@ -89,8 +89,8 @@ class _Prompt:
 class _Work:
     """What one request asks of a shared forward pass."""
 
-    parts: dict
-    family: str
+    parts: LoadedModel
+    family: Family
     encoder_names: list[str]
     clip_skip: int
     prompts: list[_Prompt]
@@ -132,23 +132,21 @@ class TextEncoderEngine:
             "encode_shared_forward_passes": self.batcher.shared_calls,
         }
 
-    def components(self, info: ModelInfo) -> dict:
-        """The model's tokenizers and text encoders by folder name (plus its lock), loaded on first use."""
+    def components(self, info: ModelInfo) -> LoadedModel:
+        """The model's tokenizers and text encoders by folder name, loaded on first use."""
 
-        def load() -> dict:
+        def load() -> LoadedModel:
             parts: dict = {}
-            for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
-                entry = info.index.get(enc_name)
-                if not entry or entry[0] is None:
-                    continue
+            for slot in info.family.encoder_slots(info):
+                class_name = info.index[slot.encoder][1]
                 encoder_class = (
-                    CLIPTextModelWithProjection if entry[1] == "CLIPTextModelWithProjection" else CLIPTextModel
+                    CLIPTextModelWithProjection if class_name == "CLIPTextModelWithProjection" else CLIPTextModel
                 )
-                parts[tok_name] = CLIPTokenizer.from_pretrained(info.path / tok_name)
-                encoder = encoder_class.from_pretrained(info.path / enc_name, use_safetensors=True).eval()
-                parts[enc_name] = self.placement.module(encoder, convolutional=False)
-                make_rows_independent(parts[enc_name])  # so a row's bits never depend on its batch
-            return parts
+                parts[slot.tokenizer] = CLIPTokenizer.from_pretrained(info.path / slot.tokenizer)
+                encoder = encoder_class.from_pretrained(info.path / slot.encoder, use_safetensors=True).eval()
+                parts[slot.encoder] = self.placement.module(encoder, convolutional=False)
+                make_rows_independent(parts[slot.encoder])  # so a row's bits never depend on its batch
+            return LoadedModel(parts)
 
         return self.cache.get(info.model_id, load)
 
@@ -173,13 +171,12 @@ class TextEncoderEngine:
         if job.prompt_weighting not in PROMPT_WEIGHTINGS:
             raise InvalidArgument.one("prompt_weighting", f"must be one of {PROMPT_WEIGHTINGS}")
         parts = self.components(info)
-        encoder_names = [name for name in ("text_encoder", "text_encoder_2") if name in parts]
+        encoder_names = [slot.encoder for slot in info.family.encoder_slots(info)]
         # Every encoder must have the layer: SDXL's CLIP-L (12 layers) is shallower than its OpenCLIP-G (32).
         layers = min(parts[name].config.num_hidden_layers for name in encoder_names)
-        if job.clip_skip > max_clip_skip(info.family, layers):
-            raise InvalidArgument.one(
-                "clip_skip", f"must be at most {max_clip_skip(info.family, layers)} for {job.model!r} ({layers} layers)"
-            )
+        most = info.family.max_clip_skip(layers)
+        if job.clip_skip > most:
+            raise InvalidArgument.one("clip_skip", f"must be at most {most} for {job.model!r} ({layers} layers)")
         embeddings = self._embeddings(job, parts, encoder_names)
         key = self._cache_key(job, info, embeddings)
         cached = self.results.get(key)
@@ -189,7 +186,9 @@ class TextEncoderEngine:
         self.results.put(key, result, result.nbytes())
         return result
 
-    def _encode(self, job: EncodeJob, info: ModelInfo, parts: dict, encoder_names, embeddings, submit) -> EncodeResult:
+    def _encode(
+        self, job: EncodeJob, info: ModelInfo, parts: LoadedModel, encoder_names, embeddings, submit
+    ) -> EncodeResult:
         """Chunks both prompts, checks their length, pads them to equal chunk counts and runs them."""
         # w >= 0 adds the concept to the positive prompt at emphasis w; w < 0 to the negative at emphasis |w|.
         texts = [("positive_prompt", job.positive_prompt, [(e, w) for e, w in embeddings if w >= 0])]
@@ -223,7 +222,7 @@ class TextEncoderEngine:
         negative = None
         if job.include_negative:
             negative = conditionings[1] if len(conditionings) > 1 else _zeros_like(positive)
-        hidden_layer_index = -(job.clip_skip + 1 + DEFAULT_SKIP[info.family])
+        hidden_layer_index = info.family.hidden_layer_index(job.clip_skip)
         return EncodeResult(positive, negative, hidden_layer_index, info.family_name, notes)
 
     def _chunked(self, parts, encoder_names, field_name: str, weighting: str, text: str, tis) -> _Prompt:
@@ -247,7 +246,7 @@ class TextEncoderEngine:
         first = works[0]
         parts, encoder_names = first.parts, first.encoder_names
         results: list = [[] for _ in works]
-        with parts["_lock"], torch.no_grad():
+        with parts.lock, torch.no_grad():
             self.loras.activate(first.family, {name: parts[name] for name in encoder_names}, key[2])
             per_encoder = {}
             for name in encoder_names:
@@ -274,7 +273,9 @@ class TextEncoderEngine:
                     break
         return results
 
-    def _embeddings(self, job: EncodeJob, parts: dict, encoder_names: list[str]) -> list[tuple[Embedding, float]]:
+    def _embeddings(
+        self, job: EncodeJob, parts: LoadedModel, encoder_names: list[str]
+    ) -> list[tuple[Embedding, float]]:
         """Loads the request's embeddings and checks each fits this model's encoders (SD1 vs SDXL files)."""
         loaded, violations = [], []
         chunk_tokens = min(tokenizer_for(parts, name).model_max_length for name in encoder_names) - 2
@@ -321,7 +322,7 @@ class TextEncoderEngine:
         )
 
 
-def _assemble(parts: dict, encoder_names: list[str], per_encoder: dict, prompt: _Prompt, first_row: int):
+def _assemble(parts: LoadedModel, encoder_names: list[str], per_encoder: dict, prompt: _Prompt, first_row: int):
     """A prompt's conditioning: each chunk emphasised on its own (as A1111), chunks then encoders concatenated;
     the pooled output is the first chunk's, projected on that row alone."""
     embeds, pooled = [], None
@@ -336,7 +337,7 @@ def _assemble(parts: dict, encoder_names: list[str], per_encoder: dict, prompt: 
     return Conditioning(torch.cat(embeds, dim=-1) if len(embeds) > 1 else embeds[0], pooled)
 
 
-def _pad_to_equal_chunks(prompts: list[_Prompt], parts: dict, encoder_names: list[str]) -> list[str]:
+def _pad_to_equal_chunks(prompts: list[_Prompt], parts: LoadedModel, encoder_names: list[str]) -> list[str]:
     """Pads the shorter of positive/negative with empty chunks (as A1111) so their shapes match for CFG."""
     if len(prompts) < 2:
         return []
@@ -351,9 +352,10 @@ def _pad_to_equal_chunks(prompts: list[_Prompt], parts: dict, encoder_names: lis
     return notes
 
 
-def tokenizer_for(parts: dict, encoder_name: str):
-    """The tokenizer that feeds `encoder_name` ("text_encoder" or "text_encoder_2") in a model's components."""
-    return parts["tokenizer" if encoder_name == "text_encoder" else "tokenizer_2"]
+def tokenizer_for(parts: LoadedModel, encoder_name: str):
+    """The tokenizer that feeds `encoder_name` in a model's components: diffusers names them in pairs,
+    text_encoder / tokenizer, text_encoder_2 / tokenizer_2, ..."""
+    return parts[encoder_name.replace("text_encoder", "tokenizer")]
 
 
 def _zeros_like(positive: Conditioning) -> Conditioning:

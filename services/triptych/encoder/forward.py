@@ -17,6 +17,7 @@ import torch
 
 from triptych.encoder.chunks import Chunk
 from triptych.encoder.textual_inversion import substituted
+from triptych.families import Family
 
 
 class RowwiseActivation(torch.nn.Module):
@@ -48,13 +49,9 @@ class EncodedRows:
     pooled: torch.Tensor
 
 
-def encode_rows(text_encoder, family: str, chunks: list[Chunk], clip_skips: list[int]) -> EncodedRows:
-    """Runs `chunks` through one text encoder in one pass; row i uses clip skip `clip_skips[i]`.
-
-    The layer per row mirrors diffusers' encode_prompt: SD1.x hidden_states[-(k+1)] then the final layer norm
-    (k = 0 is the last layer, already normed); SDXL hidden_states[-(k+2)] without the norm. Callers hold the
-    model lock and torch.no_grad.
-    """
+def encode_rows(text_encoder, family: Family, chunks: list[Chunk], clip_skips: list[int]) -> EncodedRows:
+    """Runs `chunks` through one text encoder in one pass; row i uses clip skip `clip_skips[i]`, at the layer the
+    family's encode_prompt takes (`Family.conditioning_layer`). Callers hold the model lock and torch.no_grad."""
     input_ids = torch.tensor([chunk.input_ids for chunk in chunks], device=text_encoder.device)
     substitutions = [
         (row, position, vector) for row, chunk in enumerate(chunks) for position, vector in chunk.substitutions
@@ -62,17 +59,7 @@ def encode_rows(text_encoder, family: str, chunks: list[Chunk], clip_skips: list
     transformer = getattr(text_encoder, "text_model", text_encoder)
     with substituted(text_encoder, substitutions):
         output = transformer(input_ids, output_hidden_states=True)
-    hidden = []
-    for row, clip_skip in enumerate(clip_skips):
-        # clone(): each row becomes a fresh tensor, so the reductions that follow (norm, emphasis mean) see
-        # the same memory layout as in a pass of its own.
-        if family != "sd1":
-            hidden.append(output.hidden_states[-(clip_skip + 2)][row : row + 1].clone())
-        elif clip_skip == 0:
-            hidden.append(output.last_hidden_state[row : row + 1].clone())
-        else:
-            layer = output.hidden_states[-(clip_skip + 1)][row : row + 1].clone()
-            hidden.append(transformer.final_layer_norm(layer))
+    hidden = [family.conditioning_layer(output, transformer, row, skip) for row, skip in enumerate(clip_skips)]
     return EncodedRows(hidden, output.pooler_output)
 
 

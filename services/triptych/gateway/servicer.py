@@ -13,6 +13,8 @@ import time
 
 import grpc
 
+from triptych import families
+from triptych.client.streams import RetriedStream
 from triptych.client.task import task_from_request
 from triptych.client.transport import address_hosts
 from triptych.gateway.calls import DOWNSTREAM_FIELDS, Calls, CancelledByCaller, SharedMemory, Transport
@@ -170,7 +172,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                 "encode", self.encoder.Encode, refiner_request, {"model": "refiner.model"}, output="refiner_encode"
             )
             pairing = (encoded.model_family, refiner_encoded.model_family)
-            if pairing != ("sdxl", "sdxl-refiner"):
+            if not families.can_refine(*pairing):
                 raise InvalidArgument.one(
                     "refiner.model",
                     f"a refiner needs an SDXL base and an SDXL refiner (got {pairing[0]} -> {pairing[1]})",
@@ -225,7 +227,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             reproduce.seed = seed
             reproduce.ClearField("number_results")
             request_json = _json(task_from_request(reproduce))
-            height, width = (int(d) * 8 for d in result.latents.shape[-2:])
+            height, width = families.for_variant(encoded.model_family).image_size(result.latents.shape)
             parameters = a1111_parameters(request, seed, steps, cfg_scale, width, height, VERSION)
             decode_started = time.perf_counter()
             decoded = calls.unary(
@@ -274,7 +276,10 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
 
     def _stream(self, calls: Calls, request, stage: str, index: int, started: float):
         try:
-            call = calls.track(self.denoiser.Denoise(request, timeout=calls.timeout()))
+            # Retried by our own code before its first event (the channel retries unary methods only).
+            call = calls.track(
+                RetriedStream(lambda remaining: self.denoiser.Denoise(request, timeout=remaining), calls.timeout())
+            )
             for event in call:
                 if event.HasField("progress"):
                     progress = common_pb2.Progress()

@@ -21,16 +21,14 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.peft_utils import delete_adapter_layers, set_adapter_layers
 from peft.tuners.lora import LoraLayer
 
+from triptych.families import Family
 from triptych.model_store import ModelStore
 from triptych.serving.errors import InvalidArgument
-
-_LOADERS = {"sd1": StableDiffusionLoraLoaderMixin, "sdxl": StableDiffusionXLLoraLoaderMixin}
 
 
 def adapter_name(model_id: str, path: Path) -> str:
@@ -50,7 +48,7 @@ class LoraAdapters:
         self.disk_reads = 0
         self.evictions = 0
 
-    def activate(self, family: str, modules: dict[str, torch.nn.Module], loras, field: str = "loras") -> None:
+    def activate(self, family: Family, modules: dict[str, torch.nn.Module], loras, field: str = "loras") -> None:
         """Makes exactly `loras` ((model id, weight), ...) active on `modules` ({"unet": unet} or text encoders).
 
         Callers hold the model's lock: adapters are per-module state shared by every request on that model.
@@ -79,10 +77,10 @@ class LoraAdapters:
             wanted.append((adapter_name(model_id, info.path), info.path, weight, f"{field}[{i}].model"))
         return wanted
 
-    def _inject(self, family: str, targets, name: str, path, field_name: str) -> list[bool]:
+    def _inject(self, family: Family, targets, name: str, path, field_name: str) -> list[bool]:
         """Reads one LoRA file and injects it as adapter `name` into each (component, module) of targets; says
         per target whether the file had weights for it."""
-        loader = _LOADERS[family]
+        loader = family.lora_loader()
         try:
             state_dict, alphas, metadata = loader.lora_state_dict(
                 str(path.parent), weight_name=path.name, return_lora_metadata=True
@@ -152,7 +150,7 @@ class MergedLoras(LoraAdapters):
     that is already active costs nothing.
     """
 
-    def activate(self, family: str, modules: dict[str, torch.nn.Module], loras, field: str = "loras") -> None:
+    def activate(self, family: Family, modules: dict[str, torch.nn.Module], loras, field: str = "loras") -> None:
         ((component, module),) = modules.items()
         wanted = self._wanted(loras, field)
         state = _merge_state(module)
