@@ -1,0 +1,176 @@
+// ImageService.Generate from Node: channel options (message limits, retries, TLS, bearer token) set as the
+// Python client sets them (clients/python/triptych/client/connection.py), progress streamed, errors decoded.
+import * as fs from "node:fs";
+import * as path from "node:path";
+
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+
+import { fromServiceError } from "./errors";
+import { LOADER_OPTIONS, PROTO_FILES } from "./generated/loader";
+import type { ProtoGrpcType as ImageServiceProto } from "./generated/image_service";
+import type { GenerateRequest } from "./generated/triptych/v1/GenerateRequest";
+import type { GenerateResponse__Output } from "./generated/triptych/v1/GenerateResponse";
+import type { GeneratedImage__Output } from "./generated/triptych/v1/GeneratedImage";
+import type { ImageServiceClient } from "./generated/triptych/v1/ImageService";
+import type { Progress__Output } from "./generated/triptych/v1/Progress";
+
+export const DEFAULT_GATEWAY = "127.0.0.1:50051";
+/** The services' default message limit (TRIPTYCH_MAX_MESSAGE_BYTES); grpc-js's own default receive limit is 4 MiB. */
+export const MAX_MESSAGE_BYTES = 256 * 1024 * 1024;
+// As the Python client (transport.py): round-robin over what the target resolves to, UNAVAILABLE retried.
+const SERVICE_CONFIG = {
+  loadBalancingConfig: [{ round_robin: {} }],
+  methodConfig: [
+    {
+      name: [{}],
+      retryPolicy: {
+        maxAttempts: 5,
+        initialBackoff: "0.1s",
+        maxBackoff: "2s",
+        backoffMultiplier: 2,
+        retryableStatusCodes: ["UNAVAILABLE"],
+      },
+    },
+  ],
+};
+const RETRY_BUFFER_BYTES = 32 * 1024 * 1024;
+
+/** TLS files (PEM). Omit `ca` to verify servers against the system's roots; give `cert` + `key` for mTLS. */
+export interface TlsOptions {
+  ca?: string | Buffer;
+  cert?: string | Buffer;
+  key?: string | Buffer;
+}
+
+export interface ClientOptions {
+  /** TLS: `true` (system roots) or files; absent means plaintext, for loopback only. */
+  tls?: boolean | TlsOptions;
+  /** Sent as `authorization: Bearer <token>` on every call (also over plaintext on loopback). */
+  authToken?: string;
+  /** The name the server certificate must carry when it differs from the address. */
+  serverName?: string;
+  /** Send and receive limit in bytes; must match the servers' (256 MiB by default). */
+  maxMessageBytes?: number;
+}
+
+export interface CallOptions {
+  /** Seconds from now, or an absolute Date. */
+  timeout?: number | Date;
+  /** Aborting cancels the call (the gateway cancels its downstream calls too). */
+  signal?: AbortSignal;
+  /** Called with each progress event (stage, step, totalSteps, imageIndex, previewPng). */
+  onProgress?: (progress: Progress__Output) => void;
+}
+
+const readPem = (value: string | Buffer | undefined): Buffer | null =>
+  value === undefined ? null : Buffer.isBuffer(value) ? value : fs.readFileSync(value);
+
+/**
+ * The gRPC target for an address: one `host:port` (or any gRPC target such as `dns:///name:port`) as is; a
+ * comma-separated list of IP replicas becomes a static `ipv4:`/`ipv6:` list, balanced round-robin.
+ */
+export function channelTarget(address: string): string {
+  if (!address.includes(",") || /^(dns|ipv4|ipv6|unix|unix-abstract|vsock|xds):/.test(address)) return address;
+  const entries = address.split(",").map((entry) => entry.trim().replace(/^localhost:/, "127.0.0.1:"));
+  if (entries.every((entry) => /^\d+\.\d+\.\d+\.\d+:\d+$/.test(entry))) return `ipv4:${entries.join(",")}`;
+  if (entries.every((entry) => /^\[[0-9a-fA-F:.]+\]:\d+$/.test(entry))) return `ipv6:${entries.join(",")}`;
+  throw new Error(
+    `replica list ${JSON.stringify(address)}: list IP:port entries of one family, or give one dns:///name:port target`,
+  );
+}
+
+type ImageServiceConstructor = ImageServiceProto["triptych"]["v1"]["ImageService"];
+let imageServiceConstructor: ImageServiceConstructor | undefined;
+
+function imageService(): ImageServiceConstructor {
+  if (!imageServiceConstructor) {
+    const definition = protoLoader.loadSync(PROTO_FILES, {
+      ...LOADER_OPTIONS,
+      includeDirs: [path.resolve(__dirname, "..", "..", "protos")],
+    });
+    const proto = grpc.loadPackageDefinition(definition) as unknown as ImageServiceProto;
+    imageServiceConstructor = proto.triptych.v1.ImageService;
+  }
+  return imageServiceConstructor;
+}
+
+/** Generate's method definition: requestSerialize / responseDeserialize with the client's loader options. */
+export function generateMethod(): ImageServiceConstructor["service"]["Generate"] {
+  return imageService().service.Generate;
+}
+
+/** Calls ImageService.Generate on a gateway. */
+export class ImageClient {
+  readonly stub: ImageServiceClient;
+  private readonly token?: string;
+
+  constructor(address: string = DEFAULT_GATEWAY, options: ClientOptions = {}) {
+    const limit = options.maxMessageBytes ?? MAX_MESSAGE_BYTES;
+    const channelOptions: grpc.ChannelOptions = {
+      "grpc.max_send_message_length": limit,
+      "grpc.max_receive_message_length": limit,
+      "grpc.service_config": JSON.stringify(SERVICE_CONFIG),
+      "grpc.enable_retries": 1,
+      "grpc.per_rpc_retry_buffer_size": RETRY_BUFFER_BYTES,
+    };
+    if (options.serverName) {
+      channelOptions["grpc.ssl_target_name_override"] = options.serverName;
+      channelOptions["grpc.default_authority"] = options.serverName;
+    }
+    let credentials = grpc.credentials.createInsecure();
+    if (options.tls) {
+      const files = options.tls === true ? {} : options.tls;
+      if ((files.cert === undefined) !== (files.key === undefined)) {
+        throw new Error("a client certificate needs both its certificate file and its key file");
+      }
+      credentials = grpc.credentials.createSsl(readPem(files.ca), readPem(files.key), readPem(files.cert));
+    }
+    const Service = imageService();
+    this.stub = new Service(channelTarget(address), credentials, channelOptions);
+    this.token = options.authToken;
+  }
+
+  /**
+   * Progress events and images as they come, as an async iterable; a failed call throws TriptychError (field
+   * violations decoded). A progress `step` counts model calls, not steps: second-order schedulers (Heun, DPM2)
+   * make 2N-1 calls for N steps and PNDM N+1.
+   */
+  async *stream(request: GenerateRequest, options: CallOptions = {}): AsyncGenerator<GenerateResponse__Output> {
+    const metadata = new grpc.Metadata();
+    if (this.token) metadata.set("authorization", `Bearer ${this.token}`);
+    const callOptions: grpc.CallOptions = {};
+    if (options.timeout !== undefined) {
+      callOptions.deadline =
+        options.timeout instanceof Date ? options.timeout : new Date(Date.now() + options.timeout * 1000);
+    }
+    const call = this.stub.generate(request, metadata, callOptions);
+    const abort = () => call.cancel();
+    options.signal?.addEventListener("abort", abort, { once: true });
+    try {
+      for await (const event of call as AsyncIterable<GenerateResponse__Output>) yield event;
+    } catch (error) {
+      if (error && typeof error === "object" && "code" in error && "metadata" in error) {
+        throw fromServiceError(error as grpc.ServiceError);
+      }
+      throw error;
+    } finally {
+      options.signal?.removeEventListener("abort", abort);
+      call.cancel(); // a no-op once the call has ended; ends it when the caller stopped iterating early
+    }
+  }
+
+  /** All images of a request, in index order; progress goes to `options.onProgress`. */
+  async generate(request: GenerateRequest, options: CallOptions = {}): Promise<GeneratedImage__Output[]> {
+    const images: GeneratedImage__Output[] = [];
+    for await (const event of this.stream(request, options)) {
+      if (event.image) images.push(event.image);
+      else if (event.progress) options.onProgress?.(event.progress);
+    }
+    return images.sort((a, b) => a.index - b.index);
+  }
+
+  close(): void {
+    this.stub.close();
+  }
+}
