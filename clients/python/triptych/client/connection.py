@@ -10,6 +10,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from triptych.client.streams import RetriedStream
 from triptych.client.transport import RETRY_BUFFER_BYTES, SERVICE_CONFIG, BearerToken, channel_target
 from triptych.v1 import image_service_pb2, image_service_pb2_grpc
 
@@ -25,7 +26,8 @@ def open_channel(
     auth_token: str | None = None,
     server_name: str | None = None,
 ) -> grpc.Channel:
-    """A channel to one service or to a comma-separated list of its replicas (round-robin, UNAVAILABLE retried).
+    """A channel to one service or to a comma-separated list of its replicas (round-robin; unary calls that fail
+    UNAVAILABLE are retried, streams are not: see streams.RetriedStream).
 
     `credentials` (see `transport.channel_credentials`) makes it TLS; None is plaintext, for loopback only.
     `auth_token` is sent as `authorization: Bearer <token>` on every call. `server_name` is the name the
@@ -98,8 +100,10 @@ class ImageClient:
     def stream(
         self, request: image_service_pb2.GenerateRequest, timeout: float | None = None
     ) -> Iterator[image_service_pb2.GenerateResponse]:
-        """Progress events and images as they come."""
-        return self.stub.Generate(request, timeout=timeout)
+        """Progress events and images as they come. A call refused UNAVAILABLE before its first event (a draining or
+        unreachable gateway) is made again, on the next replica of a list; the returned object is the call (cancel,
+        trailing_metadata ...)."""
+        return RetriedStream(lambda remaining: self.stub.Generate(request, timeout=remaining), timeout)
 
     def generate(
         self, request: image_service_pb2.GenerateRequest, timeout: float | None = None

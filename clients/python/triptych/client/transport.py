@@ -2,7 +2,8 @@
 
 An address is one `host:port` (or any gRPC target such as `dns:///name:port`), or a comma-separated list of
 replicas `10.0.0.1:50061,10.0.0.2:50061`. Every channel balances round-robin over whatever its target
-resolves to and retries UNAVAILABLE on another replica, as the service config below says.
+resolves to and retries UNAVAILABLE on another replica: unary methods by the service config below, server
+streams before their first message by streams.RetriedStream.
 """
 
 from __future__ import annotations
@@ -13,11 +14,22 @@ from pathlib import Path
 
 import grpc
 
-# Retried: only UNAVAILABLE (the replica is gone, draining or unreachable), which gRPC returns before a
-# replica has sent anything back. Every Triptych RPC is deterministic for a given request (seeded), so a
-# second attempt on another replica computes the same answer. gRPC never retries a streaming call after its
-# first response message, nor a request bigger than its retry buffer: 256 KiB by default, too small for SDXL
+from triptych.v1 import (
+    decoder_service_pb2,
+    denoiser_service_pb2,
+    encoder_service_pb2,
+    image_service_pb2,
+    runtime_service_pb2,
+)
+
+# Retried: only UNAVAILABLE (the replica is gone, draining or unreachable), and only for unary methods. Every
+# Triptych RPC is deterministic for a given request (seeded), so a second attempt on another replica computes the
+# same answer. gRPC does not retry a request bigger than its retry buffer: 256 KiB by default, too small for SDXL
 # conditioning (~1.3 MB), so channels raise it to RETRY_BUFFER_BYTES (requests beyond it are not retried).
+# Server-streaming methods get no channel retry policy: with grpcio 1.85 a stream retried after a server-sent
+# UNAVAILABLE never completes once that server goes away (a drained denoiser left gateway calls hanging, and a
+# gateway that could not exit). Streams are retried by our own code instead, before their first message only
+# (streams.RetriedStream).
 RETRY_POLICY = {
     "maxAttempts": 5,
     "initialBackoff": "0.1s",
@@ -26,10 +38,33 @@ RETRY_POLICY = {
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
 RETRY_BUFFER_BYTES = 32 * 1024 * 1024
+# Unary methods outside triptych.v1 that our channels call: the health check (Watch streams, so it is not here).
+_OTHER_UNARY_METHODS = (("grpc.health.v1.Health", "Check"),)
+
+
+def unary_methods() -> list[dict[str, str]]:
+    """Every unary method of triptych.v1 and the health check, as service-config names (read from the protos, so a
+    new streaming method can never be retried by the channel by mistake)."""
+    modules = (
+        decoder_service_pb2,
+        denoiser_service_pb2,
+        encoder_service_pb2,
+        image_service_pb2,
+        runtime_service_pb2,
+    )
+    names = [{"service": service, "method": method} for service, method in _OTHER_UNARY_METHODS]
+    for module in modules:
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                if not (method.client_streaming or method.server_streaming):
+                    names.append({"service": service.full_name, "method": method.name})
+    return names
+
+
 SERVICE_CONFIG = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [{"name": [{}], "retryPolicy": RETRY_POLICY}],  # name [{}] = every method
+        "methodConfig": [{"name": unary_methods(), "retryPolicy": RETRY_POLICY}],
     }
 )
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
