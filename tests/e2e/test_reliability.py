@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from triptych.client import ImageClient
-from triptych.v1 import image_service_pb2
+from triptych.client import ImageClient, open_channel
+from triptych.v1 import encoder_service_pb2, encoder_service_pb2_grpc, image_service_pb2
 
 
 @dataclass
@@ -128,3 +129,40 @@ def test_a_denoiser_drained_under_gateway_traffic_leaves_no_call_unanswered(mode
     for role, (seconds, grace) in exits.items():
         assert procs[role].process.returncode == 0, f"{role} exited with {procs[role].process.returncode}"
         assert seconds < grace + 5, f"{role} took {seconds:.1f} s to exit (grace {grace} s)"
+
+
+def _encode(address: str, **channel_args) -> encoder_service_pb2.EncodeResponse:
+    with open_channel(address, **channel_args) as channel:
+        stub = encoder_service_pb2_grpc.TextEncoderServiceStub(channel)
+        return stub.Encode(encoder_service_pb2.EncodeRequest(model="tiny/sd15", positive_prompt="a fox"), timeout=30)
+
+
+def _check(channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def test_watch_streams_without_a_token_cannot_take_the_capacity_meant_for_work(model_root):
+    """140 Health.Watch streams on one connection, without a token (health is open), against a token-protected
+    encoder: the streams beyond the bound are refused RESOURCE_EXHAUSTED, and authenticated calls and health checks
+    on other connections are still served while the rest stay open."""
+    encoder = start("encoder", model_root, auth_tokens="secret")
+    try:
+        with open_channel(encoder.address) as flood:
+            health = health_pb2_grpc.HealthStub(flood)
+            watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(140)]
+            outcomes: list[str] = []
+            for watch in watches:  # each answers its first status, or its refusal
+                try:
+                    next(watch)
+                    outcomes.append("open")
+                except grpc.RpcError as exc:
+                    outcomes.append(exc.code().name)
+            assert _encode(encoder.address, auth_token="secret").HasField("positive")
+            with open_channel(encoder.address) as other:
+                assert _check(other) == health_pb2.HealthCheckResponse.SERVING
+            assert set(outcomes) == {"open", "RESOURCE_EXHAUSTED"}, sorted(set(outcomes))
+            assert outcomes.count("open") <= 8, outcomes.count("open")
+            for watch in watches:
+                watch.cancel()
+    finally:
+        assert encoder.stop() < encoder.grace + 5

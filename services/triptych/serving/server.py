@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from triptych.runtime.components import LoadedComponent
 from triptych.serving import shm, timing
 from triptych.serving.errors import InvalidArgument, ResourceExhausted, TriptychError, Unavailable
+from triptych.serving.probes import ProbeStreams
 from triptych.serving.security import describe, server_credentials, server_interceptors
 from triptych.serving.settings import ConfigurationError, Settings
 from triptych.v1 import runtime_service_pb2, runtime_service_pb2_grpc
@@ -56,8 +57,8 @@ def _status_for(method: str, exc: BaseException) -> grpc.Status:
 _UNTRACKED = ("/grpc.health.", "/grpc.reflection.")
 
 
-# Threads and call slots kept beyond max_workers for what Drain does not count (health checks, reflection), so a
-# process that is busy with max_workers calls still answers its probes.
+# Threads and call slots kept beyond max_workers and the probe streams for what neither counts (health checks,
+# unary reflection), so a process that is busy with max_workers calls still answers its probes.
 PROBE_RESERVE = 8
 
 
@@ -105,8 +106,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     admits each call through the server's Drain, and ends each successful call with its `server-timing` trailer
     (serving/timing.py)."""
 
-    def __init__(self, drain: Drain | None = None):
+    def __init__(self, drain: Drain | None = None, probe_streams: ProbeStreams | None = None):
         self.drain = drain or Drain()
+        self.probe_streams = probe_streams
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -124,10 +126,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 return handler
         return handler
 
-    def _enter(self, request, context, method: str, tracked: bool) -> None:
-        """What every call passes before its handler runs: the drain's admission, and a request that parsed."""
+    def _enter(self, request, context, method: str, tracked: bool, streaming: bool = False) -> None:
+        """What every call passes before its handler runs: the drain's admission (or, for a health-watch or
+        reflection stream, the probe streams' bound), and a request that parsed."""
         if tracked:
             self.drain.admit(context)
+        elif streaming and self.probe_streams is not None:
+            self.probe_streams.admit(context)
         if isinstance(request, _Unparsable):
             raise InvalidArgument.one("request", f"not a serialized request message of {method} ({request.why})")
 
@@ -149,7 +154,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         def handle(request, context):
             started = time.perf_counter()
             try:
-                self._enter(request, context, method, tracked)
+                self._enter(request, context, method, tracked, streaming=True)
                 yield from inner(request, context)
                 if tracked:
                     timing.append(context, {"total": time.perf_counter() - started})
@@ -264,11 +269,13 @@ def start(
     # Calls that do work: at most max_workers (Drain, with our message). Every call has its thread: grpc refuses
     # beyond the threads, since its own executor queue has no bound and no deadline. The reserve answers health
     # checks while max_workers calls run, and refuses calls beyond them.
-    threads = settings.max_workers + PROBE_RESERVE
+    # Health-watch and reflection streams hold a thread each: they have threads of their own, bounded (probes.py).
+    probe_streams = ProbeStreams(settings.max_probe_streams, settings.max_probe_streams_per_peer)
+    threads = settings.max_workers + settings.max_probe_streams + PROBE_RESERVE
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=service.role),
         # ErrorInterceptor first (outermost): it maps what the token check raises, like any typed error.
-        interceptors=[ErrorInterceptor(drain), *server_interceptors(settings)],
+        interceptors=[ErrorInterceptor(drain, probe_streams), *server_interceptors(settings)],
         options=settings.grpc_options(),
         maximum_concurrent_rpcs=threads,
     )

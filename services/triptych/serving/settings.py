@@ -118,6 +118,15 @@ class Settings(BaseSettings):
         description="the most calls a process serves at once, each on its own gRPC thread (a streaming call holds "
         "it to the end): one more is RESOURCE_EXHAUSTED at once, never queued; health checks have 8 threads beyond",
     )
+    max_probe_streams: int = Field(
+        8,
+        ge=1,
+        description="Health.Watch and reflection streams open at once per process (they need no token and each "
+        "holds a thread of its own, beyond max_workers); one more is RESOURCE_EXHAUSTED",
+    )
+    max_probe_streams_per_peer: int = Field(
+        4, ge=1, description="of max_probe_streams, the most one caller host may hold open"
+    )
     max_message_bytes: int = Field(256 * 1024 * 1024, description="gRPC send/receive limit, both ends")
     shutdown_grace_seconds: float = Field(30.0, description="time in-flight calls get after SIGTERM")
     max_loaded_models: int = Field(
