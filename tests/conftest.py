@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROLES = ("encoder", "denoiser", "decoder", "gateway")
 
 
 @pytest.fixture(scope="session")
@@ -27,39 +21,14 @@ def model_root(tmp_path_factory) -> Path:
     return root
 
 
-class Services:
-    """The running `triptych serve` process tree and the address of each role."""
-
-    def __init__(self, process: subprocess.Popen, addresses: dict[str, str], pids: dict[str, int]):
-        self.process, self.addresses, self.pids = process, addresses, pids
-
-    @property
-    def gateway(self) -> str:
-        return self.addresses["gateway"]
-
-
 @pytest.fixture(scope="session")
-def services(model_root) -> Services:
-    """`triptych serve --port 0` exactly as a user starts it: four OS processes on loopback."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "triptych.cli", "serve", "--port", "0", "--model-root", str(model_root)],
-        stdout=subprocess.PIPE,
-        text=True,
-        bufsize=1,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    from triptych.cli import read_serving_lines
+def services(model_root):
+    """`triptych serve --port 0` exactly as a user starts it: four OS processes on loopback (a Served: the
+    address and pid of each role)."""
+    from tests.e2e.processes import serving
 
-    addresses, pids = read_serving_lines(process.stdout)
-    if set(addresses) != set(ROLES):
-        pytest.fail(f"triptych serve exited with {process.wait()} before serving")
-    threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-    yield Services(process, addresses, pids)
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with serving(None, model_root) as served:
+        yield served
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +37,4 @@ def client(services):
 
     with ImageClient(services.gateway) as image_client:
         yield image_client
+

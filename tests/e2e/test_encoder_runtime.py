@@ -4,10 +4,6 @@ forward pass changes a single byte of a response."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.e2e.processes import serve_role
 from triptych.client import open_channel
 from triptych.v1 import (
     common_pb2,
@@ -33,23 +30,12 @@ Request = encoder_service_pb2.EncodeRequest
 def solo_encoder(model_root):
     """A second encoder process, started as a user would, with the cache off and a 50 ms batching window."""
     env = {
-        **os.environ,
         "TRIPTYCH_ENCODER_CACHE_BYTES": "0",
         "TRIPTYCH_ENCODER_BATCH_WAIT_MS": "50",
         "TRIPTYCH_ENCODER_MAX_BATCH_ROWS": "64",
     }
-    command = [sys.executable, "-m", "triptych.cli", "serve", "encoder", "--port", "0", "--model-root", str(model_root)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-    address = None
-    for line in process.stdout:
-        if line.startswith("triptych encoder SERVING "):
-            address = line.split()[-1]
-            break
-    assert address, f"encoder exited with {process.wait()}"
-    threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-    yield address
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
+    with serve_role("encoder", model_root, env) as (_, address):
+        yield address
 
 
 def stub(address: str):

@@ -12,28 +12,22 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from triptych.cli import read_serving_lines
+from tests.e2e.processes import serving
 from triptych.client import open_channel
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_serve_starts_four_processes_and_stops_them_all(model_root, stop_signal):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "triptych.cli", "serve", "--port", "0", "--model-root", str(model_root)],
-        stdout=subprocess.PIPE,
-        text=True,
-        bufsize=1,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    addresses, pids = read_serving_lines(process.stdout)
-    assert set(addresses) == {"encoder", "denoiser", "decoder", "gateway"}
-    assert len(set(pids.values())) == 4 and process.pid not in pids.values()
-    for address in addresses.values():
-        with open_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    process.send_signal(stop_signal)
-    assert process.wait(timeout=60) == 0
+    with serving(None, model_root) as served:
+        addresses, pids, process = served.addresses, served.pids, served.process
+        assert set(addresses) == {"encoder", "denoiser", "decoder", "gateway"}
+        assert len(set(pids.values())) == 4 and process.pid not in pids.values()
+        for address in addresses.values():
+            with open_channel(address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        process.send_signal(stop_signal)
+        assert process.wait(timeout=60) == 0
     deadline = time.monotonic() + 10
     while (
         any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids.values())

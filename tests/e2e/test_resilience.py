@@ -8,15 +8,11 @@ them (SIGTERM to the denoiser, SIGKILL to an encoder), so they run last, in file
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -25,6 +21,8 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from tests.e2e.processes import Served, launch
+from tests.e2e.stubs import tiny_denoise
 from triptych.client import ImageClient, open_channel
 from triptych.client.transport import channel_target
 from triptych.v1 import (
@@ -40,27 +38,8 @@ from triptych.v1 import (
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@dataclass
-class Proc:
-    role: str
-    process: subprocess.Popen
-    address: str = ""
-
-
-def _start(role: str, root: Path, *args: str) -> Proc:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPTYCH_")}
-    env.update(PYTHONUNBUFFERED="1", TRIPTYCH_TORCH_THREADS="1", TRIPTYCH_SHUTDOWN_GRACE_SECONDS="60")
-    command = [sys.executable, "-m", "triptych.cli", "serve", role, "--port", "0", "--model-root", str(root), *args]
-    return Proc(role, subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1, env=env))
-
-
-def _wait_serving(proc: Proc) -> Proc:
-    for line in proc.process.stdout:
-        if line.startswith(f"triptych {proc.role} SERVING "):
-            proc.address = line.split()[-1]
-            threading.Thread(target=lambda: [None for _ in proc.process.stdout], daemon=True).start()
-            return proc
-    raise RuntimeError(f"{proc.role} exited with {proc.process.wait()} before serving")
+def _start(role: str, root: Path, *args: str) -> Served:
+    return launch(role, root, {"TRIPTYCH_SHUTDOWN_GRACE_SECONDS": "60"}, args, isolated=True)
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +61,10 @@ def fleet(store):
         ("encoder_a", "encoder"), ("encoder_b", "encoder"), ("denoiser", "denoiser"), ("decoder", "decoder")
     ]}  # fmt: skip
     try:
-        yield {name: _wait_serving(proc) for name, proc in procs.items()}
+        yield {name: proc.wait_serving() for name, proc in procs.items()}
     finally:
         for proc in procs.values():
-            if proc.process.poll() is None:
-                proc.process.terminate()
-        for proc in procs.values():
-            try:
-                proc.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.process.kill()
+            proc.stop()
 
 
 def _encode(channel, prompt: str = "a red fox", model: str = "tiny/sd15", **fields):
@@ -147,10 +120,10 @@ def test_a_model_that_fails_to_load_is_named_and_the_service_keeps_serving(fleet
 
 def test_the_gateway_balances_over_an_encoder_replica_list(fleet, store):
     encoders = f"{fleet['encoder_a'].address},{fleet['encoder_b'].address}"
-    gateway = _wait_serving(_start(
+    gateway = _start(
         "gateway", store, f"--encoder-address={encoders}", f"--denoiser-address={fleet['denoiser'].address}",
         f"--decoder-address={fleet['decoder'].address}",
-    ))  # fmt: skip
+    ).wait_serving()  # fmt: skip
     try:
         before = {name: _encodes_served(fleet[name].address) for name in ("encoder_a", "encoder_b")}
         with ImageClient(gateway.address) as client:
@@ -162,8 +135,7 @@ def test_the_gateway_balances_over_an_encoder_replica_list(fleet, store):
         served = {name: _encodes_served(fleet[name].address) - before[name] for name in before}
         assert min(served.values()) >= 1, served  # round-robin: both replicas took part
     finally:
-        gateway.process.terminate()
-        gateway.process.wait(timeout=30)
+        gateway.stop()
 
 
 def _read_into(stream, arrivals: list) -> None:
@@ -189,16 +161,7 @@ def _refused(channel) -> bool:
 def test_sigterm_finishes_the_running_denoise_and_refuses_new_calls(fleet):
     with open_channel(fleet["encoder_a"].address) as channel:
         conditioning = _encode(channel, include_negative=True)
-    request = denoiser_service_pb2.DenoiseRequest(
-        model="tiny/sd15",
-        positive=conditioning.positive,
-        negative=conditioning.negative,
-        width=512,
-        height=512,
-        steps=24,
-        guidance_scale=7.0,
-        seed=11,
-    )
+    request = tiny_denoise({"tiny/sd15": conditioning}, width=512, height=512, steps=24, seed=11)
     denoiser = fleet["denoiser"]
     arrivals: list[tuple[float, denoiser_service_pb2.DenoiseResponse]] = []
     with open_channel(denoiser.address) as channel:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from tests.e2e.processes import serve_role
+from tests.e2e.processes import isolated_env, serve_role, serving
 from triptych.client import ImageClient, channel_credentials, open_channel
 from triptych.v1 import (
     encoder_service_pb2,
@@ -110,12 +109,6 @@ def pki(tmp_path_factory) -> Pki:
     return Pki(ca_path, *server, *client, *rogue)
 
 
-def _env(**settings: str) -> dict[str, str]:
-    """The test environment without TRIPTYCH_* settings, plus `settings`; one torch thread per process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPTYCH_")}
-    return {**env, "PYTHONUNBUFFERED": "1", "TRIPTYCH_TORCH_THREADS": "1", **settings}
-
-
 def _run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "triptych.cli", *args], capture_output=True, text=True, env=env, timeout=120
@@ -131,7 +124,7 @@ def secure(pki, model_root, tmp_path_factory):
     directory = tmp_path_factory.mktemp("tokens")
     (directory / "accepted").write_text(f"# one token per line\n{GATEWAY_TOKEN}\n{CALLER_TOKEN}\n")
     (directory / "gateway").write_text(GATEWAY_TOKEN + "\n")
-    env = _env(
+    env = dict(
         TRIPTYCH_TLS_CERT_FILE=str(pki.server_cert),
         TRIPTYCH_TLS_KEY_FILE=str(pki.server_key),
         TRIPTYCH_TLS_CLIENT_CA_FILE=str(pki.ca),
@@ -141,28 +134,8 @@ def secure(pki, model_root, tmp_path_factory):
         TRIPTYCH_AUTH_TOKEN_FILE=str(directory / "accepted"),
         TRIPTYCH_CLIENT_AUTH_TOKEN_FILE=str(directory / "gateway"),
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "triptych.cli", "serve", "--port", "0", "--model-root", str(model_root)],
-        stdout=subprocess.PIPE,
-        text=True,
-        bufsize=1,
-        env=env,
-    )
-    addresses = {}
-    for line in process.stdout:
-        words = line.split()
-        if len(words) >= 4 and words[0] == "triptych" and words[2] == "SERVING":
-            addresses[words[1]] = words[3]
-        if line.startswith("all services SERVING"):
-            break
-    else:
-        pytest.fail(f"triptych serve with mTLS exited with {process.wait()} before serving")
-    yield addresses
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with serving(None, model_root, env, isolated=True) as served:
+        yield served.addresses
 
 
 def _mtls(pki: Pki) -> grpc.ChannelCredentials:
@@ -181,12 +154,12 @@ def test_cli_generates_over_mtls_with_a_token(secure, pki, tmp_path):
         "generate", "a red fox", "--steps", "2", "--seed", "7", "-o", str(out), "--address", secure["gateway"],
         "--tls-ca-file", str(pki.ca), "--tls-client-cert-file", str(pki.client_cert),
         "--tls-client-key-file", str(pki.client_key), "--auth-token-file", str(tmp_path / "token"),
-        env=_env(TRIPTYCH_CLIENT_AUTH_TOKEN="not-a-token"),  # the flag's file wins over the environment
+        env=isolated_env(TRIPTYCH_CLIENT_AUTH_TOKEN="not-a-token"),  # the flag's file wins over the environment
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert Image.open(out).size == (128, 128)
     # The same flags from the environment (the settings the gateway uses for its own outgoing calls).
-    env = _env(
+    env = isolated_env(
         TRIPTYCH_TLS_CA_FILE=str(pki.ca),
         TRIPTYCH_TLS_CLIENT_CERT_FILE=str(pki.client_cert),
         TRIPTYCH_TLS_CLIENT_KEY_FILE=str(pki.client_key),
@@ -282,10 +255,10 @@ def test_tls_without_client_certificates(pki, model_root):
 
 
 def test_plaintext_is_refused_off_loopback_unless_explicitly_allowed(model_root):
-    refused = _run_cli("serve", "gateway", "--host", "0.0.0.0", "--port", "0", env=_env())
+    refused = _run_cli("serve", "gateway", "--host", "0.0.0.0", "--port", "0", env=isolated_env())
     assert refused.returncode == 2
     assert "refusing to serve plaintext on 0.0.0.0" in refused.stderr and "TRIPTYCH_ALLOW_INSECURE" in refused.stderr
-    remote = _run_cli("serve", "gateway", "--port", "0", "--encoder-address", "10.9.8.7:50061", env=_env())
+    remote = _run_cli("serve", "gateway", "--port", "0", "--encoder-address", "10.9.8.7:50061", env=isolated_env())
     assert remote.returncode == 2 and "refusing to call 10.9.8.7 in plaintext" in remote.stderr
     allowed = serve_role("gateway", model_root, env={"TRIPTYCH_ALLOW_INSECURE": "1"}, args=("--host", "0.0.0.0"))
     with allowed as (_, address):
@@ -293,12 +266,12 @@ def test_plaintext_is_refused_off_loopback_unless_explicitly_allowed(model_root)
 
 
 def test_serve_says_which_setting_the_gateway_is_missing(pki, model_root):
-    server_only = _env(TRIPTYCH_TLS_CERT_FILE=str(pki.server_cert), TRIPTYCH_TLS_KEY_FILE=str(pki.server_key))
+    server_only = isolated_env(TRIPTYCH_TLS_CERT_FILE=str(pki.server_cert), TRIPTYCH_TLS_KEY_FILE=str(pki.server_key))
     done = _run_cli("serve", "--port", "0", "--model-root", str(model_root), env=server_only)
     assert done.returncode == 2 and "TRIPTYCH_TLS_CA_FILE" in done.stderr
-    tokens_only = _env(TRIPTYCH_AUTH_TOKENS="a,b")
+    tokens_only = isolated_env(TRIPTYCH_AUTH_TOKENS="a,b")
     done = _run_cli("serve", "--port", "0", "--model-root", str(model_root), env=tokens_only)
     assert done.returncode == 2 and "TRIPTYCH_CLIENT_AUTH_TOKEN" in done.stderr
-    half_pair = _env(TRIPTYCH_TLS_CERT_FILE=str(pki.server_cert))
+    half_pair = isolated_env(TRIPTYCH_TLS_CERT_FILE=str(pki.server_cert))
     done = _run_cli("serve", "encoder", "--port", "0", env=half_pair)  # refused before torch is even imported
     assert done.returncode == 2 and "TRIPTYCH_TLS_KEY_FILE" in done.stderr
