@@ -37,6 +37,13 @@ def _build_role(role: str, settings):
 
 
 def cmd_serve(args) -> int:
+    if args.role == "http":  # the Runware/OpenAI HTTP API, calling a gateway (docs/decisions.md, HTTP API)
+        from triptych.http.server import serve_http
+        from triptych.http.settings import HTTPSettings
+        from triptych.serving.settings import Security
+
+        names = {"host": args.host, "http_port": args.port, "gateway_address": args.gateway_address}
+        return serve_http(HTTPSettings(**{k: v for k, v in names.items() if v is not None}), Security())
     if args.role != "all":
         from triptych.serving.security import server_credentials
         from triptych.serving.server import serve_forever
@@ -308,13 +315,14 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start services (all four as separate processes, or one role)")
-    serve.add_argument("role", nargs="?", default="all", choices=("all", *ROLES))
+    serve.add_argument("role", nargs="?", default="all", choices=("all", *ROLES, "http"))
     serve.add_argument("--port", type=int, help="port (0 = any free); `all`: the gateway's, default 50051")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--model-root", type=Path, help="model store (default $TRIPTYCH_MODEL_ROOT or ./models)")
     serve.add_argument("--torch-threads", type=int, help="torch intra-op threads per process")
     for role in ("encoder", "denoiser", "decoder"):
         serve.add_argument(f"--{role}-address", help=f"gateway only: where the {role} listens")
+    serve.add_argument("--gateway-address", help="http only: the gateway to call (default 127.0.0.1:50051)")
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="generate images through a gateway")
