@@ -30,6 +30,7 @@ export const TASK_KEYS = [
   "controlNet",
   "refiner",
   "promptWeighting",
+  "maxSequenceLength",
 ] as const;
 
 const FORMATS: Record<string, string> = {
@@ -283,6 +284,10 @@ export function requestFromTask(task: unknown, baseDir?: string): GenerateReques
   }
   const seed = r.integer("seed", 0n, UINT64_MAX);
   if (seed !== undefined) request.seed = seed.toString(); // a decimal string: exact for any uint64
+  const maxSequenceLength = r.integer("maxSequenceLength", 0n, BigInt(UINT32_MAX));
+  if (maxSequenceLength !== undefined) {
+    (request as Record<string, unknown>).maxSequenceLength = Number(maxSequenceLength);
+  }
   const cfg = r.number("CFGScale");
   if (cfg !== undefined) request.cfgScale = cfg;
   const weighting = r.string("promptWeighting");

@@ -1,11 +1,11 @@
 // requestFromTask follows the Python client's rules: hand-written cases here, and when TRIPTYCH_TASK_VECTORS
-// names a file of {task, request (base64 of Python's serialized GenerateRequest) | keys (violation keys)}
-// written by the Python client (tests/e2e/test_node_client.py), every one of them.
+// names a file of the Python client's TASK_KEYS and of vectors {task, request (base64 of Python's serialized
+// GenerateRequest) | keys (violation keys)} (written by tests/e2e/test_node_client.py), every one of them.
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { describe, test } from "node:test";
 
-import { TaskError, channelTarget, generateMethod, requestFromTask, requestsFromJson } from "../src";
+import { TASK_KEYS, TaskError, channelTarget, generateMethod, requestFromTask, requestsFromJson } from "../src";
 
 const violationKeys = (fn: () => unknown): string[] => {
   try {
@@ -68,9 +68,12 @@ describe("requestFromTask", () => {
 
 const vectorsFile = process.env.TRIPTYCH_TASK_VECTORS;
 describe("the Python client's vectors", { skip: vectorsFile ? false : "TRIPTYCH_TASK_VECTORS not set" }, () => {
-  const vectors = vectorsFile
-    ? (JSON.parse(fs.readFileSync(vectorsFile, "utf8")) as { task: unknown; request?: string; keys?: string[] }[])
-    : [];
+  type Vector = { task: unknown; request?: string; keys?: string[] };
+  const file = vectorsFile
+    ? (JSON.parse(fs.readFileSync(vectorsFile, "utf8")) as { taskKeys: string[]; vectors: Vector[] })
+    : { taskKeys: [], vectors: [] };
+  const vectors = file.vectors;
+  test("the same task keys", () => assert.deepEqual([...TASK_KEYS], file.taskKeys));
   const method = generateMethod();
   // Compared as decoded messages: both sides' bytes are read back with the same loader options.
   const decode = (bytes: Buffer) => method.requestDeserialize(bytes);
