@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import signal
-import subprocess
-import sys
-import threading
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.e2e.processes import serving
 from triptych.client import request_from_task
 
 # Runware's documented imageInference request (an authentication task, then the inference task), with the tiny
@@ -37,30 +33,13 @@ SMALL = {"taskType": "imageInference", "positivePrompt": "a red fox", "model": "
 
 
 @pytest.fixture(scope="module")
-def http_api(services):
+def http_api(services, model_root):
     """`triptych serve http --port 0` against the session's gateway; yields an httpx client on its base URL."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "triptych.cli", "serve", "http", "--port", "0", "--gateway-address", services.gateway],
-        stdout=subprocess.PIPE,
-        text=True,
-        bufsize=1,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    address = None
-    for line in process.stdout:
-        if line.startswith("triptych http SERVING "):
-            address = line.split()[3]
-            break
-    if address is None:
-        pytest.fail(f"triptych serve http exited with {process.wait()} before serving")
-    threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-    with httpx.Client(base_url=f"http://{address}", timeout=120) as http:
+    with (
+        serving("http", model_root, args=("--gateway-address", services.gateway)) as served,
+        httpx.Client(base_url=f"http://{served.address}", timeout=120) as http,
+    ):
         yield http
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 def pixels(data: bytes) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 
 from triptych.http.settings import HTTPSettings
@@ -55,7 +54,7 @@ def serve_http(settings: HTTPSettings, security: Security) -> int:
         timeout_graceful_shutdown=30,
     )
     shown = f"[{host}]" if ":" in host else host
-    print(f"triptych http SERVING {shown}:{port} (pid {os.getpid()})", flush=True)
+    print(f"triptych http SERVING {shown}:{port}", flush=True)  # as every single role prints it
     uvicorn.Server(config).run(sockets=[sock])
     channel.close()
     return 0
