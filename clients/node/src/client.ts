@@ -6,7 +6,7 @@ import * as path from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 
-import { fromServiceError } from "./errors";
+import { TriptychError, fromServiceError } from "./errors";
 import { LOADER_OPTIONS, PROTO_FILES } from "./generated/loader";
 import type { ProtoGrpcType as ImageServiceProto } from "./generated/image_service";
 import type { GenerateRequest } from "./generated/triptych/v1/GenerateRequest";
@@ -18,23 +18,10 @@ import type { Progress__Output } from "./generated/triptych/v1/Progress";
 export const DEFAULT_GATEWAY = "127.0.0.1:50051";
 /** The services' default message limit (TRIPTYCH_MAX_MESSAGE_BYTES); grpc-js's own default receive limit is 4 MiB. */
 export const MAX_MESSAGE_BYTES = 256 * 1024 * 1024;
-// As the Python client (transport.py): round-robin over what the target resolves to, UNAVAILABLE retried.
-const SERVICE_CONFIG = {
-  loadBalancingConfig: [{ round_robin: {} }],
-  methodConfig: [
-    {
-      name: [{}],
-      retryPolicy: {
-        maxAttempts: 5,
-        initialBackoff: "0.1s",
-        maxBackoff: "2s",
-        backoffMultiplier: 2,
-        retryableStatusCodes: ["UNAVAILABLE"],
-      },
-    },
-  ],
-};
-const RETRY_BUFFER_BYTES = 32 * 1024 * 1024;
+// As the Python client (transport.py, streams.py): round-robin over what the target resolves to; no channel retry
+// policy for the Generate stream (stream() opens it again itself on UNAVAILABLE before its first event).
+const SERVICE_CONFIG = { loadBalancingConfig: [{ round_robin: {} }] };
+const RETRY = { maxAttempts: 5, initialBackoffMs: 100, maxBackoffMs: 2000, backoffMultiplier: 2 };
 
 /** TLS files (PEM). Omit `ca` to verify servers against the system's roots; give `cert` + `key` for mTLS. */
 export interface TlsOptions {
@@ -111,8 +98,6 @@ export class ImageClient {
       "grpc.max_send_message_length": limit,
       "grpc.max_receive_message_length": limit,
       "grpc.service_config": JSON.stringify(SERVICE_CONFIG),
-      "grpc.enable_retries": 1,
-      "grpc.per_rpc_retry_buffer_size": RETRY_BUFFER_BYTES,
     };
     if (options.serverName) {
       channelOptions["grpc.ssl_target_name_override"] = options.serverName;
@@ -134,19 +119,52 @@ export class ImageClient {
   /**
    * Progress events and images as they come, as an async iterable; a failed call throws TriptychError (field
    * violations decoded). A progress `step` counts model calls, not steps: second-order schedulers (Heun, DPM2)
-   * make 2N-1 calls for N steps and PNDM N+1.
+   * make 2N-1 calls for N steps and PNDM N+1. A call that fails UNAVAILABLE before its first event (a replica
+   * gone or draining) is opened again, on the next replica, up to 5 attempts within the deadline: every
+   * Triptych request is deterministic, so another replica gives the same answer.
    */
   async *stream(request: GenerateRequest, options: CallOptions = {}): AsyncGenerator<GenerateResponse__Output> {
+    const deadline =
+      options.timeout === undefined
+        ? undefined
+        : options.timeout instanceof Date
+          ? options.timeout
+          : new Date(Date.now() + options.timeout * 1000);
+    let backoff = RETRY.initialBackoffMs;
+    for (let attempt = 1; ; attempt++) {
+      let received = false;
+      try {
+        for await (const event of this.attempt(request, deadline, options.signal)) {
+          received = true;
+          yield event;
+        }
+        return;
+      } catch (error) {
+        const retry =
+          error instanceof TriptychError &&
+          error.code === grpc.status.UNAVAILABLE &&
+          !received &&
+          attempt < RETRY.maxAttempts &&
+          !options.signal?.aborted;
+        const pause = Math.random() * backoff; // jittered, as gRPC's retry policy
+        if (!retry || (deadline !== undefined && Date.now() + pause >= deadline.getTime())) throw error;
+        await new Promise((resolve) => setTimeout(resolve, pause));
+        backoff = Math.min(backoff * RETRY.backoffMultiplier, RETRY.maxBackoffMs);
+      }
+    }
+  }
+
+  private async *attempt(
+    request: GenerateRequest,
+    deadline: Date | undefined,
+    signal: AbortSignal | undefined,
+  ): AsyncGenerator<GenerateResponse__Output> {
     const metadata = new grpc.Metadata();
     if (this.token) metadata.set("authorization", `Bearer ${this.token}`);
-    const callOptions: grpc.CallOptions = {};
-    if (options.timeout !== undefined) {
-      callOptions.deadline =
-        options.timeout instanceof Date ? options.timeout : new Date(Date.now() + options.timeout * 1000);
-    }
-    const call = this.stub.generate(request, metadata, callOptions);
+    const call = this.stub.generate(request, metadata, deadline ? { deadline } : {});
     const abort = () => call.cancel();
-    options.signal?.addEventListener("abort", abort, { once: true });
+    if (signal?.aborted) abort();
+    signal?.addEventListener("abort", abort, { once: true });
     try {
       for await (const event of call as AsyncIterable<GenerateResponse__Output>) yield event;
     } catch (error) {
@@ -155,7 +173,7 @@ export class ImageClient {
       }
       throw error;
     } finally {
-      options.signal?.removeEventListener("abort", abort);
+      signal?.removeEventListener("abort", abort);
       call.cancel(); // a no-op once the call has ended; ends it when the caller stopped iterating early
     }
   }
