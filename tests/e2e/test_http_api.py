@@ -138,3 +138,26 @@ def test_openai_images_generations(http_api, client):
 
 def test_health(http_api):
     assert http_api.get("/health").json() == {"status": "SERVING"}
+
+
+def test_the_callers_key_is_the_gateways_bearer_token(services, model_root):
+    """Against a gateway that requires a token: Runware's `authentication` task or an Authorization header."""
+    links = tuple(f"--{role}-address={services.addresses[role]}" for role in ("encoder", "denoiser", "decoder"))
+    task = {**SMALL, "steps": 1, "seed": 1, "outputType": "base64Data"}
+    with (
+        serving("gateway", model_root, {"TRIPTYCH_AUTH_TOKENS": "http-key-7f3a"}, args=links) as gateway,
+        serving("http", model_root, args=("--gateway-address", gateway.address)) as served,
+        httpx.Client(base_url=f"http://{served.address}", timeout=120) as http,
+    ):
+        refused = http.post("/v1", json=[task])
+        assert refused.status_code == 401
+        assert refused.json()["errors"][0]["code"] == "invalidApiKey"
+        wrong = http.post("/v1", json=[{"taskType": "authentication", "apiKey": "nope"}, task])
+        assert wrong.status_code == 401
+        body = [{"taskType": "authentication", "apiKey": "http-key-7f3a"}, task]
+        assert http.post("/v1", json=body).status_code == 200
+        header = {"authorization": "Bearer http-key-7f3a"}
+        assert http.post("/v1", json=[task], headers=header).status_code == 200
+        openai = {"prompt": "a red fox", "model": "tiny/sd15", "size": "64x64", "steps": 1}
+        assert http.post("/v1/images/generations", json=openai).status_code == 401
+        assert http.post("/v1/images/generations", json=openai, headers=header).status_code == 200
