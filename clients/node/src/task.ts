@@ -4,11 +4,12 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 
+import { generateMethod } from "./client";
 import type { ControlNetUnit } from "./generated/triptych/v1/ControlNetUnit";
 import type { GenerateRequest } from "./generated/triptych/v1/GenerateRequest";
 import type { Refiner } from "./generated/triptych/v1/Refiner";
 
-export const TASK_KEYS = [
+const BASE_KEYS = [
   "taskType",
   "taskUUID",
   "positivePrompt",
@@ -30,8 +31,20 @@ export const TASK_KEYS = [
   "controlNet",
   "refiner",
   "promptWeighting",
-  "maxSequenceLength",
 ] as const;
+
+// Keys of GenerateRequest fields newer than the first protos: each is accepted only where this build's protos
+// have its field, as the Python client built from the same protos does.
+const GATED_KEYS: Record<string, string> = { maxSequenceLength: "maxSequenceLength" };
+const REQUEST_FIELDS = new Set(
+  ((generateMethod().requestType.type as { field?: { name: string }[] }).field ?? []).map((f) => f.name),
+);
+
+/** The Runware keys a task may have, in the Python client's order (TASK_KEYS in task.py). */
+export const TASK_KEYS: readonly string[] = [
+  ...BASE_KEYS,
+  ...Object.keys(GATED_KEYS).filter((key) => REQUEST_FIELDS.has(GATED_KEYS[key])),
+];
 
 const FORMATS: Record<string, string> = {
   PNG: "OUTPUT_FORMAT_PNG",
@@ -284,7 +297,9 @@ export function requestFromTask(task: unknown, baseDir?: string): GenerateReques
   }
   const seed = r.integer("seed", 0n, UINT64_MAX);
   if (seed !== undefined) request.seed = seed.toString(); // a decimal string: exact for any uint64
-  const maxSequenceLength = r.integer("maxSequenceLength", 0n, BigInt(UINT32_MAX));
+  const maxSequenceLength = TASK_KEYS.includes("maxSequenceLength")
+    ? r.integer("maxSequenceLength", 0n, BigInt(UINT32_MAX))
+    : undefined;
   if (maxSequenceLength !== undefined) {
     (request as Record<string, unknown>).maxSequenceLength = Number(maxSequenceLength);
   }
