@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from triptych.client import field_violations
+from triptych.client.streams import RetriedStream
 from triptych.http.openai import OpenAIError, openai_param, parse_images_body
 from triptych.http.runware import RESPONSE_KEYS, RunwareErrors, errors_from_rpc, parse_body
 from triptych.http.runware import error as runware_error
@@ -63,7 +64,12 @@ class Gateway:
         return [("authorization", f"Bearer {token}")] if token else []
 
     def _generate(self, request, api_key: str | None) -> list[image_service_pb2.GeneratedImage]:
-        events = self.stub.Generate(request, timeout=self.settings.http_timeout_s, metadata=self._metadata(api_key))
+        metadata = self._metadata(api_key)
+        # Opened again on UNAVAILABLE before its first event, as the Python client's ImageClient.stream does.
+        events = RetriedStream(
+            lambda remaining: self.stub.Generate(request, timeout=remaining, metadata=metadata),
+            self.settings.http_timeout_s,
+        )
         return sorted((e.image for e in events if e.HasField("image")), key=lambda image: image.index)
 
     async def generate(self, request, api_key: str | None) -> list[image_service_pb2.GeneratedImage]:

@@ -152,7 +152,12 @@ def parse_body(data: Any) -> Body:
         delivery = task.pop("deliveryMethod", "sync")
         if delivery != "sync":
             errors.append(
-                error("invalidDeliveryMethod", f"only 'sync' delivery is served (got {delivery!r})", "deliveryMethod")
+                error(
+                    "invalidDeliveryMethod",
+                    f"only 'sync' delivery is served (got {delivery!r})",
+                    "deliveryMethod",
+                    uuid_,
+                )
             )
         try:
             request = request_from_task(task)
