@@ -248,6 +248,7 @@ TASK_VALUES = {
     "vae": model_ids, "numberResults": st.one_of(counts, json_values),
     "outputFormat": st.sampled_from(["PNG", "jpg", "JPEG", "WEBP", "GIF", ""]), "outputQuality": uint32s,
     "promptWeighting": st.sampled_from(["sdEmbeds", "compel", "A1111", "none", ""]),
+    "maxSequenceLength": st.one_of(uint32s, json_values),
     "lora": st.lists(st.fixed_dictionaries({"model": model_ids}, optional={"weight": floats, "x": json_values}),
                      max_size=3),
     "embeddings": st.lists(st.fixed_dictionaries({"model": model_ids}, optional={"weight": floats}), max_size=3),

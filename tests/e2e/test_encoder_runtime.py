@@ -127,13 +127,19 @@ def test_list_text_encoders_describes_models_and_embeddings(services):
     encoder = stub(services.addresses["encoder"])
     listing = encoder.ListTextEncoders(encoder_service_pb2.ListTextEncodersRequest())
     models = {m.model: m for m in listing.models}
-    assert set(models) == {"tiny/sd15", "tiny/sdxl", "tiny/sdxl-refiner"}, "ControlNets and VAEs are not listed"
+    assert set(models) == {"tiny/sd15", "tiny/sdxl", "tiny/sdxl-refiner", "tiny/flux", "tiny/sd3"}, (
+        "ControlNets and VAEs are not listed"
+    )
     te = ("text_encoder", "CLIPTextModel", 32, 5, 0)
     te2 = ("text_encoder_2", "CLIPTextModelWithProjection", 32, 5, 32)
+    t5 = ("T5EncoderModel", 80, 2, 0)
     expected = {
         "tiny/sd15": ("sd1", [te], 4, False),
         "tiny/sdxl": ("sdxl", [te, te2], 3, True),
         "tiny/sdxl-refiner": ("sdxl-refiner", [te2], 3, False),
+        # Clip skip counts CLIP layers only; FLUX reads CLIP-L's pooled output (clip skip accepted, with a note).
+        "tiny/flux": ("flux", [te, ("text_encoder_2", *t5)], 4, False),
+        "tiny/sd3": ("sd3", [("text_encoder", *te2[1:]), te2, ("text_encoder_3", *t5)], 3, False),
     }
     for name, (family, encoders, max_clip_skip, zeros) in expected.items():
         model = models[name]

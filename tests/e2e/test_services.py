@@ -35,8 +35,8 @@ def test_each_process_holds_only_its_own_components(client, services):
     for model in ("tiny/sd15", "tiny/sdxl"):
         client.generate(image_service_pb2.GenerateRequest(**{**SMALL, "model": model}, seed=1))
     allowed = {
-        "encoder": {"tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"},
-        "denoiser": {"unet", "controlnet"},
+        "encoder": {"tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3"},
+        "denoiser": {"unet", "transformer", "controlnet"},
         "decoder": {"vae"},
         "gateway": set(),
     }

@@ -70,9 +70,10 @@ def prepare_units(
     do_cfg: bool,
     device: torch.device,
     dtype: torch.dtype,
+    latent_scale: int,
 ) -> list[PreparedUnit]:
     """Decodes and resizes each guide image as the pipelines' prepare_image does."""
-    processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+    processor = VaeImageProcessor(vae_scale_factor=latent_scale, do_convert_rgb=True, do_normalize=False)
     prepared = []
     for unit, net in zip(units, nets, strict=True):
         image = decode_guide_image(unit.guide_image, f"{unit.field}.guide_image")

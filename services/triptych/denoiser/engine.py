@@ -12,16 +12,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import ControlNetModel
 
 from triptych.denoiser.controlnet import check_family, prepare_units
 from triptych.denoiser.job import Conditioning, DenoiseJob, DenoiseOutcome, StepDone
-from triptych.denoiser.schedulers import describe_options
-from triptych.denoiser.state import output_size, prepare_state, uses_cfg
+from triptych.denoiser.state import output_size, prepare_state
 from triptych.denoiser.step import Stepper
 from triptych.model_store import ModelInfo, ModelStore
 from triptych.rules.control_units import ControlUnit
-from triptych.rules.scheduler_table import SchedulerChoice
+from triptych.rules.scheduler_table import parse_scheduler
 from triptych.runtime.admission import BoundedQueue
 from triptych.runtime.components import ComponentCache, LoadedModel
 from triptych.runtime.compute import ComputeThreads
@@ -30,12 +29,6 @@ from triptych.runtime.placement import CPU_FLOAT32, Placement, compile_in_place
 from triptych.serving.errors import Cancelled, InvalidArgument
 
 __all__ = ["Conditioning", "DenoiseJob", "DenoiseOutcome", "DenoiserEngine", "StepDone"]
-
-
-def unet_config(info: ModelInfo) -> dict:
-    """A pipeline's UNet arguments from its config.json, defaults filled in as diffusers fills them, unloaded."""
-    config = UNet2DConditionModel.load_config(info.path / info.family.denoiser_folder)
-    return UNet2DConditionModel.extract_init_dict(config)[0]
 
 
 class DenoiserEngine:
@@ -76,26 +69,22 @@ class DenoiserEngine:
         info = self.store.resolve(model_id, "model")
         if not info.is_text_to_image:
             return False
-        unet = self.compute.run(model_id, lambda: self._parts(info)["unet"])
-        zero = Conditioning(*info.family.zero_conditioning(info, unet))
-        job = DenoiseJob(
-            model_id, zero, zero, None, None, steps=2, guidance_scale=7.0, scheduler=SchedulerChoice(None), seed=0
-        )
+        network = self.compute.run(model_id, lambda: self._parts(info)[info.family.denoiser_folder])
+        zero = Conditioning(*info.family.zero_conditioning(info, network))
+        job = DenoiseJob(model_id, zero, zero, None, None, steps=2, guidance_scale=7.0, scheduler="", seed=0)
         for _ in self.denoise(job):
             pass
         return True
 
     def _parts(self, info: ModelInfo) -> LoadedModel:
-        """The resolved model's UNet (loaded once, then cached) and scheduler config."""
+        """The resolved model's denoising network (loaded once, then cached) and scheduler config."""
 
         def load() -> LoadedModel:
-            folder = info.path / info.family.denoiser_folder
-            unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval()
-            unet = self.placement.module(unet)
+            network = self.placement.module(info.family.load_network(info))
             if self.compile_mode is not None:
-                compile_in_place(unet, self.compile_mode)
+                compile_in_place(network, self.compile_mode)
             config = json.loads((info.path / "scheduler" / "scheduler_config.json").read_text())
-            return LoadedModel({"unet": unet}, {"scheduler": config})
+            return LoadedModel({info.family.denoiser_folder: network}, {"scheduler": config})
 
         return self.cache.get(info.model_id, load)
 
@@ -120,31 +109,35 @@ class DenoiserEngine:
             raise Cancelled("the caller went away before the job started")
         parts = self._parts(info)
         with parts.lock:
-            self.loras.activate(info.family, {"unet": parts["unet"]}, job.loras)
+            folder = info.family.denoiser_folder
+            if info.family.supports_loras:  # also with no LoRAs: switches off the last request's
+                self.loras.activate(info.family, {folder: parts[folder]}, job.loras)
             for event in self._sample(info, parts, job, is_active):
                 if isinstance(event, DenoiseOutcome):
                     event.queued_seconds = queued
                 yield event
 
     def _sample(self, info: ModelInfo, parts: LoadedModel, job: DenoiseJob, is_active: Callable[[], bool]):
-        unet: UNet2DConditionModel = parts["unet"]
+        family = info.family
+        network = parts[family.denoiser_folder]
         place = self.placement
-        height, width = output_size(unet.config, job, info.family)
-        nets = self._control_nets(job, unet)
+        height, width = output_size(network.config, job, family)
+        nets = self._control_nets(job, network)
+        do_cfg = family.uses_cfg(network.config, job.guidance_scale)
         control = prepare_units(
-            list(job.control_units), nets, width, height, uses_cfg(unet.config, job), place.device, place.dtype
+            list(job.control_units), nets, width, height, do_cfg, place.device, place.dtype, family.latent_scale
         )
-        state = prepare_state(info, unet, parts.configs["scheduler"], job, place, control, height, width)
+        state = prepare_state(info, network, parts.configs["scheduler"], job, place, control, height, width)
         # CUDA graphs reuse their output memory from one step to the next: the stepper marks each step's start and
         # copies the UNet's output before a scheduler keeps it.
-        stepper = Stepper(unet, self.compile_mode == "reduce-overhead", self._count_step)
+        stepper = Stepper(network, self.compile_mode == "reduce-overhead", self._count_step)
         yield from stepper.run(state, is_active)
         yield DenoiseOutcome(
-            latents=state.latents.to(device="cpu", dtype=torch.float32),  # the wire's latents are float32
+            latents=state.wire_latents().to(device="cpu", dtype=torch.float32),  # the wire's latents are float32
             seed=state.seed,
             generator_state=state.generator.get_state().numpy().tobytes(),
             scheduler_class=type(state.scheduler).__name__,
-            scheduler_options=describe_options(job.scheduler),
+            scheduler_options=state.scheduler_options,
             model_calls=len(state.timesteps),
         )
 
@@ -180,12 +173,12 @@ class DenoiserEngine:
         """Everything about a request that the model's files show without loading it: the conditioning's shapes
         against the UNet's config, a window's latents, each ControlNet's id. Runs before the request queues, so
         a malformed one is refused at once instead of after the jobs ahead of it."""
-        config = unet_config(info)
         family = info.family
+        config = family.network_config(info)
         height, width = output_size(config, job, family)
-        do_cfg = uses_cfg(config, job)
-        expected = config["cross_attention_dim"]
-        violations = []
+        do_cfg = family.uses_cfg(config, job.guidance_scale)
+        expected = family.text_width(config)
+        violations = self._family_violations(family, job, height, width)
         pairs = [("positive", job.positive)] + ([("negative", job.negative)] if do_cfg else [])
         for name, cond in pairs:
             if cond is None:
@@ -219,3 +212,22 @@ class DenoiserEngine:
                 violations.extend(exc.violations)
         if violations:
             raise InvalidArgument(violations)
+
+    @staticmethod
+    def _family_violations(family, job: DenoiseJob, height: int, width: int) -> list[tuple[str, str]]:
+        """What the model's family cannot do with this job: its scheduler table, sizes, windows, units, LoRAs."""
+        violations = []
+        try:
+            parse_scheduler(job.scheduler, table=family.scheduler_table, family=family.name)
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+        for name, side in (("height", height), ("width", width)):
+            if side % family.size_multiple:
+                violations.append((name, f"must be a multiple of {family.size_multiple} for {family.name} models"))
+        if (job.start_fraction > 0 or job.end_fraction < 1) and not family.supports_windows:
+            violations.append(("window", f"{family.name} models run the whole schedule (no refiner hand-off)"))
+        if job.control_units and not family.supports_controlnet:
+            violations.append(("control_net", f"ControlNet units are not supported on {family.name} models yet"))
+        if job.loras and not family.supports_loras:
+            violations.append(("loras", f"LoRAs are not supported on {family.name} models yet"))
+        return violations

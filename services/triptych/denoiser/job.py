@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from triptych.rules.control_units import ControlUnit
-from triptych.rules.scheduler_table import SchedulerChoice
 
 
 @dataclass
@@ -27,7 +26,7 @@ class DenoiseJob:
     height: int | None
     steps: int
     guidance_scale: float
-    scheduler: SchedulerChoice
+    scheduler: str  # a name of the model family's scheduler table; "" or "Default" = the model's own
     seed: int | None
     start_fraction: float = 0.0
     end_fraction: float = 1.0

@@ -27,10 +27,10 @@ def describe_options(choice: SchedulerChoice) -> list[str]:
     return [f"{key}={value!r}" for key, value in sorted(choice.options.items())]
 
 
-def scheduler_rows() -> list[tuple[SchedulerRow, list[str]]]:
-    """Every accepted name with its options, suffixed variants included where the class supports them."""
+def scheduler_rows(table: tuple[SchedulerRow, ...] = TABLE) -> list[tuple[SchedulerRow, list[str]]]:
+    """Every name of `table` with its options, suffixed variants included where the class supports them."""
     rows = []
-    for row in TABLE:
+    for row in table:
         rows.append((row, [f"{k}={v!r}" for k, v in row.options.items()]))
         for suffix, option in SUFFIXES.items():
             if _accepts(row.class_name, option):

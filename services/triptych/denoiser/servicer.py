@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from triptych.denoiser.engine import Conditioning, DenoiseJob, DenoiseOutcome, DenoiserEngine
 from triptych.denoiser.schedulers import scheduler_rows
+from triptych.families import ALL_SCHEDULERS
 from triptych.model_store import ModelStore
 from triptych.rules.control_units import parse_control_units
-from triptych.rules.scheduler_table import parse_scheduler
+from triptych.rules.scheduler_table import TABLE, parse_scheduler
 from triptych.rules.validation import check_fraction, check_guidance, check_size, check_steps, weighted
 from triptych.runtime.codec import decode_tensor, encode_tensor
 from triptych.runtime.components import ComponentCache
@@ -90,8 +91,8 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             if request.HasField(name):
                 check_fraction(getattr(request, name), name, violations, low=0.0, high=MAX_AESTHETIC_SCORE)
-        try:
-            scheduler = parse_scheduler(request.scheduler)
+        try:  # any family's name here; the engine checks it against the model's family before the job queues
+            parse_scheduler(request.scheduler, table=ALL_SCHEDULERS)
         except InvalidArgument as exc:
             violations.extend(exc.violations)
         if violations:
@@ -104,7 +105,7 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
             height=height,
             steps=request.steps,
             guidance_scale=request.guidance_scale,
-            scheduler=scheduler,
+            scheduler=request.scheduler,
             seed=request.seed if request.HasField("seed") else None,
             start_fraction=start,
             end_fraction=end,
@@ -166,12 +167,13 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
                 )
 
     def ListSchedulers(self, request, context):
+        table = self.engine.resolve(request.model).family.scheduler_table if request.model else TABLE
         return denoiser_service_pb2.ListSchedulersResponse(
             schedulers=[
                 denoiser_service_pb2.SchedulerInfo(
                     name=row.name, aliases=list(row.aliases), class_name=row.class_name, options=options
                 )
-                for row, options in scheduler_rows()
+                for row, options in scheduler_rows(table)
             ]
         )
 

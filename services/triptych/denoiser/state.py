@@ -4,7 +4,7 @@ and `prepare_state` builds it as the diffusers pipelines prepare their loops.
 
 Mirrors the preparation in diffusers' StableDiffusionPipeline, StableDiffusionXLPipeline (denoising_end) and
 StableDiffusionXLImg2ImgPipeline (denoising_start): set_timesteps, get_timesteps, prepare_latents,
-get_guidance_scale_embedding, prepare_extra_step_kwargs.
+prepare_extra_step_kwargs; the family does the rest (families/).
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import secrets
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from triptych.denoiser.controlnet import PreparedUnit
 from triptych.denoiser.job import DenoiseJob
-from triptych.denoiser.schedulers import build_scheduler
+from triptych.denoiser.schedulers import build_scheduler, describe_options
 from triptych.families import Family
 from triptych.families.base import DenoiserConditioning
 from triptych.model_store import ModelInfo
+from triptych.rules.scheduler_table import parse_scheduler
 from triptych.runtime.placement import Placement
 from triptych.serving.errors import InvalidArgument
 
@@ -32,8 +32,11 @@ class DenoiseState:
 
     job: DenoiseJob
     family: Family
-    latents: torch.Tensor
+    height: int
+    width: int
+    latents: torch.Tensor  # as the network takes them (FLUX: packed)
     scheduler: object
+    scheduler_options: list[str]  # the options the request's scheduler name set, as the response reports them
     generator: torch.Generator
     seed: int
     timesteps: torch.Tensor  # the window's part of scheduler.timesteps
@@ -41,7 +44,6 @@ class DenoiseState:
     schedule_length: int  # model calls in the whole schedule (ControlNet windows are fractions of it)
     do_cfg: bool
     conditioning: DenoiserConditioning
-    timestep_cond: torch.Tensor | None = None  # a guidance-distilled (LCM) UNet's guidance embedding
     control: list[PreparedUnit] = field(default_factory=list)
     extra_step_kwargs: dict = field(default_factory=dict)
     index: int = 0  # model calls of the window done so far
@@ -50,30 +52,15 @@ class DenoiseState:
     def done(self) -> bool:
         return self.index >= len(self.timesteps)
 
+    def wire_latents(self) -> torch.Tensor:
+        """The latents as the denoiser returns them (unpacked), on the device they are on."""
+        return self.family.wire_latents(self.latents, self.height, self.width)
+
 
 def output_size(config, job: DenoiseJob, family: Family) -> tuple[int, int]:
     """(height, width): the request's, else the model's default size, as diffusers."""
-    default_size = config["sample_size"] * family.latent_scale
+    default_size = family.default_size(config)
     return job.height or default_size, job.width or default_size
-
-
-def uses_cfg(config, job: DenoiseJob) -> bool:
-    """Classifier-free guidance runs above scale 1, except on a guidance-distilled (LCM) UNet."""
-    return job.guidance_scale > 1 and config["time_cond_proj_dim"] is None
-
-
-def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
-    """diffusers' get_guidance_scale_embedding (the pipelines' `timestep_cond` for a UNet with time_cond_proj_dim):
-    sinusoidal features of 1000 w, [len(w), embedding_dim], float32."""
-    w = w * 1000.0
-    half_dim = embedding_dim // 2
-    emb = torch.log(torch.tensor(10000.0)) / (half_dim - 1)
-    emb = torch.exp(torch.arange(half_dim, dtype=torch.float32) * -emb)
-    emb = w.to(torch.float32)[:, None] * emb[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    if embedding_dim % 2 == 1:
-        emb = torch.nn.functional.pad(emb, (0, 1))
-    return emb
 
 
 def window_timesteps(scheduler, start_fraction: float, end_fraction: float) -> tuple[torch.Tensor, int]:
@@ -123,11 +110,13 @@ def prepare_state(
 ) -> DenoiseState:
     """Everything the loop needs before its first step, in the order the diffusers pipelines prepare it."""
     family = info.family
-    scheduler = build_scheduler(job.scheduler, scheduler_config)
-    do_cfg = uses_cfg(network.config, job)
+    choice = parse_scheduler(job.scheduler, table=family.scheduler_table)
+    scheduler = build_scheduler(choice, scheduler_config)
+    do_cfg = family.uses_cfg(network.config, job.guidance_scale)
     generator, seed = _generator(job)
+    shape = family.latent_shape(network.config.in_channels, height, width)
     try:
-        scheduler.set_timesteps(job.steps, device=place.device)
+        family.set_timesteps(scheduler, job.steps, shape, network.config, place.device)
         schedule_length = len(scheduler.timesteps)
         timesteps, first_call = window_timesteps(scheduler, job.start_fraction, job.end_fraction)
     except ValueError as exc:  # e.g. PNDM with PRK steps needs >= 4, LCM <= its original_inference_steps
@@ -135,18 +124,8 @@ def prepare_state(
     if job.start_fraction > 0:  # the engine's check() saw latents of this shape
         latents = place.tensor(job.latents).clone()
     else:
-        # Noise from the CPU generator in the network's dtype, then moved: the same numbers on every device, as
-        # diffusers' randn_tensor gives them for a CPU generator.
-        shape = family.latent_shape(network.config.in_channels, height, width)
-        latents = randn_tensor(shape, generator=generator, device=place.device, dtype=place.dtype)
-        latents = latents * scheduler.init_noise_sigma
-    conditioning = family.denoiser_conditioning(info, job, do_cfg, height, width, place)
-    timestep_cond = None  # a guidance-distilled (LCM) UNet takes the guidance scale as an embedding, not CFG
-    if network.config.time_cond_proj_dim is not None:
-        guidance = torch.tensor(job.guidance_scale - 1).repeat(1)
-        timestep_cond = guidance_scale_embedding(guidance, network.config.time_cond_proj_dim).to(
-            device=place.device, dtype=latents.dtype
-        )
+        latents = family.initial_latents(shape, generator, place, scheduler)
+    conditioning = family.denoiser_conditioning(info, network, job, do_cfg, height, width, place)
     step_params = set(inspect.signature(scheduler.step).parameters)
     extra_step_kwargs = {}
     if "eta" in step_params:
@@ -156,8 +135,11 @@ def prepare_state(
     return DenoiseState(
         job=job,
         family=family,
+        height=height,
+        width=width,
         latents=latents,
         scheduler=scheduler,
+        scheduler_options=describe_options(choice),
         generator=generator,
         seed=seed,
         timesteps=timesteps,
@@ -165,7 +147,6 @@ def prepare_state(
         schedule_length=schedule_length,
         do_cfg=do_cfg,
         conditioning=conditioning,
-        timestep_cond=timestep_cond,
         control=control,
         extra_step_kwargs=extra_step_kwargs,
     )

@@ -14,69 +14,21 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from triptych.denoiser.controlnet import residuals
 from triptych.denoiser.job import StepDone
 from triptych.denoiser.preview import preview_png
 from triptych.denoiser.state import DenoiseState
 from triptych.serving.errors import Cancelled
 
 
-def model_input(state: DenoiseState, t: torch.Tensor) -> torch.Tensor:
-    """The latents as the network takes them at timestep t: doubled for CFG, scaled by the scheduler."""
-    latents = torch.cat([state.latents] * 2) if state.do_cfg else state.latents
-    return state.scheduler.scale_model_input(latents, t)
-
-
-def control_residuals(state: DenoiseState, t: torch.Tensor, latent_model_input: torch.Tensor):
-    """The summed ControlNet residuals (down, mid) for this model call, (None, None) without units."""
-    if not state.control:
-        return None, None
-    # A unit's window is a fraction of the whole schedule, not of this window: diffusers' SDXL ControlNet
-    # pipeline sets controlnet_keep before it applies denoising_end.
-    return residuals(
-        state.control,
-        state.first_call + state.index,
-        state.schedule_length,
-        t,
-        state.latents,
-        latent_model_input,
-        state.scheduler.scale_model_input,
-        state.conditioning.prompt_embeds,
-        state.conditioning.added_cond_kwargs,
-        state.do_cfg,
-    )
-
-
-def guided(state: DenoiseState, noise_pred: torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance as diffusers computes it: uncond + s * (cond - uncond)."""
-    if not state.do_cfg:
-        return noise_pred
-    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-    return noise_pred_uncond + state.job.guidance_scale * (noise_pred_text - noise_pred_uncond)
-
-
 def denoise_step(state: DenoiseState, network, cuda_graphs: bool = False) -> None:
-    """Advances `state` by one model call of its window. With cuda_graphs (torch.compile "reduce-overhead"),
-    marks where a step begins and copies the network's output, whose memory the next replay reuses."""
+    """Advances `state` by one model call of its window: the family's guided prediction (model input ->
+    ControlNet residuals -> network -> guidance), then the scheduler's step. With cuda_graphs (torch.compile
+    "reduce-overhead"), marks where a step begins and has the network's output copied, as the next replay reuses
+    its memory."""
     t = state.timesteps[state.index]
     if cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()
-    latent_model_input = model_input(state, t)
-    down, mid = control_residuals(state, t, latent_model_input)
-    noise_pred = network(
-        latent_model_input,
-        t,
-        encoder_hidden_states=state.conditioning.prompt_embeds,
-        timestep_cond=state.timestep_cond,
-        cross_attention_kwargs=None,
-        added_cond_kwargs=state.conditioning.added_cond_kwargs,
-        down_block_additional_residuals=down,
-        mid_block_additional_residual=mid,
-        return_dict=False,
-    )[0]
-    if cuda_graphs:
-        noise_pred = noise_pred.clone()
-    noise_pred = guided(state, noise_pred)
+    noise_pred = state.family.predict(state, network, t, copy_output=cuda_graphs)
     state.latents = state.scheduler.step(noise_pred, t, state.latents, **state.extra_step_kwargs, return_dict=False)[0]
     state.index += 1
 
@@ -102,7 +54,7 @@ class Stepper:
                 self.on_step()
                 preview = b""
                 if job.preview_interval_steps and state.index % job.preview_interval_steps == 0:
-                    preview = preview_png(state.latents, state.family.preview)
+                    preview = preview_png(state.wire_latents(), state.family.preview)
                 now = time.perf_counter()
                 if preview or state.done or now - last_sent >= job.progress_interval_s:
                     last_sent = now

@@ -56,7 +56,10 @@ def _encoders(info: ModelInfo) -> list[EncoderComponent]:
         config = json.loads(config_path.read_text())
         class_name = info.index[name][1]
         projection = config.get("projection_dim", 0) if class_name == "CLIPTextModelWithProjection" else 0
-        found.append(EncoderComponent(name, class_name, config["hidden_size"], config["num_hidden_layers"], projection))
+        # T5 configs name them d_model and num_layers.
+        width = config.get("hidden_size", config.get("d_model", 0))
+        layers = config.get("num_hidden_layers", config.get("num_layers", 0))
+        found.append(EncoderComponent(name, class_name, width, layers, projection))
     return found
 
 
@@ -88,7 +91,7 @@ def list_catalog(store: ModelStore) -> tuple[list[TextToImageModel], list[Embedd
             encoders = _encoders(info)
             if not encoders:
                 continue
-            layers = min(encoder.num_hidden_layers for encoder in encoders)
+            layers = min(e.num_hidden_layers for e in encoders if e.class_name.startswith("CLIP"))  # clip skip: CLIP
             models.append(
                 TextToImageModel(
                     model=info.model_id,

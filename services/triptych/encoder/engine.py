@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+import transformers
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from triptych.encoder.batching import Batcher
 from triptych.encoder.cache import ByteBoundedLRU
@@ -21,6 +22,7 @@ from triptych.encoder.chunks import CHUNK_TOKENS, Chunk, empty_chunk, placed_tok
 from triptych.encoder.forward import encode_rows, make_rows_independent, project_pooled
 from triptych.encoder.prompt_syntax import Fragment, PromptSyntaxError, literal, parse_weighted
 from triptych.encoder.textual_inversion import Embedding, EmbeddingFiles, emphasise
+from triptych.encoder.whole_prompts import check_whole_prompt_job, encode_whole
 from triptych.families import Family
 from triptych.model_store import ModelInfo, ModelStore
 from triptych.rules.limits import Limits
@@ -45,6 +47,7 @@ class EncodeJob:
     loras: tuple[tuple[str, float], ...] = ()
     embeddings: tuple[tuple[str, float], ...] = ()
     prompt_weighting: str = "literal"
+    max_sequence_length: int = 0  # T5 tokens (FLUX, SD3); 0 = the family's diffusers default
 
 
 @dataclass
@@ -138,14 +141,14 @@ class TextEncoderEngine:
         def load() -> LoadedModel:
             parts: dict = {}
             for slot in info.family.encoder_slots(info):
-                class_name = info.index[slot.encoder][1]
-                encoder_class = (
-                    CLIPTextModelWithProjection if class_name == "CLIPTextModelWithProjection" else CLIPTextModel
-                )
-                parts[slot.tokenizer] = CLIPTokenizer.from_pretrained(info.path / slot.tokenizer)
+                # The classes the model_index.json names (CLIPTextModel(WithProjection), T5EncoderModel, ...).
+                tokenizer_class = getattr(transformers, info.index[slot.tokenizer][1])
+                encoder_class = getattr(transformers, info.index[slot.encoder][1])
+                parts[slot.tokenizer] = tokenizer_class.from_pretrained(info.path / slot.tokenizer)
                 encoder = encoder_class.from_pretrained(info.path / slot.encoder, use_safetensors=True).eval()
                 parts[slot.encoder] = self.placement.module(encoder, convolutional=False)
-                make_rows_independent(parts[slot.encoder])  # so a row's bits never depend on its batch
+                if isinstance(encoder, CLIPTextModel | CLIPTextModelWithProjection):
+                    make_rows_independent(parts[slot.encoder])  # so a row's bits never depend on its batch
             return LoadedModel(parts)
 
         return self.cache.get(info.model_id, load)
@@ -173,7 +176,13 @@ class TextEncoderEngine:
         parts = self.components(info)
         encoder_names = [slot.encoder for slot in info.family.encoder_slots(info)]
         # Every encoder must have the layer: SDXL's CLIP-L (12 layers) is shallower than its OpenCLIP-G (32).
-        layers = min(parts[name].config.num_hidden_layers for name in encoder_names)
+        layers = min(
+            parts[name].config.num_hidden_layers
+            for name in encoder_names
+            if isinstance(parts[name], CLIPTextModel | CLIPTextModelWithProjection)
+        )
+        if not info.family.chunked_clip_prompts:
+            return self._answer_whole(job, info, parts, layers)
         most = info.family.max_clip_skip(layers)
         if job.clip_skip > most:
             raise InvalidArgument.one("clip_skip", f"must be at most {most} for {job.model!r} ({layers} layers)")
@@ -183,6 +192,20 @@ class TextEncoderEngine:
         if cached is not None:
             return cached
         result = self._encode(job, info, parts, encoder_names, embeddings, submit)
+        self.results.put(key, result, result.nbytes())
+        return result
+
+    def _answer_whole(self, job: EncodeJob, info: ModelInfo, parts: LoadedModel, clip_layers: int) -> EncodeResult:
+        """A family that encodes a prompt whole (FLUX, SD3): its own encode_prompt, cached like the rest."""
+        length = check_whole_prompt_job(job, info.family, parts, clip_layers)
+        key = (*self._cache_key(job, info, []), length)
+        cached = self.results.get(key)
+        if cached is not None:
+            return cached
+        positive, negative, notes = encode_whole(job, info.family, parts, length, Conditioning)
+        result = EncodeResult(
+            positive, negative, info.family.hidden_layer_index(job.clip_skip), info.family_name, notes
+        )
         self.results.put(key, result, result.nbytes())
         return result
 

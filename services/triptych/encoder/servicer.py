@@ -57,6 +57,7 @@ class TextEncoderServicer(encoder_service_pb2_grpc.TextEncoderServiceServicer):
             loras=loras,
             embeddings=embeddings,
             prompt_weighting=weighting,
+            max_sequence_length=request.max_sequence_length,
         )
         with shm.writer(request) as into:
             result = self.engine.encode(job)

@@ -6,12 +6,18 @@ no torch (the gateway uses it to check a refiner pairing and to size images).
 
 from __future__ import annotations
 
-from triptych.families import sd1, sdxl
+from triptych.families import flux, sd1, sd3, sdxl
 from triptych.families.base import Family
 
-REGISTRY: tuple[Family, ...] = (sd1.FAMILY, sdxl.FAMILY)
+REGISTRY: tuple[Family, ...] = (sd1.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY)
 
 _BY_PIPELINE = {class_name: family for family in REGISTRY for class_name in family.pipeline_classes}
+
+
+# Every scheduler name some family accepts: what the gateway checks before it knows the model's family.
+ALL_SCHEDULERS = tuple(
+    {(row.name, row.class_name): row for family in REGISTRY for row in family.scheduler_table}.values()
+)
 
 
 def for_pipeline(class_name: str) -> Family | None:
@@ -32,4 +38,4 @@ def can_refine(base_variant: str, refiner_variant: str) -> bool:
     return any((base_variant, refiner_variant) in family.refiner_variants() for family in REGISTRY)
 
 
-__all__ = ["REGISTRY", "Family", "can_refine", "for_pipeline", "for_variant"]
+__all__ = ["ALL_SCHEDULERS", "REGISTRY", "Family", "can_refine", "for_pipeline", "for_variant"]

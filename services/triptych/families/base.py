@@ -8,7 +8,7 @@ torch (the gateway imports the registry): torch and diffusers are imported insid
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from triptych.rules.scheduler_table import TABLE, SchedulerRow
@@ -38,10 +38,13 @@ class PreviewFactors:
 
 @dataclass
 class DenoiserConditioning:
-    """What the denoising network takes besides latents and timestep, CFG batch [negative, positive] when on."""
+    """What the denoising network takes besides latents and timestep, CFG batch [negative, positive] when on:
+    prompt_embeds, SDXL's added_cond_kwargs, and family-specific inputs in `extra` (LCM's timestep_cond, FLUX's
+    pooled projections, text/image ids and guidance)."""
 
     prompt_embeds: torch.Tensor
     added_cond_kwargs: dict[str, torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def vae_scale_factor(vae_config: dict) -> int:
@@ -80,6 +83,16 @@ class Family:
     preview: ClassVar[PreviewFactors]
     scheduler_table: ClassVar[tuple[SchedulerRow, ...]] = TABLE
     lora_loader_name: ClassVar[str]  # the diffusers LoRA loader mixin for the family's pipelines
+    network_class_name: ClassVar[str]  # the diffusers class of the denoising network
+    supports_windows: ClassVar[bool] = False  # denoising windows (base -> refiner hand-off)
+    supports_controlnet: ClassVar[bool] = False
+    supports_loras: ClassVar[bool] = True
+    # True: prompts are CLIP-encoded in A1111-style 75-token chunks with weighting and textual inversion
+    # (encoder/engine.py); False: the family encodes a prompt itself (`encode_prompt`), as its diffusers pipeline.
+    chunked_clip_prompts: ClassVar[bool] = True
+    size_multiple: ClassVar[int] = 8  # width and height must be multiples of this
+    takes_negative_prompt: ClassVar[bool] = True  # False: guidance-distilled, the negative prompt is ignored
+    clip_skip_has_effect: ClassVar[bool] = True  # False: the family reads no CLIP hidden layer (FLUX: pooled only)
 
     # ---- what a model folder is ----
     def variant(self, info: ModelInfo) -> str:
@@ -130,8 +143,53 @@ class Family:
         text_time features), checked once everything else is valid."""
         return []
 
+    def network_config(self, info: ModelInfo) -> dict:
+        """The denoising network's arguments from its config.json, defaults filled in as diffusers fills them."""
+        import diffusers
+
+        network_class = getattr(diffusers, self.network_class_name)
+        config = network_class.load_config(info.path / self.denoiser_folder)
+        return network_class.extract_init_dict(config)[0]
+
+    def load_network(self, info: ModelInfo):
+        """The denoising network, from safetensors only, in eval mode (on the CPU, float32)."""
+        import diffusers
+
+        network_class = getattr(diffusers, self.network_class_name)
+        return network_class.from_pretrained(info.path / self.denoiser_folder, use_safetensors=True).eval()
+
+    def text_width(self, config: dict) -> int:
+        """The width of the prompt embeddings the network takes."""
+        raise NotImplementedError
+
+    def default_size(self, config: dict) -> int:
+        """Width and height in pixels when a request leaves them unset, as the family's diffusers pipeline."""
+        raise NotImplementedError
+
+    def uses_cfg(self, config: dict, guidance_scale: float) -> bool:
+        """Whether a request at this guidance scale runs classifier-free guidance (an unconditional pass)."""
+        raise NotImplementedError
+
+    def set_timesteps(self, scheduler, steps: int, latent_shape, network_config: dict, device) -> None:
+        """The scheduler's timesteps for `steps` steps, as the family's pipeline sets them."""
+        raise NotImplementedError
+
+    def initial_latents(self, shape, generator, place: Placement, scheduler):
+        """Initial noise of `shape` (latent_shape) from the CPU generator, as the network takes it."""
+        raise NotImplementedError
+
+    def predict(self, state, network, t, copy_output: bool = False):
+        """The guided noise (or velocity) prediction at timestep t for a DenoiseState; copy_output copies the
+        network's output before guidance (CUDA graphs reuse its memory)."""
+        raise NotImplementedError
+
+    def wire_latents(self, latents, height: int, width: int):
+        """Latents as the denoiser returns them: [1, channels, height / scale, width / scale], scaled as the
+        pipeline's output_type="latent" (FLUX unpacks its sequence here)."""
+        return latents
+
     def denoiser_conditioning(
-        self, info: ModelInfo, job, do_cfg: bool, height: int, width: int, place: Placement
+        self, info: ModelInfo, network, job, do_cfg: bool, height: int, width: int, place: Placement
     ) -> DenoiserConditioning:
         """prompt_embeds (and any added inputs) as the family's diffusers pipeline builds them."""
         import torch
@@ -143,9 +201,36 @@ class Family:
 
     def zero_conditioning(self, info: ModelInfo, network) -> tuple[Any, Any | None]:
         """(prompt_embeds, pooled or None) of zeros that fit `network`: what a warm-up runs on."""
-        import torch
+        raise NotImplementedError
 
-        return torch.zeros(1, 77, network.config.cross_attention_dim), None
+    # ---- prompts the family encodes itself (chunked_clip_prompts False) ----
+    def encode_prompt(self, parts, prompt: str, clip_skip: int, max_sequence_length: int):
+        """(prompt_embeds [1, tokens, dim], pooled [1, dim], notes) for one prompt, as the pipeline's encode_prompt."""
+        raise NotImplementedError
+
+    @staticmethod
+    def guided(state, noise_pred):
+        """Classifier-free guidance over a [negative, positive] batch, as diffusers computes it:
+        uncond + s * (cond - uncond); the prediction as is without CFG."""
+        if not state.do_cfg:
+            return noise_pred
+        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+        return noise_pred_uncond + state.job.guidance_scale * (noise_pred_text - noise_pred_uncond)
+
+    @staticmethod
+    def pooled_violations(name: str, conditioning, family_label: str) -> list:
+        """A required pooled embedding [1, dim] (SDXL, SD3, FLUX)."""
+        pooled = conditioning.pooled_prompt_embeds
+        if pooled is None or pooled.ndim != 2 or pooled.shape[0] != 1:
+            return [(f"{name}.pooled_prompt_embeds", f"required [1, dim] for {family_label} model")]
+        return []
+
+    @staticmethod
+    def pooled_mismatch(job) -> list:
+        """The negative pooled embedding must match the positive's shape (one CFG batch)."""
+        if job.negative.pooled_prompt_embeds.shape != job.positive.pooled_prompt_embeds.shape:
+            return [("negative.pooled_prompt_embeds", "must have the same shape as positive.pooled_prompt_embeds")]
+        return []
 
     # ---- LoRA ----
     def lora_loader(self):

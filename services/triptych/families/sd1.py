@@ -5,10 +5,11 @@ Mirrors diffusers' StableDiffusionPipeline (encode_prompt, the denoising loop's 
 
 from __future__ import annotations
 
-from triptych.families.base import Family, PreviewFactors, TextEncoderSlot
+from triptych.families.base import PreviewFactors, TextEncoderSlot
+from triptych.families.unet import UNetFamily
 
 
-class StableDiffusion(Family):
+class StableDiffusion(UNetFamily):
     name = "sd1"
     pipeline_classes = (
         "StableDiffusionPipeline",

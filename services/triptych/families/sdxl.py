@@ -7,12 +7,13 @@ _get_add_time_ids, the added_cond_kwargs of the denoising loop).
 
 from __future__ import annotations
 
-from triptych.families.base import DenoiserConditioning, Family, PreviewFactors, TextEncoderSlot
+from triptych.families.base import DenoiserConditioning, PreviewFactors, TextEncoderSlot
+from triptych.families.unet import UNetFamily
 
 REFINER = "sdxl-refiner"
 
 
-class StableDiffusionXL(Family):
+class StableDiffusionXL(UNetFamily):
     name = "sdxl"
     pipeline_classes = (
         "StableDiffusionXLPipeline",
@@ -52,15 +53,10 @@ class StableDiffusionXL(Family):
         return time_ids, time_ids
 
     def check_prompt_conditioning(self, name: str, conditioning) -> list:
-        pooled = conditioning.pooled_prompt_embeds
-        if pooled is None or pooled.ndim != 2 or pooled.shape[0] != 1:
-            return [(f"{name}.pooled_prompt_embeds", "required [1, dim] for an SDXL model")]
-        return []
+        return self.pooled_violations(name, conditioning, "an SDXL")
 
     def check_negative_matches(self, job) -> list:
-        if job.negative.pooled_prompt_embeds.shape != job.positive.pooled_prompt_embeds.shape:
-            return [("negative.pooled_prompt_embeds", "must have the same shape as positive.pooled_prompt_embeds")]
-        return []
+        return self.pooled_mismatch(job)
 
     def check_added_inputs(self, info, config: dict, job, height: int, width: int) -> list:
         # The added embedding (diffusers' text_time): the time ids and the pooled text embeddings, concatenated.
@@ -76,10 +72,12 @@ class StableDiffusionXL(Family):
             ]
         return []
 
-    def denoiser_conditioning(self, info, job, do_cfg: bool, height: int, width: int, place) -> DenoiserConditioning:
+    def denoiser_conditioning(
+        self, info, network, job, do_cfg: bool, height: int, width: int, place
+    ) -> DenoiserConditioning:
         import torch
 
-        conditioning = super().denoiser_conditioning(info, job, do_cfg, height, width, place)
+        conditioning = super().denoiser_conditioning(info, network, job, do_cfg, height, width, place)
         time_ids, negative_time_ids = self.time_ids(
             info, height, width, job.aesthetic_score, job.negative_aesthetic_score
         )

@@ -89,7 +89,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         if request.output_format not in decoder_service_pb2.OutputFormat.values():
             v.append(("output_format", f"unknown format {request.output_format}"))
         try:
-            parse_scheduler(request.scheduler)
+            parse_scheduler(request.scheduler, table=families.ALL_SCHEDULERS)  # the denoiser checks the family
         except InvalidArgument as exc:
             v.extend(exc.violations)
         weighted(request.lora, "lora", self.limits.max_loras, (-10.0, 10.0), v)
@@ -159,6 +159,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         )
         if request.HasField("clip_skip"):
             encode_request.clip_skip = request.clip_skip
+        if request.HasField("max_sequence_length"):
+            encode_request.max_sequence_length = request.max_sequence_length
         encoded = calls.unary("encode", self.encoder.Encode, encode_request, output="encode")
         yield _progress("encode", 1, 1, started, 0)
         refiner_encoded = None

@@ -1,6 +1,6 @@
 """A deterministic family of tiny Stable Diffusion models for offline tests.
 
-``build_tiny_family(root)`` writes SD1.5, SDXL base/refiner, ControlNets, an
+``build_tiny_family(root)`` writes SD1.5, SDXL base/refiner, FLUX and SD3 (tiny_flow.py), ControlNets, an
 alternative VAE, LoRAs (kohya and diffusers/peft formats) and textual
 inversions under ``root/tiny``. Everything uses the real tokenizer and the real
 scheduler configs but ~32-channel networks, so a 20-step 128×128 denoise takes
@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .clip_vocab import EOS_TOKEN, write_clip_tokenizer
+from .tiny_flow import build_flux, build_sd3
 from .tiny_weights import (
     make_lora_pairs,
     peft_layers,
@@ -317,6 +318,8 @@ Real CLIP tokenizer and scheduler configs; ~32-channel networks; latents are 1/8
 sd15/                 StableDiffusionPipeline
 sdxl/                 StableDiffusionXLPipeline (force_zeros_for_empty_prompt=True)
 sdxl-refiner/         StableDiffusionXLImg2ImgPipeline (text_encoder_2 only, aesthetic score)
+flux/                 FluxPipeline (CLIP-L + T5, guidance-distilled transformer, 16-channel VAE with shift)
+sd3/                  StableDiffusion3Pipeline (CLIP-L + CLIP-G + T5, SD3 transformer, 16-channel VAE)
 controlnet-sd15/      ControlNetModel for sd15
 controlnet-sdxl/      ControlNetModel for sdxl
 vae-alt/              AutoencoderKL, drop-in for sd15's VAE
@@ -331,6 +334,8 @@ TINY_IDS = [
     "tiny/sd15",
     "tiny/sdxl",
     "tiny/sdxl-refiner",
+    "tiny/flux",
+    "tiny/sd3",
     "tiny/controlnet-sd15",
     "tiny/controlnet-sdxl",
     "tiny/vae-alt",
@@ -355,6 +360,8 @@ def build_tiny_family(root: Path) -> list[str]:
     sd15 = _build_sd15(_fresh(tiny / "sd15"))
     sdxl = _build_sdxl(_fresh(tiny / "sdxl"))
     _build_refiner(_fresh(tiny / "sdxl-refiner"))
+    build_flux(_fresh(tiny / "flux"), _text_config())
+    build_sd3(_fresh(tiny / "sd3"), _text_config())
     _build_controlnet("controlnet-sd15", sd15.unet, _fresh(tiny / "controlnet-sd15"))
     _build_controlnet("controlnet-sdxl", sdxl.unet, _fresh(tiny / "controlnet-sdxl"))
     _vae("vae-alt").save_pretrained(_fresh(tiny / "vae-alt"), safe_serialization=True)

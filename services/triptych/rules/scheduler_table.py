@@ -53,9 +53,9 @@ class SchedulerChoice:
     suffix_option: str | None = None  # set by a name suffix; the denoiser checks the class accepts it
 
 
-def _lookup(name: str) -> SchedulerRow | None:
+def _lookup(name: str, table: tuple[SchedulerRow, ...]) -> SchedulerRow | None:
     key = name.lower()
-    for row in TABLE:
+    for row in table:
         if key in (row.name.lower(), *(a.lower() for a in row.aliases)):
             return row
         # Class names work with or without "Scheduler".
@@ -64,21 +64,25 @@ def _lookup(name: str) -> SchedulerRow | None:
     return None
 
 
-def parse_scheduler(name: str, field_name: str = "scheduler") -> SchedulerChoice:
-    """Parses a scheduler name (case-insensitive); INVALID_ARGUMENT listing the valid names if unknown."""
+def parse_scheduler(
+    name: str, field_name: str = "scheduler", table: tuple[SchedulerRow, ...] = TABLE, family: str = ""
+) -> SchedulerChoice:
+    """Parses a scheduler name (case-insensitive) against `table` (a family's own; the DDPM-family table by
+    default); INVALID_ARGUMENT listing the valid names if unknown."""
     cleaned = " ".join(name.split())
     if cleaned.lower() in ("", "default"):
         return SchedulerChoice(None)
-    row, suffix_option = _lookup(cleaned), None
+    row, suffix_option = _lookup(cleaned, table), None
     if row is None:
         base, _, suffix = cleaned.rpartition(" ")
         if suffix.lower() in SUFFIXES and base:
-            row, suffix_option = _lookup(base), SUFFIXES[suffix.lower()]
+            row, suffix_option = _lookup(base, table), SUFFIXES[suffix.lower()]
     if row is None:
-        valid = ", ".join(r.name for r in TABLE)
+        valid = ", ".join(r.name for r in table)
+        model = f" for {family} models" if family else ""
         raise InvalidArgument.one(
             field_name,
-            f"unknown scheduler {name!r}; valid: Default, {valid} (optionally + ' Karras' or ' Exponential'), "
+            f"unknown scheduler {name!r}{model}; valid: Default, {valid} (optionally + ' Karras' or ' Exponential'), "
             "or a diffusers class name",
         )
     options = dict(row.options)

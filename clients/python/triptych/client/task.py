@@ -36,6 +36,7 @@ TASK_KEYS = (
     "controlNet",
     "refiner",
     "promptWeighting",
+    "maxSequenceLength",
 )
 _FORMATS = {
     "PNG": decoder_service_pb2.OUTPUT_FORMAT_PNG,
@@ -176,6 +177,7 @@ def request_from_task(task: Any, base_dir: Path | None = None) -> image_service_
         ("numberResults", "number_results", 2**32 - 1),
         ("outputQuality", "output_quality", 2**32 - 1),
         ("seed", "seed", 2**64 - 1),
+        ("maxSequenceLength", "max_sequence_length", 2**32 - 1),
     ):
         value = r.integer(key, 0, high)
         if value is not None:
@@ -305,6 +307,7 @@ def task_from_request(request: image_service_pb2.GenerateRequest) -> dict:
         ("clipSkip", "clip_skip"),
         ("numberResults", "number_results"),
         ("outputQuality", "output_quality"),
+        ("maxSequenceLength", "max_sequence_length"),
     ):
         if request.HasField(field):
             task[key] = getattr(request, field)

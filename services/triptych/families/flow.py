@@ -1,0 +1,88 @@
+"""What the flow-matching transformer families (FLUX, SD3) share: T5 + CLIP prompts encoded whole as their
+diffusers pipelines encode them (no 75-token chunks, no A1111 weighting), FlowMatchEulerDiscreteScheduler with the
+shift (and dynamic shift `mu`) from the model's configs, 16-channel latents whose sides must be multiples of 16.
+
+torch is imported inside the methods: importing a family loads no torch.
+"""
+
+from __future__ import annotations
+
+from triptych.families.base import Family
+from triptych.rules.scheduler_table import SchedulerRow
+
+# The names that make sense for flow matching. "Euler" is the flow-matching Euler scheduler the models ship with.
+FLOW_TABLE = (SchedulerRow("Euler", "FlowMatchEulerDiscreteScheduler"),)
+
+
+def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
+    """diffusers' calculate_shift (pipeline_flux.py, pipeline_stable_diffusion_3.py): mu for dynamic shifting,
+    linear in the image's token count."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+class FlowFamily(Family):
+    denoiser_folder = "transformer"
+    chunked_clip_prompts = False
+    supports_loras = False  # not yet: a LoRA on a flow family is INVALID_ARGUMENT naming the family
+    scheduler_table = FLOW_TABLE
+    size_multiple = 16  # VAE 8 x (packing or patch) 2
+    default_max_sequence_length: int = 512
+    t5_slot: str  # the T5 encoder's folder
+
+    def uses_cfg(self, config: dict, guidance_scale: float) -> bool:
+        return False
+
+    def initial_latents(self, shape, generator, place, scheduler):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(shape, generator=generator, device=place.device, dtype=place.dtype)
+
+    def zero_conditioning(self, info, network):
+        import torch
+
+        return torch.zeros(1, 77, self.text_width(network.config)), torch.zeros(1, network.config.pooled_projection_dim)
+
+    def check_prompt_conditioning(self, name: str, conditioning) -> list:
+        return self.pooled_violations(name, conditioning, f"a {self.name}")
+
+    def check_negative_matches(self, job) -> list:
+        return self.pooled_mismatch(job)
+
+    def check_added_inputs(self, info, config: dict, job, height: int, width: int) -> list:
+        expected, got = config["pooled_projection_dim"], job.positive.pooled_prompt_embeds.shape[-1]
+        if expected != got:
+            return [("positive.pooled_prompt_embeds", f"{job.model!r} expects {expected} pooled features, got {got}")]
+        return []
+
+    # ---- prompts ----
+    def clip_input_ids(self, tokenizer, prompt: str, notes: list[str], field: str):
+        """CLIP ids padded to 77, truncated as _get_clip_prompt_embeds truncates (noted when it does)."""
+        ids = tokenizer(
+            prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        whole = tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+        if whole.shape[-1] > ids.shape[-1]:
+            notes.append(f"{field}: CLIP reads the first {tokenizer.model_max_length} tokens of {whole.shape[-1]}")
+        return ids
+
+    def t5_embeds(self, parts, prompt: str, max_sequence_length: int, notes: list[str], field: str):
+        """_get_t5_prompt_embeds: ids padded and truncated to max_sequence_length, the encoder's last layer."""
+        tokenizer = parts[self.t5_slot.replace("text_encoder", "tokenizer")]
+        encoder = parts[self.t5_slot]
+        ids = tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        whole = tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+        if whole.shape[-1] > ids.shape[-1]:
+            notes.append(f"{field}: T5 read the first {max_sequence_length} tokens of {whole.shape[-1]}")
+        return encoder(ids.to(encoder.device))[0]
+
+
+__all__ = ["FLOW_TABLE", "FlowFamily", "calculate_shift"]

@@ -1,0 +1,212 @@
+"""Tiny flow-matching models for offline tests: `tiny/flux` and `tiny/sd3`, shaped like the real ones.
+
+FLUX.1: CLIP-L (pooled only) + T5, a `FluxTransformer2DModel` with a guidance embedding (FLUX.1-dev), packed
+16-channel latents, a VAE with a shift factor, FLUX.1-dev's scheduler config (dynamic shifting). SD3: CLIP-L +
+CLIP-G + T5, an `SD3Transformer2DModel`, SD3-medium's VAE scaling and scheduler config. The T5 tokenizer is a
+Unigram model built here with the `tokenizers` package (no sentencepiece, no download) and loads with the real
+`T5TokenizerFast` class. Every parameter is non-trivial (`tiny_weights.perturb_`);
+deterministic like the rest of the tiny family.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+
+from .clip_vocab import EOS_TOKEN, write_clip_tokenizer
+from .tiny_weights import perturb_
+
+T5_DIM = 80  # wider than SD3's two CLIPs together (2 x 32), so SD3's zero padding of the CLIP half is exercised
+T5_MAX_LENGTH = 512  # the real FLUX/SD3 T5 tokenizers' model_max_length
+# Real FLUX.1-dev scheduler config (black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json).
+FLUX_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+# Real SD3-medium scheduler config (stabilityai/stable-diffusion-3-medium-diffusers).
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+
+_SEEDS = {
+    "flux.text_encoder": 801,
+    "flux.text_encoder_2": 802,
+    "flux.transformer": 803,
+    "flux.vae": 804,
+    "sd3.text_encoder": 901,
+    "sd3.text_encoder_2": 902,
+    "sd3.text_encoder_3": 903,
+    "sd3.transformer": 904,
+    "sd3.vae": 905,
+}
+# A small deterministic corpus for the T5 tokenizer: prompt words, so prompts tokenize into whole pieces mostly.
+_CORPUS = (
+    "a an the of on in at with and photo picture painting drawing red green blue yellow orange purple pink white "
+    "black gray large small circle square triangle star ring cross diamond heart fox cat dog house tree mountain "
+    "river sky cloud sun moon night day city street car boat forest flower garden portrait woman man child old "
+    "young beautiful detailed sharp blurry dark bright light shadow left right top bottom center corner background"
+)
+_WORDS = _CORPUS.split(" ")
+
+
+def _seeded(key: str, factory):
+    torch.manual_seed(_SEEDS[key])
+    return perturb_(factory(), _SEEDS[key] + 10_000).eval()
+
+
+def write_t5_tokenizer(directory: Path) -> T5TokenizerFast:
+    """Writes a Unigram T5-style tokenizer (<pad> 0, </s> 1, <unk> 2; "</s>" appended, as T5's) and loads it back
+    with the real class. The pieces are built, not trained (Unigram training is not byte-for-byte repeatable):
+    "▁word" for each corpus word at a higher score than the single characters, which spell anything else."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    characters = sorted(set("".join(_WORDS)) | set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-()"))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + word, -5.0 - i / 1000) for i, word in enumerate(_WORDS)]
+    pieces += [(c, -10.0) for c in characters] + [("▁" + c, -9.0) for c in characters]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    fast = T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        model_max_length=T5_MAX_LENGTH,
+    )
+    fast.save_pretrained(directory)
+    return T5TokenizerFast.from_pretrained(directory)
+
+
+def _t5(key: str, vocab_size: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=T5_DIM,
+        d_kv=16,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    return _seeded(key, lambda: T5EncoderModel(config))
+
+
+def _vae16(key: str, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """Four blocks (latents 1/8 of the image), 16 latent channels, no quant convs: the FLUX/SD3 VAE's shape."""
+    return _seeded(
+        key,
+        lambda: AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=32,
+            sample_size=128,
+            scaling_factor=scaling_factor,
+            shift_factor=shift_factor,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+    )
+
+
+def _save(pipe, out: Path, clip_tokenizers: dict[str, str]) -> None:
+    """save_pretrained, then the CLIP tokenizers in the classic vocab/merges layout (as tiny.py writes them)."""
+    import shutil
+
+    pipe.save_pretrained(out, safe_serialization=True)
+    for sub, pad in clip_tokenizers.items():
+        shutil.rmtree(out / sub)
+        write_clip_tokenizer(out / sub, pad_token=pad)
+
+
+def _clip_tokenizer(directory: Path, pad_token: str = EOS_TOKEN):
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer(directory, pad_token=pad_token)
+    return CLIPTokenizer.from_pretrained(directory)
+
+
+@torch.no_grad()
+def build_flux(out: Path, text_config) -> None:
+    """tiny/flux: FLUX.1-dev-shaped (guidance embedding), 1 double + 1 single transformer block."""
+    t5_tokenizer = write_t5_tokenizer(out / "tokenizer_2")
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER),
+        vae=_vae16("flux.vae", scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=_seeded("flux.text_encoder", lambda: CLIPTextModel(text_config)),
+        tokenizer=_clip_tokenizer(out / "tokenizer"),
+        text_encoder_2=_t5("flux.text_encoder_2", len(t5_tokenizer)),
+        tokenizer_2=t5_tokenizer,
+        transformer=_seeded(
+            "flux.transformer",
+            lambda: FluxTransformer2DModel(
+                patch_size=1,
+                in_channels=64,
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=T5_DIM,
+                pooled_projection_dim=text_config.hidden_size,
+                guidance_embeds=True,
+                axes_dims_rope=(4, 6, 6),
+            ),
+        ),
+    )
+    _save(pipe, out, {"tokenizer": EOS_TOKEN})
+
+
+@torch.no_grad()
+def build_sd3(out: Path, text_config) -> None:
+    """tiny/sd3: SD3-medium-shaped, 2 joint transformer blocks."""
+    t5_tokenizer = write_t5_tokenizer(out / "tokenizer_3")
+    pipe = StableDiffusion3Pipeline(
+        transformer=_seeded(
+            "sd3.transformer",
+            lambda: SD3Transformer2DModel(
+                sample_size=16,
+                patch_size=2,
+                in_channels=16,
+                num_layers=2,
+                attention_head_dim=8,
+                num_attention_heads=4,
+                joint_attention_dim=T5_DIM,
+                caption_projection_dim=32,
+                pooled_projection_dim=2 * text_config.projection_dim,
+                out_channels=16,
+                pos_embed_max_size=64,
+            ),
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER),
+        vae=_vae16("sd3.vae", scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=_seeded("sd3.text_encoder", lambda: CLIPTextModelWithProjection(text_config)),
+        tokenizer=_clip_tokenizer(out / "tokenizer"),
+        text_encoder_2=_seeded("sd3.text_encoder_2", lambda: CLIPTextModelWithProjection(text_config)),
+        tokenizer_2=_clip_tokenizer(out / "tokenizer_2", pad_token="!"),
+        text_encoder_3=_t5("sd3.text_encoder_3", len(t5_tokenizer)),
+        tokenizer_3=t5_tokenizer,
+    )
+    _save(pipe, out, {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"})
