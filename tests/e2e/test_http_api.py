@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.e2e.processes import serving
+from tests.e2e.self_signed import self_signed
 from triptych.client import request_from_task
 
 # Runware's documented imageInference request (an authentication task, then the inference task), with the tiny
@@ -161,3 +162,14 @@ def test_the_callers_key_is_the_gateways_bearer_token(services, model_root):
         openai = {"prompt": "a red fox", "model": "tiny/sd15", "size": "64x64", "steps": 1}
         assert http.post("/v1/images/generations", json=openai).status_code == 401
         assert http.post("/v1/images/generations", json=openai, headers=header).status_code == 200
+
+
+def test_https(services, model_root, tmp_path):
+    cert, key = self_signed(tmp_path)
+    env = {"TRIPTYCH_TLS_CERT_FILE": str(cert), "TRIPTYCH_TLS_KEY_FILE": str(key)}
+    args = ("--gateway-address", services.gateway)
+    with serving("http", model_root, env, args=args) as served:
+        with httpx.Client(base_url=f"https://{served.address}", verify=str(cert), timeout=60) as https:
+            assert https.get("/health").json() == {"status": "SERVING"}
+        with pytest.raises(httpx.HTTPError), httpx.Client(base_url=f"http://{served.address}", timeout=10) as http:
+            http.get("/health")

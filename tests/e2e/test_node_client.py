@@ -6,9 +6,7 @@ compared with the Python client's pixel for pixel. Needs node and npm (CI has th
 from __future__ import annotations
 
 import base64
-import datetime
 import io
-import ipaddress
 import json
 import os
 import shutil
@@ -17,13 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from PIL import Image
 
 from tests.e2e.processes import serving
+from tests.e2e.self_signed import self_signed
 from triptych.client import TaskError, request_from_task
 from triptych.client.task import TASK_KEYS
 
@@ -162,34 +157,8 @@ def test_node_example_writes_the_image(node_client, services, client, tmp_path):
     assert (tmp_path / "fox-1.png").read_bytes() == expected
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for localhost and 127.0.0.1 that is its own CA, and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "gateway.pem", directory / "gateway.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 def test_node_client_over_tls_with_a_token(node_client, services, model_root, tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     token = "node-token-41d7"
     env = {"TRIPTYCH_TLS_CERT_FILE": str(cert), "TRIPTYCH_TLS_KEY_FILE": str(key), "TRIPTYCH_AUTH_TOKENS": token}
     links = tuple(f"--{role}-address={services.addresses[role]}" for role in ("encoder", "denoiser", "decoder"))
