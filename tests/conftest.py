@@ -1,4 +1,5 @@
-"""Session fixtures: the tiny model family (built once) and the four real service processes (started once)."""
+"""Session fixtures: the tiny model family (built once), the four real service processes (started once) and the
+diffusers oracle."""
 
 from __future__ import annotations
 
@@ -38,3 +39,10 @@ def client(services):
     with ImageClient(services.gateway) as image_client:
         yield image_client
 
+
+@pytest.fixture(scope="session")
+def oracle(model_root):
+    """The chain-vs-diffusers oracle; each model's diffusers pipeline is loaded once per session."""
+    from tests.e2e.reference import Oracle
+
+    return Oracle(model_root)

@@ -1,8 +1,11 @@
-"""diffusers reference pipelines on the tiny weights (in the test process), for pixel-exact comparisons."""
+"""The oracle: one request's settings, written once, run through the split chain (the gateway, real processes)
+and through diffusers' own pipeline on the tiny weights (in the test process), for pixel-exact comparisons."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -11,6 +14,10 @@ import torch
 from PIL import Image
 
 from triptych.rules.scheduler_table import parse_scheduler
+from triptych.v1 import image_service_pb2
+
+# A diffusers reference: called with the scheduler name and a pipeline call's keyword arguments, returns the image.
+Reference = Callable[..., np.ndarray]
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -24,14 +31,71 @@ def set_scheduler(pipe, name: str) -> None:
         pipe.scheduler = getattr(diffusers, choice.class_name).from_config(pipe.scheduler.config, **choice.options)
 
 
-class References:
-    """Loads each reference pipeline once; pipelines keep their original scheduler config."""
+def pipeline(pipe) -> Reference:
+    """A diffusers pipeline as a Reference: the named scheduler set on it, then its first image."""
+
+    def run(scheduler: str, **kwargs) -> np.ndarray:
+        set_scheduler(pipe, scheduler)
+        return np.asarray(pipe(**kwargs).images[0])
+
+    return run
+
+
+def lora_pipe(root: Path, loras: list[tuple[str, float]], fuse: bool = False) -> diffusers.StableDiffusionPipeline:
+    """tiny/sd15 with diffusers' load_lora_weights + set_adapters for [(model, weight)] (`fuse`: the UNet's halves
+    fused into its weights): the reference for a request's LoRA list."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(root / "tiny/sd15")
+    pipe.set_progress_bar_config(disable=True)
+    names = [f"a{i}" for i in range(len(loras))]
+    for name, (model, _) in zip(names, loras, strict=True):
+        pipe.load_lora_weights(root / "tiny", weight_name=model.split("/")[1] + ".safetensors", adapter_name=name)
+    if loras:
+        pipe.set_adapters(names, [w for _, w in loras])
+        if fuse:
+            pipe.fuse_lora(components=["unet"], adapter_names=names)
+    return pipe
+
+
+def diffusers_kwargs(request: dict, **extras) -> dict:
+    """A GenerateRequest's fields as diffusers pipeline arguments (`extras` added, and winning). An absent or empty
+    negative prompt is negative_prompt=None; CFG defaults to 7.0 as the gateway's; the seed feeds a CPU generator."""
+    kwargs = dict(
+        prompt=request.get("positive_prompt", ""),
+        negative_prompt=request.get("negative_prompt") or None,
+        num_inference_steps=request["steps"],
+        guidance_scale=request.get("cfg_scale", 7.0),
+        width=request.get("width"),
+        height=request.get("height"),
+        generator=torch.Generator("cpu").manual_seed(request["seed"]),
+    )
+    if "clip_skip" in request:
+        kwargs["clip_skip"] = request["clip_skip"]
+    if "prompt_embeds" in extras:  # embeddings computed by the test stand for the prompt, clip skip included
+        kwargs.pop("clip_skip", None)
+        kwargs["prompt"] = None
+    if "negative_prompt_embeds" in extras:
+        kwargs["negative_prompt"] = None
+    return {**kwargs, **extras}
+
+
+@dataclass
+class Chained:
+    """What the chain returned for one request: every event, its one image, and that image's pixels."""
+
+    events: list[image_service_pb2.GenerateResponse]
+    image: image_service_pb2.GeneratedImage
+    pixels: np.ndarray
+
+
+class Oracle:
+    """Runs a request's settings through the chain and through diffusers; loads each model's pipeline once."""
 
     def __init__(self, root: Path):
         self.root = root
         self._pipes = {}
 
     def pipe(self, model: str):
+        """The model's own diffusers pipeline, with its original scheduler (a test may have replaced it)."""
         if model not in self._pipes:
             cls = diffusers.StableDiffusionXLPipeline if "sdxl" in model else diffusers.StableDiffusionPipeline
             pipe = cls.from_pretrained(self.root / model)
@@ -41,30 +105,25 @@ class References:
         pipe.scheduler = original
         return pipe
 
-    def image(
-        self,
-        model: str,
-        *,
-        prompt: str,
-        seed: int,
-        scheduler: str = "",
-        steps: int = 20,
-        cfg_scale: float = 7.0,
-        width: int | None = None,
-        height: int | None = None,
-        negative_prompt: str | None = None,
-        **kwargs,
-    ) -> np.ndarray:
-        pipe = self.pipe(model)
-        set_scheduler(pipe, scheduler)
-        result = pipe(
-            prompt=None if "prompt_embeds" in kwargs else prompt,
-            negative_prompt=None if "negative_prompt_embeds" in kwargs else (negative_prompt or None),
-            num_inference_steps=steps,
-            guidance_scale=cfg_scale,
-            width=width,
-            height=height,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            **kwargs,
-        )
-        return np.asarray(result.images[0])
+    def diffusers(self, request: dict, reference: Reference | None = None, **extras) -> np.ndarray:
+        """The request through `reference` (default: the request's model's own pipeline), `extras` added to the
+        pipeline call."""
+        reference = reference or pipeline(self.pipe(request["model"]))
+        return reference(request.get("scheduler", ""), **diffusers_kwargs(request, **extras))
+
+    @staticmethod
+    def chain(client, request: dict) -> Chained:
+        """The request through the gateway `client` talks to; it must answer one image."""
+        events = list(client.stream(image_service_pb2.GenerateRequest(**request)))
+        images = [event.image for event in events if event.HasField("image")]
+        assert len(images) == 1
+        return Chained(events, images[0], pixels(images[0].image.data))
+
+    def compare(self, client, request: dict, reference: Reference | None = None, **extras) -> Chained:
+        """Asserts that the chain's image equals diffusers' bit for bit; returns the chain's answer."""
+        chained = self.chain(client, request)
+        expected = self.diffusers(request, reference, **extras)
+        assert chained.pixels.shape == expected.shape
+        difference = np.abs(chained.pixels.astype(int) - expected.astype(int)).max()
+        assert np.array_equal(chained.pixels, expected), f"max diff {difference}"
+        return chained

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import shutil
 
 import grpc
 import numpy as np
 import pytest
-import torch
-from diffusers import (
-    ControlNetModel,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLControlNetPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import ControlNetModel, StableDiffusionXLPipeline
+from diffusers import StableDiffusionControlNetPipeline as SD15ControlNet
+from diffusers import StableDiffusionXLControlNetPipeline as SDXLControlNet
 from PIL import Image
 
-from tests.e2e.reference import pixels
+from tests.e2e.reference import Reference, pipeline, pixels
 from tests.e2e.test_services import runtime_info
 from triptych.v1 import common_pb2, image_service_pb2
 
@@ -48,16 +44,6 @@ def nets(model_root):
     }
 
 
-@pytest.fixture(scope="module")
-def sd15_pipe(model_root):
-    return StableDiffusionPipeline.from_pretrained(model_root / "tiny/sd15")
-
-
-@pytest.fixture(scope="module")
-def sdxl_pipe(model_root):
-    return StableDiffusionXLPipeline.from_pretrained(model_root / "tiny/sdxl")
-
-
 def soft_everywhere(net: ControlNetModel) -> ControlNetModel:
     """PROMPT mode's stated maths: guess-mode (logspace) scales on the whole CFG batch. diffusers has no such
     mode, so the reference ControlNet forces guess_mode=True while the pipeline feeds it both halves."""
@@ -73,71 +59,60 @@ def soft_everywhere(net: ControlNetModel) -> ControlNetModel:
     return clone
 
 
-def reference(base_pipe, pipe_class, nets, images, scales, starts, ends, guess_mode=False) -> np.ndarray:
-    pipe = pipe_class.from_pipe(base_pipe, controlnet=nets if len(nets) > 1 else nets[0])
+def controlnet(base_pipe, units: list[tuple], guess_mode=False) -> Reference:
+    """diffusers' ControlNet pipeline over `base_pipe`'s weights; each unit is (net, image, scale, start, end)."""
+    pipe_class = SDXLControlNet if isinstance(base_pipe, StableDiffusionXLPipeline) else SD15ControlNet
+    nets, images, scales, starts, ends = (list(column) for column in zip(*units, strict=True))
+    one = (lambda values: values) if len(units) > 1 else (lambda values: values[0])
+    pipe = pipe_class.from_pipe(base_pipe, controlnet=one(nets))
     pipe.set_progress_bar_config(disable=True)
-    many = len(nets) > 1
-    result = pipe(
-        prompt=BASE["positive_prompt"],
-        negative_prompt=BASE["negative_prompt"],
-        width=64,
-        height=64,
-        num_inference_steps=STEPS,
-        guidance_scale=7.0,
-        generator=torch.Generator("cpu").manual_seed(SEED),
-        image=images if many else images[0],
-        controlnet_conditioning_scale=scales if many else scales[0],
-        control_guidance_start=starts if many else starts[0],
-        control_guidance_end=ends if many else ends[0],
+    return functools.partial(
+        pipeline(pipe),
+        image=one(images),
+        controlnet_conditioning_scale=one(scales),
+        control_guidance_start=one(starts),
+        control_guidance_end=one(ends),
         guess_mode=guess_mode,
     )
-    return np.asarray(result.images[0])
+
+
+def request(model: str, units: list[common_pb2.ControlNetUnit]) -> dict:
+    return dict(model=model, control_net=units, **BASE)
 
 
 def chain(client, model: str, units: list[common_pb2.ControlNetUnit]) -> np.ndarray:
-    request = image_service_pb2.GenerateRequest(model=model, control_net=units, **BASE)
-    return pixels(client.generate(request)[0].image.data)
+    return pixels(client.generate(image_service_pb2.GenerateRequest(**request(model, units)))[0].image.data)
 
 
 def unit(model: str, image: Image.Image, **fields) -> common_pb2.ControlNetUnit:
     return common_pb2.ControlNetUnit(model=model, guide_image=png(image), **fields)
 
 
-def test_sd15_single_unit_balanced(client, sd15_pipe, nets):
-    got = chain(client, "tiny/sd15", [unit("tiny/controlnet-sd15", guide(1), weight=0.8)])
-    expected = reference(
-        sd15_pipe, StableDiffusionControlNetPipeline, [nets["controlnet-sd15"]], [guide(1)], [0.8], [0.0], [1.0]
-    )
-    assert np.array_equal(got, expected)
+def test_sd15_single_unit_balanced(client, oracle, nets):
+    units = [unit("tiny/controlnet-sd15", guide(1), weight=0.8)]
+    reference = controlnet(oracle.pipe("tiny/sd15"), [(nets["controlnet-sd15"], guide(1), 0.8, 0.0, 1.0)])
+    got = oracle.compare(client, request("tiny/sd15", units), reference).pixels
     plain = pixels(client.generate(image_service_pb2.GenerateRequest(model="tiny/sd15", **BASE))[0].image.data)
     assert not np.array_equal(got, plain), "the tiny ControlNet must have a visible effect"
 
 
-def test_sd15_step_window(client, sd15_pipe, nets):
+def test_sd15_step_window(client, oracle, nets):
     # Steps 2..5 (1-based, inclusive) of 8 -> start (2-1)/8, end 5/8.
-    got = chain(client, "tiny/sd15", [unit("tiny/controlnet-sd15", guide(2), start_step=2, end_step=5)])
-    expected = reference(
-        sd15_pipe, StableDiffusionControlNetPipeline, [nets["controlnet-sd15"]], [guide(2)], [1.0], [1 / 8], [5 / 8]
-    )
-    assert np.array_equal(got, expected)
+    units = [unit("tiny/controlnet-sd15", guide(2), start_step=2, end_step=5)]
+    reference = controlnet(oracle.pipe("tiny/sd15"), [(nets["controlnet-sd15"], guide(2), 1.0, 1 / 8, 5 / 8)])
+    oracle.compare(client, request("tiny/sd15", units), reference)
 
 
-def test_sd15_two_units_percentage_windows(client, sd15_pipe, nets):
+def test_sd15_two_units_percentage_windows(client, oracle, nets):
     units = [
         unit("tiny/controlnet-sd15", guide(3), weight=0.6, start_step_percentage=0, end_step_percentage=60),
         unit("tiny/controlnet-sd15", guide(4, (64, 64)), weight=1.2, start_step_percentage=25),
     ]
     net = nets["controlnet-sd15"]
-    expected = reference(
-        sd15_pipe,
-        StableDiffusionControlNetPipeline,
-        [net, net],
-        [guide(3), guide(4, (64, 64))],
-        [0.6, 1.2],
-        [0.0, 0.25],
-        [0.6, 1.0],
+    reference = controlnet(
+        oracle.pipe("tiny/sd15"), [(net, guide(3), 0.6, 0.0, 0.6), (net, guide(4, (64, 64)), 1.2, 0.25, 1.0)]
     )
-    assert np.array_equal(chain(client, "tiny/sd15", units), expected)
+    oracle.compare(client, request("tiny/sd15", units), reference)
 
 
 def test_the_most_units_keep_their_unet_loaded(client, services, model_root):
@@ -155,58 +130,32 @@ def test_the_most_units_keep_their_unet_loaded(client, services, model_root):
         shutil.rmtree(copies)
 
 
-def test_sd15_controlnet_mode_equals_guess_mode(client, sd15_pipe, nets):
-    got = chain(
-        client, "tiny/sd15", [unit("tiny/controlnet-sd15", guide(5), control_mode=common_pb2.CONTROL_MODE_CONTROLNET)]
+def test_sd15_controlnet_mode_equals_guess_mode(client, oracle, nets):
+    units = [unit("tiny/controlnet-sd15", guide(5), control_mode=common_pb2.CONTROL_MODE_CONTROLNET)]
+    reference = controlnet(
+        oracle.pipe("tiny/sd15"), [(nets["controlnet-sd15"], guide(5), 1.0, 0.0, 1.0)], guess_mode=True
     )
-    expected = reference(
-        sd15_pipe,
-        StableDiffusionControlNetPipeline,
-        [nets["controlnet-sd15"]],
-        [guide(5)],
-        [1.0],
-        [0.0],
-        [1.0],
-        guess_mode=True,
-    )
-    assert np.array_equal(got, expected)
+    oracle.compare(client, request("tiny/sd15", units), reference)
 
 
-def test_sd15_prompt_mode_is_soft_injection_on_both_halves(client, sd15_pipe, nets):
-    got = chain(
-        client, "tiny/sd15", [unit("tiny/controlnet-sd15", guide(6), control_mode=common_pb2.CONTROL_MODE_PROMPT)]
+def test_sd15_prompt_mode_is_soft_injection_on_both_halves(client, oracle, nets):
+    units = [unit("tiny/controlnet-sd15", guide(6), control_mode=common_pb2.CONTROL_MODE_PROMPT)]
+    reference = controlnet(
+        oracle.pipe("tiny/sd15"), [(soft_everywhere(nets["controlnet-sd15"]), guide(6), 1.0, 0.0, 1.0)]
     )
-    expected = reference(
-        sd15_pipe,
-        StableDiffusionControlNetPipeline,
-        [soft_everywhere(nets["controlnet-sd15"])],
-        [guide(6)],
-        [1.0],
-        [0.0],
-        [1.0],
-    )
-    assert np.array_equal(got, expected)
+    got = oracle.compare(client, request("tiny/sd15", units), reference).pixels
     balanced = chain(client, "tiny/sd15", [unit("tiny/controlnet-sd15", guide(6))])
     assert not np.array_equal(got, balanced)
 
 
 @pytest.mark.parametrize("guess_mode", [False, True])
-def test_sdxl_single_unit(client, sdxl_pipe, nets, guess_mode):
+def test_sdxl_single_unit(client, oracle, nets, guess_mode):
     mode = common_pb2.CONTROL_MODE_CONTROLNET if guess_mode else common_pb2.CONTROL_MODE_BALANCED
-    got = chain(
-        client, "tiny/sdxl", [unit("tiny/controlnet-sdxl", guide(7), weight=0.9, end_step=6, control_mode=mode)]
+    units = [unit("tiny/controlnet-sdxl", guide(7), weight=0.9, end_step=6, control_mode=mode)]
+    reference = controlnet(
+        oracle.pipe("tiny/sdxl"), [(nets["controlnet-sdxl"], guide(7), 0.9, 0.0, 6 / 8)], guess_mode=guess_mode
     )
-    expected = reference(
-        sdxl_pipe,
-        StableDiffusionXLControlNetPipeline,
-        [nets["controlnet-sdxl"]],
-        [guide(7)],
-        [0.9],
-        [0.0],
-        [6 / 8],
-        guess_mode=guess_mode,
-    )
-    assert np.array_equal(got, expected)
+    oracle.compare(client, request("tiny/sdxl", units), reference)
 
 
 @pytest.mark.parametrize(

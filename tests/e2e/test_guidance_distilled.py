@@ -11,8 +11,7 @@ import pytest
 import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from tests.e2e.reference import pixels
-from triptych.v1 import image_service_pb2
+from tests.e2e.reference import pipeline
 
 MODEL = "distilled/sd15-lcm"
 
@@ -37,25 +36,14 @@ def lcm_folder(model_root):
     shutil.rmtree(model_root / "distilled")
 
 
-def chain(client, cfg_scale: float) -> np.ndarray:
-    request = image_service_pb2.GenerateRequest(
-        model=MODEL, positive_prompt="a red fox", seed=3, width=64, height=64, steps=4, cfg_scale=cfg_scale
-    )
-    return pixels(client.generate(request)[0].image.data)
+def request(cfg_scale: float) -> dict:
+    return dict(model=MODEL, positive_prompt="a red fox", seed=3, width=64, height=64, steps=4, cfg_scale=cfg_scale)
 
 
-def test_guidance_scale_is_the_unets_embedding_as_in_diffusers(client, lcm_folder):
+def test_guidance_scale_is_the_unets_embedding_as_in_diffusers(client, oracle, lcm_folder):
     pipe = StableDiffusionPipeline.from_pretrained(lcm_folder)
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim == 32
-    expected = pipe(
-        prompt="a red fox",
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=1.5,
-        generator=torch.Generator("cpu").manual_seed(3),
-    ).images[0]
-    got = chain(client, 1.5)
-    assert np.array_equal(got, np.asarray(expected))
-    assert not np.array_equal(got, chain(client, 4.0)), "the scale reaches the UNet (it has no CFG pass)"
+    got = oracle.compare(client, request(1.5), pipeline(pipe)).pixels
+    other_scale = oracle.chain(client, request(4.0)).pixels
+    assert not np.array_equal(got, other_scale), "the scale reaches the UNet (it has no CFG pass)"

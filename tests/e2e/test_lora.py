@@ -8,10 +8,8 @@ import shutil
 import grpc
 import numpy as np
 import pytest
-import torch
-from diffusers import StableDiffusionPipeline
 
-from tests.e2e.reference import pixels
+from tests.e2e.reference import lora_pipe, pipeline, pixels
 from tests.e2e.test_services import runtime_info
 from triptych.client import field_violations
 from triptych.v1 import common_pb2, image_service_pb2
@@ -22,30 +20,12 @@ BASE = dict(
 )
 
 
-def reference(model_root, loras: list[tuple[str, float]]) -> np.ndarray:
-    pipe = StableDiffusionPipeline.from_pretrained(model_root / "tiny/sd15")
-    pipe.set_progress_bar_config(disable=True)
-    for i, (model, _) in enumerate(loras):
-        pipe.load_lora_weights(
-            model_root / "tiny", weight_name=model.split("/")[1] + ".safetensors", adapter_name=f"a{i}"
-        )
-    if loras:
-        pipe.set_adapters([f"a{i}" for i in range(len(loras))], [w for _, w in loras])
-    image = pipe(
-        prompt=BASE["positive_prompt"],
-        negative_prompt=BASE["negative_prompt"],
-        width=64,
-        height=64,
-        num_inference_steps=6,
-        guidance_scale=7.0,
-        generator=torch.Generator("cpu").manual_seed(17),
-    ).images[0]
-    return np.asarray(image)
+def request(loras: list[tuple[str, float]]) -> dict:
+    return dict(BASE, lora=[common_pb2.Lora(model=m, weight=w) for m, w in loras])
 
 
 def generate(client, loras: list[tuple[str, float]]) -> np.ndarray:
-    request = image_service_pb2.GenerateRequest(**BASE, lora=[common_pb2.Lora(model=m, weight=w) for m, w in loras])
-    return pixels(client.generate(request)[0].image.data)
+    return pixels(client.generate(image_service_pb2.GenerateRequest(**request(loras)))[0].image.data)
 
 
 @pytest.mark.parametrize(
@@ -61,14 +41,13 @@ def generate(client, loras: list[tuple[str, float]]) -> np.ndarray:
     ],
     ids=["kohya-0", "kohya-0.7", "kohya-1", "peft-0", "peft-0.7", "peft-1", "kohya+peft"],
 )
-def test_lora_equals_diffusers(client, model_root, loras):
-    got = generate(client, loras)
-    assert np.array_equal(got, reference(model_root, loras))
+def test_lora_equals_diffusers(client, oracle, model_root, loras):
+    got = oracle.compare(client, request(loras), pipeline(lora_pipe(model_root, loras))).pixels
     if any(w for _, w in loras):
         assert not np.array_equal(got, generate(client, [])), "a weighted LoRA must change the image"
 
 
-def test_switching_lora_sets_leaks_nothing_and_reads_disk_once(client, services, model_root):
+def test_switching_lora_sets_leaks_nothing_and_reads_disk_once(client, oracle, services):
     base = generate(client, [])
     with_lora = generate(client, [(KOHYA, 0.9)])
     reads = {
@@ -80,7 +59,7 @@ def test_switching_lora_sets_leaks_nothing_and_reads_disk_once(client, services,
         role: runtime_info(services.addresses[role]).counters["lora_disk_reads"] for role in ("encoder", "denoiser")
     }
     assert after == reads, "a LoRA already loaded is not read from disk again"
-    assert np.array_equal(base, reference(model_root, []))
+    assert np.array_equal(base, oracle.diffusers(request([])))
 
 
 def test_a_lora_file_replaced_in_place_is_read_again(client, model_root):
@@ -117,14 +96,10 @@ def test_adapter_cache_is_bounded_by_bytes_and_eviction_changes_no_result(servic
     """A denoiser whose LoRA cache holds less than one adapter evicts on every switch, re-reads from disk,
     and still returns exactly the latents of a denoiser that never evicted."""
     from tests.e2e.processes import serve_role
+    from tests.e2e.stubs import tiny_denoise
     from tests.e2e.test_services import runtime_info
     from triptych.client import open_channel
-    from triptych.v1 import (
-        denoiser_service_pb2,
-        denoiser_service_pb2_grpc,
-        encoder_service_pb2,
-        encoder_service_pb2_grpc,
-    )
+    from triptych.v1 import denoiser_service_pb2_grpc, encoder_service_pb2, encoder_service_pb2_grpc
 
     with open_channel(services.addresses["encoder"]) as channel:
         encoded = encoder_service_pb2_grpc.TextEncoderServiceStub(channel).Encode(
@@ -134,17 +109,8 @@ def test_adapter_cache_is_bounded_by_bytes_and_eviction_changes_no_result(servic
     def latents(address: str, loras: list[tuple[str, float]]) -> bytes:
         with open_channel(address) as channel:
             stub = denoiser_service_pb2_grpc.DenoiserServiceStub(channel)
-            request = denoiser_service_pb2.DenoiseRequest(
-                model="tiny/sd15",
-                positive=encoded.positive,
-                negative=encoded.negative,
-                steps=3,
-                guidance_scale=7.0,
-                seed=5,
-                width=64,
-                height=64,
-                loras=[common_pb2.Lora(model=m, weight=w) for m, w in loras],
-            )
+            lora = [common_pb2.Lora(model=m, weight=w) for m, w in loras]
+            request = tiny_denoise({"tiny/sd15": encoded}, steps=3, seed=5, loras=lora)
             return [e.result for e in stub.Denoise(request) if e.HasField("result")][0].latents.data
 
     sequence = [[(KOHYA, 0.8)], [(PEFT, 0.6)], [(KOHYA, 0.8)], [], [(PEFT, 0.6)]]

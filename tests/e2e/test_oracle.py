@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.e2e.reference import References, pixels
+from tests.e2e.reference import pipeline, pixels
 from triptych.v1 import image_service_pb2
 
+FIELDS = ("model", "positive_prompt", "negative_prompt", "seed", "scheduler", "width", "height", "cfg_scale", "steps")
 CASES = [
-    # model, prompt, negative, seed, scheduler, width, height, cfg, steps
     ("tiny/sd15", "a red fox", "", 7, "", 128, 128, 7.0, 20),
     ("tiny/sd15", "a castle on a hill, oil painting", "blurry", 123, "Euler a", 64, 96, 5.0, 12),
     ("tiny/sd15", "portrait", "", 2**64 - 1, "DPM++ 2M Karras", 96, 64, 1.0, 10),
@@ -23,77 +23,34 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def references(model_root):
-    return References(model_root)
-
-
 def generate(client, **fields) -> image_service_pb2.GeneratedImage:
     images = client.generate(image_service_pb2.GenerateRequest(**fields))
     assert len(images) == 1
     return images[0]
 
 
-@pytest.mark.parametrize("model,prompt,negative,seed,scheduler,width,height,cfg,steps", CASES)
-def test_chain_equals_diffusers(
-    client, references, model, prompt, negative, seed, scheduler, width, height, cfg, steps
-):
-    image = generate(
-        client,
-        model=model,
-        positive_prompt=prompt,
-        negative_prompt=negative,
-        seed=seed,
-        scheduler=scheduler,
-        width=width,
-        height=height,
-        cfg_scale=cfg,
-        steps=steps,
-    )
-    expected = references.image(
-        model,
-        prompt=prompt,
-        negative_prompt=negative,
-        seed=seed,
-        scheduler=scheduler,
-        width=width,
-        height=height,
-        cfg_scale=cfg,
-        steps=steps,
-    )
-    got = pixels(image.image.data)
-    assert got.shape == expected.shape
-    assert np.array_equal(got, expected), f"max diff {np.abs(got.astype(int) - expected.astype(int)).max()}"
-    assert image.seed == seed
+@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(map(str, case)))
+def test_chain_equals_diffusers(client, oracle, case):
+    request = dict(zip(FIELDS, case, strict=True))
+    assert oracle.compare(client, request).image.seed == request["seed"]
 
 
 @pytest.mark.parametrize("clip_skip", [1, 2])
-def test_sdxl_clip_skip_equals_diffusers(client, references, clip_skip):
+def test_sdxl_clip_skip_equals_diffusers(client, oracle, clip_skip):
     # Empty negative: SDXL's force_zeros_for_empty_prompt makes it zeros, so diffusers (which applies clip skip
     # to the positive prompt only) and we (both prompts, as A1111) agree exactly.
-    image = generate(
-        client,
-        model="tiny/sdxl",
-        positive_prompt="a red fox",
-        seed=3,
-        width=64,
-        height=64,
-        steps=8,
-        clip_skip=clip_skip,
+    request = dict(
+        model="tiny/sdxl", positive_prompt="a red fox", seed=3, width=64, height=64, steps=8, clip_skip=clip_skip
     )
-    expected = references.image(
-        "tiny/sdxl", prompt="a red fox", seed=3, width=64, height=64, steps=8, clip_skip=clip_skip
-    )
-    assert np.array_equal(pixels(image.image.data), expected)
-    assert image.hidden_layer_index == -(clip_skip + 2)
+    assert oracle.compare(client, request).image.hidden_layer_index == -(clip_skip + 2)
 
 
 @pytest.mark.parametrize("clip_skip", [0, 1, 2])
-def test_sd15_clip_skip_equals_hidden_state_reference(client, references, clip_skip):
+def test_sd15_clip_skip_equals_hidden_state_reference(client, oracle, clip_skip):
     # diffusers' SD1.x clip_skip raises with transformers 5 (diffusers#14124), so the reference embeddings are
     # computed here from the text encoder's hidden states: hidden_states[-(k+1)] then the final layer norm, for
     # both prompts (A1111's convention), and handed to diffusers' pipeline as prompt_embeds.
-    pipe = references.pipe("tiny/sd15")
+    pipe = oracle.pipe("tiny/sd15")
 
     def embeds(text: str) -> torch.Tensor:
         ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -101,8 +58,7 @@ def test_sd15_clip_skip_equals_hidden_state_reference(client, references, clip_s
             out = pipe.text_encoder(ids, output_hidden_states=True)
             return pipe.text_encoder.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
 
-    image = generate(
-        client,
+    request = dict(
         model="tiny/sd15",
         positive_prompt="a red fox",
         negative_prompt="blurry",
@@ -112,17 +68,9 @@ def test_sd15_clip_skip_equals_hidden_state_reference(client, references, clip_s
         steps=8,
         clip_skip=clip_skip,
     )
-    expected = references.image(
-        "tiny/sd15",
-        prompt="",
-        seed=11,
-        width=64,
-        height=64,
-        steps=8,
-        prompt_embeds=embeds("a red fox"),
-        negative_prompt_embeds=embeds("blurry"),
-    )
-    assert np.array_equal(pixels(image.image.data), expected)
+    image = oracle.compare(
+        client, request, prompt_embeds=embeds("a red fox"), negative_prompt_embeds=embeds("blurry")
+    ).image
     assert image.hidden_layer_index == -(clip_skip + 1)
 
 
@@ -134,20 +82,14 @@ def test_clip_skip_changes_the_image(client):
     assert not np.array_equal(pixels(a.image.data), pixels(b.image.data))
 
 
-def test_alternative_vae_equals_diffusers(client, references, model_root):
-    from diffusers import AutoencoderKL
+def test_alternative_vae_equals_diffusers(client, oracle, model_root):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    image = generate(
-        client, model="tiny/sd15", positive_prompt="a red fox", seed=4, width=64, height=64, steps=6, vae="tiny/vae-alt"
+    request = dict(
+        model="tiny/sd15", positive_prompt="a red fox", seed=4, width=64, height=64, steps=6, vae="tiny/vae-alt"
     )
-    pipe = references.pipe("tiny/sd15")
-    original = pipe.vae
-    pipe.vae = AutoencoderKL.from_pretrained(model_root / "tiny/vae-alt")
-    try:
-        expected = references.image("tiny/sd15", prompt="a red fox", seed=4, width=64, height=64, steps=6)
-    finally:
-        pipe.vae = original
-    assert np.array_equal(pixels(image.image.data), expected)
+    vae = AutoencoderKL.from_pretrained(model_root / request["vae"])
+    oracle.compare(client, request, pipeline(StableDiffusionPipeline.from_pipe(oracle.pipe("tiny/sd15"), vae=vae)))
 
 
 def test_number_results_equal_single_requests_with_seed_plus_index(client):

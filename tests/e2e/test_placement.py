@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.e2e.processes import serve_role
-from tests.e2e.reference import pixels
+from tests.e2e.reference import pipeline, pixels
 from triptych.client import ImageClient, open_channel
 from triptych.runtime.codec import decode_tensor
 from triptych.v1 import encoder_service_pb2, encoder_service_pb2_grpc, image_service_pb2
@@ -58,22 +58,14 @@ def bf16_pipe(model_root):
     return pipe
 
 
-def test_all_services_in_bfloat16_equal_diffusers_in_bfloat16(all_bf16_gateway, bf16_pipe):
+def test_all_services_in_bfloat16_equal_diffusers_in_bfloat16(oracle, all_bf16_gateway, bf16_pipe):
     request = dict(model="tiny/sd15", positive_prompt="a red fox", negative_prompt="blurry", seed=3, steps=5)
     with ImageClient(all_bf16_gateway) as client:
-        ours = pixels(client.generate(image_service_pb2.GenerateRequest(**request))[0].image.data)
-    reference = bf16_pipe(
-        prompt="a red fox",
-        negative_prompt="blurry",
-        num_inference_steps=5,
-        guidance_scale=7.0,
-        generator=torch.Generator("cpu").manual_seed(3),
-    ).images[0]
-    assert np.array_equal(ours, np.asarray(reference))
+        oracle.compare(client, request, pipeline(bf16_pipe))
 
 
 @pytest.mark.parametrize("scheduler", ["", "Euler a"])
-def test_bfloat16_chain_equals_diffusers_in_bfloat16(services, model_root, bf16_gateway, scheduler):
+def test_bfloat16_chain_equals_diffusers_in_bfloat16(services, oracle, model_root, bf16_gateway, scheduler):
     request = dict(model="tiny/sd15", positive_prompt="a red fox", negative_prompt="blurry", seed=11, steps=6)
     with open_channel(services.addresses["encoder"]) as channel:
         encoded = encoder_service_pb2_grpc.TextEncoderServiceStub(channel).Encode(
@@ -81,21 +73,15 @@ def test_bfloat16_chain_equals_diffusers_in_bfloat16(services, model_root, bf16_
                 model="tiny/sd15", positive_prompt="a red fox", negative_prompt="blurry", include_negative=True
             )
         )
-    with ImageClient(bf16_gateway) as client:
-        ours = pixels(client.generate(image_service_pb2.GenerateRequest(**request, scheduler=scheduler))[0].image.data)
-
+    # A pipeline of its own: the request's scheduler is set on it.
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_root / "tiny/sd15", torch_dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
-    if scheduler:
-        pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-    reference = pipe(
+    embeds = dict(
         prompt_embeds=decode_tensor(encoded.positive.prompt_embeds, "positive").clone(),
         negative_prompt_embeds=decode_tensor(encoded.negative.prompt_embeds, "negative").clone(),
-        num_inference_steps=6,
-        guidance_scale=7.0,
-        generator=torch.Generator("cpu").manual_seed(11),
-    ).images[0]
-    assert np.array_equal(ours, np.asarray(reference))
+    )
+    with ImageClient(bf16_gateway) as client:
+        ours = oracle.compare(client, {**request, "scheduler": scheduler}, pipeline(pipe), **embeds).pixels
 
     with ImageClient(services.gateway) as client:  # and bfloat16 really is another computation than float32
         float32 = pixels(

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
-import torch
 from diffusers import (
     ControlNetModel,
     StableDiffusionXLControlNetPipeline,
@@ -15,9 +12,12 @@ from diffusers import (
 )
 from PIL import Image
 
-from tests.e2e.reference import pixels, set_scheduler
-from tests.e2e.stubs import conditioning, open_stubs, tiny_denoise
+from tests.e2e.reference import Reference, set_scheduler
+from tests.e2e.stubs import conditioning, encode_image, open_stubs, tiny_denoise, tiny_generate
 from triptych.v1 import common_pb2, denoiser_service_pb2, image_service_pb2
+
+# What this file's comparisons with diffusers share: tiny SDXL at 64x64, with a negative prompt.
+FOX = dict(model="tiny/sdxl", positive_prompt="a red fox", negative_prompt="blurry", width=64, height=64)
 
 
 @pytest.fixture(scope="module")
@@ -29,43 +29,28 @@ def pipes(model_root):
     return base, refiner
 
 
-def reference(pipes, *, prompt, negative, seed, steps, fraction, scheduler, cfg=7.0, size=64, **base_kwargs):
-    """diffusers' ensemble of expert denoisers; base_kwargs go to the base (a ControlNet pipeline when they name a
-    controlnet)."""
-    # Views of the loaded pipelines (shared weights) whose scheduler this call may replace: no test leaves its
-    # scheduler to the next.
-    if "controlnet" in base_kwargs:
-        base = StableDiffusionXLControlNetPipeline.from_pipe(pipes[0], controlnet=base_kwargs.pop("controlnet"))
-    else:
-        base = StableDiffusionXLPipeline.from_pipe(pipes[0])
-    refiner = StableDiffusionXLImg2ImgPipeline.from_pipe(pipes[1])
-    for pipe in (base, refiner):
-        pipe.set_progress_bar_config(disable=True)
-    set_scheduler(base, scheduler)
-    set_scheduler(refiner, scheduler)
-    generator = torch.Generator("cpu").manual_seed(seed)  # one generator object across both, as diffusers' docs
-    latents = base(
-        prompt=prompt,
-        negative_prompt=negative or None,
-        num_inference_steps=steps,
-        guidance_scale=cfg,
-        width=size,
-        height=size,
-        denoising_end=fraction,
-        output_type="latent",
-        generator=generator,
-        **base_kwargs,
-    ).images
-    image = refiner(
-        prompt=prompt,
-        negative_prompt=negative or None,
-        num_inference_steps=steps,
-        guidance_scale=cfg,
-        denoising_start=fraction,
-        image=latents,
-        generator=generator,
-    ).images[0]
-    return np.asarray(image)
+def ensemble(pipes, fraction: float, **base_kwargs) -> Reference:
+    """diffusers' ensemble of expert denoisers, handing over at `fraction`; base_kwargs go to the base (a ControlNet
+    pipeline when they name a controlnet)."""
+
+    def run(scheduler: str, **kwargs) -> np.ndarray:
+        # Views of the loaded pipelines (shared weights) whose scheduler this call may replace: no test leaves its
+        # scheduler to the next.
+        if "controlnet" in base_kwargs:
+            base = StableDiffusionXLControlNetPipeline.from_pipe(pipes[0], controlnet=base_kwargs["controlnet"])
+        else:
+            base = StableDiffusionXLPipeline.from_pipe(pipes[0])
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pipe(pipes[1])
+        for pipe in (base, refiner):
+            pipe.set_progress_bar_config(disable=True)
+            set_scheduler(pipe, scheduler)
+        # One generator object across both (kwargs holds it), as diffusers' docs do.
+        extra = {k: v for k, v in base_kwargs.items() if k != "controlnet"}
+        latents = base(**kwargs, denoising_end=fraction, output_type="latent", **extra).images
+        del kwargs["width"], kwargs["height"]
+        return np.asarray(refiner(**kwargs, denoising_start=fraction, image=latents).images[0])
+
+    return run
 
 
 @pytest.mark.parametrize(
@@ -77,43 +62,18 @@ def reference(pipes, *, prompt, negative, seed, steps, fraction, scheduler, cfg=
         ("Heun", 8, {"start_step_percentage": 50}),  # second order: diffusers' +1 adjustment
     ],
 )
-def test_base_to_refiner_equals_diffusers(client, pipes, scheduler, steps, refiner_start):
-    request = image_service_pb2.GenerateRequest(
-        model="tiny/sdxl",
-        positive_prompt="a red fox",
-        negative_prompt="blurry",
-        seed=21,
-        steps=steps,
-        width=64,
-        height=64,
-        scheduler=scheduler,
-        refiner=image_service_pb2.Refiner(model="tiny/sdxl-refiner", **refiner_start),
-    )
-    events = list(client.stream(request))
-    image = [e.image for e in events if e.HasField("image")][0]
+def test_base_to_refiner_equals_diffusers(client, oracle, pipes, scheduler, steps, refiner_start):
+    refiner = image_service_pb2.Refiner(model="tiny/sdxl-refiner", **refiner_start)
+    request = dict(FOX, seed=21, steps=steps, scheduler=scheduler, refiner=refiner)
+    fraction = refiner_start.get("start_step_percentage", 0) / 100 or refiner_start.get("start_step", 0) / steps
+    events = oracle.compare(client, request, ensemble(pipes, fraction)).events
     stages = {e.progress.stage for e in events if e.HasField("progress")}
     assert {"denoise", "refine"} <= stages
-    fraction = refiner_start.get("start_step_percentage", 0) / 100 or refiner_start.get("start_step", 0) / steps
-    expected = reference(
-        pipes, prompt="a red fox", negative="blurry", seed=21, steps=steps, fraction=fraction, scheduler=scheduler
-    )
-    assert np.array_equal(pixels(image.image.data), expected)
 
 
 def test_refiner_base_gets_eleven_of_fifteen_steps_at_80_percent(client):
-    events = list(
-        client.stream(
-            image_service_pb2.GenerateRequest(
-                model="tiny/sdxl",
-                positive_prompt="x",
-                seed=1,
-                steps=15,
-                width=64,
-                height=64,
-                refiner=image_service_pb2.Refiner(model="tiny/sdxl-refiner", start_step_percentage=80),
-            )
-        )
-    )
+    refiner = image_service_pb2.Refiner(model="tiny/sdxl-refiner", start_step_percentage=80)
+    events = list(client.stream(tiny_generate(model="tiny/sdxl", positive_prompt="x", steps=15, refiner=refiner)))
     totals = {e.progress.stage: e.progress.total_steps for e in events if e.HasField("progress")}
     assert totals["denoise"] == 11 and totals["refine"] == 4
 
@@ -139,42 +99,20 @@ def test_refiner_needs_an_sdxl_base_and_an_sdxl_refiner(client, base, refiner):
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "refiner.model" in raised.value.details()
 
 
-def test_controlnet_window_is_a_fraction_of_the_whole_schedule(client, pipes, model_root):
+def test_controlnet_window_is_a_fraction_of_the_whole_schedule(client, oracle, pipes, model_root):
     """The base's ControlNet unit ends at 50% of all 10 steps (5 model calls), not of the 8 calls the base runs
     before an 80% hand-off: diffusers' SDXL ControlNet pipeline sets controlnet_keep before denoising_end."""
     guide = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    buffer = io.BytesIO()
-    guide.save(buffer, format="PNG")
-    request = image_service_pb2.GenerateRequest(
-        model="tiny/sdxl",
-        positive_prompt="a red fox",
-        negative_prompt="blurry",
-        seed=5,
-        steps=10,
-        width=64,
-        height=64,
-        control_net=[
-            common_pb2.ControlNetUnit(
-                model="tiny/controlnet-sdxl", guide_image=buffer.getvalue(), end_step_percentage=50, weight=2.0
-            )
-        ],
-        refiner=image_service_pb2.Refiner(model="tiny/sdxl-refiner", start_step_percentage=80),
+    unit = common_pb2.ControlNetUnit(
+        model="tiny/controlnet-sdxl", guide_image=encode_image(guide), end_step_percentage=50, weight=2.0
     )
-    got = pixels(client.generate(request)[0].image.data)
-    expected = reference(
-        pipes,
-        prompt="a red fox",
-        negative="blurry",
-        seed=5,
-        steps=10,
-        fraction=0.8,
-        scheduler="",
-        controlnet=ControlNetModel.from_pretrained(model_root / "tiny/controlnet-sdxl"),
-        image=guide,
-        controlnet_conditioning_scale=2.0,
-        control_guidance_end=0.5,
+    refiner = image_service_pb2.Refiner(model="tiny/sdxl-refiner", start_step_percentage=80)
+    request = dict(FOX, seed=5, steps=10, control_net=[unit], refiner=refiner)
+    net = ControlNetModel.from_pretrained(model_root / "tiny/controlnet-sdxl")
+    reference = ensemble(
+        pipes, 0.8, controlnet=net, image=guide, controlnet_conditioning_scale=2.0, control_guidance_end=0.5
     )
-    assert np.array_equal(got, expected)
+    oracle.compare(client, request, reference)
 
 
 def test_a_continued_generator_state_without_a_seed_reports_none(services):

@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
-from tests.e2e.reference import pixels
+from tests.e2e.reference import pipeline, pixels
 from triptych.v1 import common_pb2, image_service_pb2
 
 SIZE = dict(width=64, height=64, steps=6, seed=23)
@@ -37,23 +37,15 @@ def sdxl(model_root):
     return pipe
 
 
+def request(model, prompt, negative, embeddings) -> dict:
+    """A request with these embeddings: [(model, weight)]."""
+    tis = [common_pb2.TextualInversion(model=m, weight=w) for m, w in embeddings]
+    return dict(model=model, positive_prompt=prompt, negative_prompt=negative, cfg_scale=7.0, **SIZE, embeddings=tis)
+
+
 def chain(client, model, prompt, negative, embeddings) -> np.ndarray:
-    request = image_service_pb2.GenerateRequest(
-        model=model,
-        positive_prompt=prompt,
-        negative_prompt=negative,
-        cfg_scale=7.0,
-        **SIZE,
-        embeddings=[common_pb2.TextualInversion(model=m, weight=w) for m, w in embeddings],
-    )
-    return pixels(client.generate(request)[0].image.data)
-
-
-def run(pipe, **kwargs) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(SIZE["seed"])
-    return np.asarray(
-        pipe(width=64, height=64, num_inference_steps=6, guidance_scale=7.0, generator=generator, **kwargs).images[0]
-    )
+    ti_request = image_service_pb2.GenerateRequest(**request(model, prompt, negative, embeddings))
+    return pixels(client.generate(ti_request)[0].image.data)
 
 
 def emphasised(pipe, prompt: str, token: str, weight: float) -> torch.Tensor:
@@ -70,15 +62,14 @@ def emphasised(pipe, prompt: str, token: str, weight: float) -> torch.Tensor:
     return z * (original_mean / z.mean())
 
 
-def test_sd15_positive_embedding_appended(client, sd15):
-    got = chain(client, "tiny/sd15", "a red fox", "blurry", [("tiny/ti-sd15", 1.0)])
-    assert np.array_equal(got, run(sd15, prompt="a red fox ti-sd15", negative_prompt="blurry"))
+def test_sd15_positive_embedding_appended(client, oracle, sd15):
+    ti_request = request("tiny/sd15", "a red fox", "blurry", [("tiny/ti-sd15", 1.0)])
+    got = oracle.compare(client, ti_request, pipeline(sd15), prompt="a red fox ti-sd15").pixels
     assert not np.array_equal(got, chain(client, "tiny/sd15", "a red fox", "blurry", []))
 
 
-def test_sd15_token_inside_the_prompt_takes_its_place(client, sd15):
-    got = chain(client, "tiny/sd15", "a ti-sd15 style fox", "", [("tiny/ti-sd15", 1.0)])
-    assert np.array_equal(got, run(sd15, prompt="a ti-sd15 style fox", negative_prompt=None))
+def test_sd15_token_inside_the_prompt_takes_its_place(client, oracle, sd15):
+    oracle.compare(client, request("tiny/sd15", "a ti-sd15 style fox", "", [("tiny/ti-sd15", 1.0)]), pipeline(sd15))
 
 
 def test_sd15_token_matches_in_any_case(client, sd15):
@@ -90,38 +81,38 @@ def test_sd15_token_matches_in_any_case(client, sd15):
     assert np.array_equal(upper, chain(client, "tiny/sd15", "a ti-sd15 style fox", "", [("tiny/ti-sd15", 1.0)]))
 
 
-def test_sd15_negative_weight_goes_to_the_negative_prompt(client, sd15):
-    got = chain(client, "tiny/sd15", "a red fox", "blurry", [("tiny/ti-sd15", -1.0)])
-    assert np.array_equal(got, run(sd15, prompt="a red fox", negative_prompt="blurry ti-sd15"))
+def test_sd15_negative_weight_goes_to_the_negative_prompt(client, oracle, sd15):
+    ti_request = request("tiny/sd15", "a red fox", "blurry", [("tiny/ti-sd15", -1.0)])
+    oracle.compare(client, ti_request, pipeline(sd15), negative_prompt="blurry ti-sd15")
 
 
-def test_sd15_one_embedding_in_both_prompts(client, sd15):
+def test_sd15_one_embedding_in_both_prompts(client, oracle, sd15):
     """Listed once with each sign, an embedding goes to each prompt (twice with one sign is INVALID_ARGUMENT)."""
-    got = chain(client, "tiny/sd15", "a red fox", "blurry", [("tiny/ti-sd15", 1.0), ("tiny/ti-sd15", -1.0)])
-    assert np.array_equal(got, run(sd15, prompt="a red fox ti-sd15", negative_prompt="blurry ti-sd15"))
+    ti_request = request("tiny/sd15", "a red fox", "blurry", [("tiny/ti-sd15", 1.0), ("tiny/ti-sd15", -1.0)])
+    oracle.compare(client, ti_request, pipeline(sd15), prompt="a red fox ti-sd15", negative_prompt="blurry ti-sd15")
 
 
 @pytest.mark.parametrize("weight", [2.0, 0.5, -1.5])
-def test_sd15_emphasis_follows_the_a1111_maths(client, sd15, weight):
-    got = chain(client, "tiny/sd15", "a red fox", "blurry", [("tiny/ti-sd15", weight)])
+def test_sd15_emphasis_follows_the_a1111_maths(client, oracle, sd15, weight):
     if weight >= 0:
         positive = emphasised(sd15, "a red fox ti-sd15", "ti-sd15", weight)
         negative = emphasised(sd15, "blurry", "ti-sd15", 1.0)
     else:
         positive = emphasised(sd15, "a red fox", "ti-sd15", 1.0)
         negative = emphasised(sd15, "blurry ti-sd15", "ti-sd15", -weight)
-    assert np.array_equal(got, run(sd15, prompt_embeds=positive, negative_prompt_embeds=negative))
+    ti_request = request("tiny/sd15", "a red fox", "blurry", [("tiny/ti-sd15", weight)])
+    oracle.compare(client, ti_request, pipeline(sd15), prompt_embeds=positive, negative_prompt_embeds=negative)
 
 
-def test_sdxl_embedding_both_halves(client, sdxl):
-    got = chain(client, "tiny/sdxl", "a red fox", "", [("tiny/ti-sdxl", 1.0)])
-    assert np.array_equal(got, run(sdxl, prompt="a red fox ti-sdxl"))
+def test_sdxl_embedding_both_halves(client, oracle, sdxl):
+    ti_request = request("tiny/sdxl", "a red fox", "", [("tiny/ti-sdxl", 1.0)])
+    oracle.compare(client, ti_request, pipeline(sdxl), prompt="a red fox ti-sdxl")
 
 
-def test_sdxl_negative_embedding_with_an_empty_negative_prompt(client, sdxl):
+def test_sdxl_negative_embedding_with_an_empty_negative_prompt(client, oracle, sdxl):
     """The SDXL base's zeros stand for no negative prompt; one that gets a negative embedding is its token."""
-    got = chain(client, "tiny/sdxl", "a red fox", "", [("tiny/ti-sdxl", -1.0)])
-    assert np.array_equal(got, run(sdxl, prompt="a red fox", negative_prompt="ti-sdxl"))
+    ti_request = request("tiny/sdxl", "a red fox", "", [("tiny/ti-sdxl", -1.0)])
+    got = oracle.compare(client, ti_request, pipeline(sdxl), negative_prompt="ti-sdxl").pixels
     assert not np.array_equal(got, chain(client, "tiny/sdxl", "a red fox", "", []))
 
 
