@@ -9,6 +9,7 @@ import grpc
 import pytest
 from PIL import Image
 
+from tests.e2e.stubs import tiny_generate
 from tests.e2e.test_services import runtime_info
 from triptych.v1 import image_service_pb2
 
@@ -66,20 +67,7 @@ def test_deadline_propagates_to_the_denoiser(client, services):
 
 
 def test_progress_reports_every_step_and_previews_on_request(client):
-    events = list(
-        client.stream(
-            image_service_pb2.GenerateRequest(
-                model="tiny/sd15",
-                positive_prompt="a red fox",
-                width=64,
-                height=64,
-                steps=6,
-                seed=1,
-                scheduler="Euler",
-                preview_interval_steps=2,
-            )
-        )
-    )
+    events = list(client.stream(tiny_generate(steps=6, scheduler="Euler", preview_interval_steps=2)))
     denoise = [e.progress for e in events if e.HasField("progress") and e.progress.stage == "denoise"]
     assert [p.step for p in denoise] == [1, 2, 3, 4, 5, 6] and {p.total_steps for p in denoise} == {6}
     assert all(b.elapsed_seconds >= a.elapsed_seconds for a, b in zip(denoise, denoise[1:], strict=False))
@@ -90,9 +78,7 @@ def test_progress_reports_every_step_and_previews_on_request(client):
 
 
 def test_progress_interval_sends_fewer_events_but_always_the_last_and_the_previews(client):
-    request = image_service_pb2.GenerateRequest(
-        model="tiny/sd15", positive_prompt="a red fox", width=64, height=64, steps=6, seed=1, scheduler="Euler"
-    )
+    request = tiny_generate(steps=6, scheduler="Euler")
     every_step = list(client.stream(request))
     request.progress_interval_ms = 60_000
     request.preview_interval_steps = 4
