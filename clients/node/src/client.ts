@@ -48,6 +48,23 @@ export interface CallOptions {
   signal?: AbortSignal;
   /** Called with each progress event (stage, step, totalSteps, imageIndex, previewPng). */
   onProgress?: (progress: Progress__Output) => void;
+  /**
+   * Called once a call has succeeded, with its `server-timing` trailer in seconds by name: `total`, each stage
+   * (`encode`, `denoise`, `refine`, `decode`), its `-hop` and `-queue`, and `gateway` (docs/decisions.md, Timing).
+   */
+  onServerTiming?: (timing: Record<string, number>) => void;
+}
+
+const METRIC = /^\s*([A-Za-z0-9_.-]+)\s*(?:;\s*dur\s*=\s*([0-9.eE+-]+))?/;
+
+/** Seconds by metric name from a `server-timing` value (W3C syntax, milliseconds), e.g. "total;dur=276.0". */
+export function parseServerTiming(value: string): Record<string, number> {
+  const timing: Record<string, number> = {};
+  for (const item of value.split(",")) {
+    const match = METRIC.exec(item);
+    if (match && match[2] !== undefined) timing[match[1]] = Number(match[2]) / 1e3;
+  }
+  return timing;
 }
 
 const readPem = (value: string | Buffer | undefined): Buffer | null =>
@@ -134,7 +151,7 @@ export class ImageClient {
     for (let attempt = 1; ; attempt++) {
       let received = false;
       try {
-        for await (const event of this.attempt(request, deadline, options.signal)) {
+        for await (const event of this.attempt(request, deadline, options)) {
           received = true;
           yield event;
         }
@@ -157,16 +174,29 @@ export class ImageClient {
   private async *attempt(
     request: GenerateRequest,
     deadline: Date | undefined,
-    signal: AbortSignal | undefined,
+    options: CallOptions,
   ): AsyncGenerator<GenerateResponse__Output> {
+    const signal = options.signal;
     const metadata = new grpc.Metadata();
     if (this.token) metadata.set("authorization", `Bearer ${this.token}`);
     const call = this.stub.generate(request, metadata, deadline ? { deadline } : {});
+    let trailer: Record<string, number> | undefined;
+    let ended = false;
+    call.on("status", (status: grpc.StatusObject) => {
+      ended = true;
+      const value = status.metadata.get("server-timing")[0];
+      if (status.code === grpc.status.OK && typeof value === "string") trailer = parseServerTiming(value);
+    });
     const abort = () => call.cancel();
     if (signal?.aborted) abort();
     signal?.addEventListener("abort", abort, { once: true });
     try {
       for await (const event of call as AsyncIterable<GenerateResponse__Output>) yield event;
+      if (options.onServerTiming) {
+        // The status (with the trailer) may come just after the last message.
+        if (!ended) await new Promise((resolve) => call.once("status", resolve));
+        if (trailer !== undefined) options.onServerTiming(trailer);
+      }
     } catch (error) {
       if (error && typeof error === "object" && "code" in error && "metadata" in error) {
         throw fromServiceError(error as grpc.ServiceError);

@@ -9,6 +9,7 @@ export {
   type TlsOptions,
   channelTarget,
   generateMethod,
+  parseServerTiming,
 } from "./client";
 export { type FieldViolation, TriptychError, decodeFieldViolations, fromServiceError } from "./errors";
 export { LOADER_OPTIONS, PROTO_FILES } from "./generated/loader";

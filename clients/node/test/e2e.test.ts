@@ -28,7 +28,14 @@ describe("ImageClient against the real services", { skip: gateway ? false : "TRI
     const client = new ImageClient(gateway);
     const progress: Progress[] = [];
     try {
-      const images = await client.generate(requestFromTask(task), { onProgress: (p) => progress.push(p), timeout: 120 });
+      let timing: Record<string, number> = {};
+      const images = await client.generate(requestFromTask(task), {
+        onProgress: (p) => progress.push(p),
+        onServerTiming: (t) => (timing = t),
+        timeout: 120,
+      });
+      for (const name of ["encode", "denoise", "decode", "gateway", "total"]) assert.ok(timing[name] >= 0, name);
+      assert.ok(timing.total >= timing.denoise);
       assert.equal(images.length, task.numberResults ?? 1);
       const stages = new Set(progress.map((p) => p.stage));
       assert.deepEqual([...stages].sort(), ["decode", "denoise", "encode"]);

@@ -5,7 +5,15 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { describe, test } from "node:test";
 
-import { TASK_KEYS, TaskError, channelTarget, generateMethod, requestFromTask, requestsFromJson } from "../src";
+import {
+  TASK_KEYS,
+  TaskError,
+  channelTarget,
+  generateMethod,
+  parseServerTiming,
+  requestFromTask,
+  requestsFromJson,
+} from "../src";
 
 const violationKeys = (fn: () => unknown): string[] => {
   try {
@@ -57,6 +65,14 @@ describe("requestFromTask", () => {
       ["[1].steps"],
     );
     assert.deepEqual(violationKeys(() => requestsFromJson("{")), ["task"]);
+  });
+
+  test("server-timing values are read as seconds", () => {
+    assert.deepEqual(parseServerTiming("encode;dur=1.5, encode-hop;dur=0.5,total;dur=276"), {
+      encode: 0.0015,
+      "encode-hop": 0.0005,
+      total: 0.276,
+    });
   });
 
   test("replica lists become ipv4: targets", () => {
