@@ -127,3 +127,11 @@ def test_server_side_parameters_map_back_to_openai_keys():
         "cfg_scale",
         None,
     ]
+
+
+def test_a_body_has_at_most_max_tasks():
+    task = {"taskType": "imageInference", "positivePrompt": "x"}
+    assert len(parse_body([task] * 3, max_tasks=3).tasks) == 3
+    with pytest.raises(RunwareErrors) as raised:
+        parse_body([task] * 4, max_tasks=3)
+    assert raised.value.errors[0]["code"] == "tooManyTasks"

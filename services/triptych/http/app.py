@@ -117,7 +117,7 @@ def create_app(settings: HTTPSettings, channel: grpc.Channel, fallback_token: st
 
     async def runware(request: Request) -> Response:
         try:
-            body = parse_body(await _read_json(request, limit))
+            body = parse_body(await _read_json(request, limit), settings.http_max_tasks)
         except BodyTooLarge:
             message = f"the body is larger than {limit} bytes (TRIPTYCH_HTTP_MAX_BODY_BYTES)"
             return JSONResponse({"errors": [runware_error("requestTooLarge", message)]}, 413)
@@ -129,15 +129,24 @@ def create_app(settings: HTTPSettings, channel: grpc.Channel, fallback_token: st
         data: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
         status = 200
-        for task in body.tasks:  # in order, as Runware answers them
+        outcomes: list[list | grpc.RpcError] = [[] for _ in body.tasks]
+
+        async def run(i: int, task) -> None:
             try:
-                images = await gateway.generate(task.request, api_key)
+                outcomes[i] = await gateway.generate(task.request, api_key)
             except grpc.RpcError as exc:
-                failed = errors_from_rpc(exc, task.task_uuid, field_violations(exc))
+                outcomes[i] = exc
+
+        async with anyio.create_task_group() as group:  # the tasks of a body run at once; answered in order
+            for i, task in enumerate(body.tasks):
+                group.start_soon(run, i, task)
+        for task, outcome in zip(body.tasks, outcomes, strict=True):
+            if isinstance(outcome, grpc.RpcError):
+                failed = errors_from_rpc(outcome, task.task_uuid, field_violations(outcome))
                 errors.extend(failed.errors)
                 status = status if status != 200 else failed.status
                 continue
-            for image in images:
+            for image in outcome:
                 entry: dict[str, Any] = {
                     "taskType": "imageInference",
                     "taskUUID": task.task_uuid,

@@ -115,12 +115,15 @@ def _flag(task: dict[str, Any], key: str, uuid_: str, errors: list, allowed: tup
     return value
 
 
-def parse_body(data: Any) -> Body:
+def parse_body(data: Any, max_tasks: int = 100) -> Body:
     """The tasks of a Runware body; RunwareErrors names every bad key of every task, nothing runs then."""
     tasks = data if isinstance(data, list) else [data]
     body, errors = Body(), []
     if not tasks:
         raise RunwareErrors([error("invalidRequestBody", "the body is an empty array: send at least one task")])
+    if len(tasks) > max_tasks:
+        message = f"at most {max_tasks} tasks per request (got {len(tasks)}; TRIPTYCH_HTTP_MAX_TASKS)"
+        raise RunwareErrors([error("tooManyTasks", message)])
     for i, raw in enumerate(tasks):
         if not isinstance(raw, dict):
             errors.append(error("invalidRequestBody", f"task {i} must be a JSON object (got {type(raw).__name__})"))

@@ -23,6 +23,7 @@ class HTTPSettings(BaseSettings):
     http_max_body_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="largest request body accepted (guide images travel in it, base64)"
     )
+    http_max_tasks: int = Field(100, ge=1, description="most tasks in one Runware request body (they run at once)")
     http_image_store_bytes: int = Field(
         512 * 1024 * 1024,
         ge=0,
