@@ -160,7 +160,6 @@ def test_processes_hold_only_their_own_components(client, services):
         (dict(model="tiny/flux", max_sequence_length=600), "max_sequence_length"),
         (dict(model="tiny/sd3", prompt_weighting=1), "prompt_weighting"),
         (dict(model="tiny/flux", embeddings=[dict(model="tiny/ti-sd15")]), "embeddings"),
-        (dict(model="tiny/flux", lora=[dict(model="tiny/lora-sd15-kohya", weight=1.0)]), "lora"),
         (dict(model="tiny/sd3", steps=4, refiner=dict(model="tiny/sdxl-refiner", start_step=2)), "refiner.model"),
     ],
     ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}" for k in v),
@@ -186,3 +185,41 @@ def test_list_schedulers_answers_per_family(services):
     assert {row.class_name for row in flux} == {"FlowMatchEulerDiscreteScheduler"}
     assert "Euler" in {row.name for row in flux} and "Euler a" not in {row.name for row in flux}
     assert "Euler a" in {row.name for row in sd}
+
+
+@pytest.mark.parametrize(
+    "model, loras",
+    [
+        ("tiny/flux", [("lora-flux", 0.8)]),
+        ("tiny/sd3", [("lora-sd3", 1.0)]),
+        ("tiny/sd3", [("lora-sd3", -0.6)]),
+    ],
+)
+def test_lora_equals_diffusers(client, model_root, model, loras):
+    """Reference: diffusers' load_lora_weights + set_adapters on the family's own pipeline."""
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model_root / model)
+    pipe.set_progress_bar_config(disable=True)
+    names = [f"a{i}" for i in range(len(loras))]
+    for name, (file, _) in zip(names, loras, strict=True):
+        pipe.load_lora_weights(model_root / "tiny", weight_name=f"{file}.safetensors", adapter_name=name)
+    pipe.set_adapters(names, [weight for _, weight in loras])
+    request = dict(
+        model=model, positive_prompt="a red fox", seed=4, width=64, height=64, steps=3, cfg_scale=4.0,
+        lora=[dict(model=f"tiny/{file}", weight=weight) for file, weight in loras],
+    )  # fmt: skip
+    chained = Oracle.chain(client, request)
+    expected = reference(pipe, request)
+    assert np.array_equal(chained.pixels, expected)
+    plain = Oracle.chain(client, {key: value for key, value in request.items() if key != "lora"})
+    assert not np.array_equal(plain.pixels, chained.pixels), "the LoRA changes the image"
+
+
+@pytest.mark.parametrize(
+    "model, lora", [("tiny/sd15", "tiny/lora-flux"), ("tiny/flux", "tiny/lora-sd3"), ("tiny/sd3", "tiny/lora-flux")]
+)
+def test_a_lora_of_another_family_names_the_field(client, model, lora):
+    request = dict(model=model, positive_prompt="x", seed=1, width=64, height=64, steps=2, lora=[dict(model=lora)])
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(image_service_pb2.GenerateRequest(**request))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "lora[0].model" in [name for name, _ in field_violations(error.value)], field_violations(error.value)

@@ -202,7 +202,7 @@ class TextEncoderEngine:
         cached = self.results.get(key)
         if cached is not None:
             return cached
-        positive, negative, notes = encode_whole(job, info.family, parts, length, Conditioning)
+        positive, negative, notes = encode_whole(job, info.family, parts, length, Conditioning, self.loras)
         result = EncodeResult(
             positive, negative, info.family.hidden_layer_index(job.clip_skip), info.family_name, notes
         )

@@ -20,8 +20,6 @@ def check_whole_prompt_job(job, family: Family, parts: LoadedModel, clip_layers:
         violations.append(("prompt_weighting", f"A1111 prompt weighting is not supported for {family.name} models"))
     if job.embeddings:
         violations.append(("embeddings", f"textual inversion is not supported for {family.name} models"))
-    if job.loras and not family.supports_loras:
-        violations.append(("loras", f"LoRAs are not supported on {family.name} models yet"))
     most = family.max_clip_skip(clip_layers)
     if job.clip_skip > most:
         violations.append(("clip_skip", f"must be at most {most} for {job.model!r} ({clip_layers} CLIP layers)"))
@@ -34,12 +32,14 @@ def check_whole_prompt_job(job, family: Family, parts: LoadedModel, clip_layers:
     return length
 
 
-def encode_whole(job, family: Family, parts: LoadedModel, max_sequence_length: int, conditioning_class):
-    """(positive, negative or None, notes): the family's encode_prompt for each prompt the request needs."""
+def encode_whole(job, family: Family, parts: LoadedModel, max_sequence_length: int, conditioning_class, loras):
+    """(positive, negative or None, notes): the family's encode_prompt for each prompt the request needs, with the
+    request's LoRAs active on the text encoders (`loras`: the engine's LoraAdapters)."""
     notes: list[str] = []
     if job.clip_skip and not family.clip_skip_has_effect:
         notes.append(f"clip_skip: no effect on {family.name} models (they take CLIP's pooled output only)")
     with parts.lock, torch.no_grad():
+        loras.activate(family, {slot.encoder: parts[slot.encoder] for slot in family.text_encoders}, job.loras)
         embeds, pooled, prompt_notes = family.encode_prompt(
             parts, job.positive_prompt, job.clip_skip, max_sequence_length, "positive_prompt"
         )

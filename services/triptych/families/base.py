@@ -239,5 +239,24 @@ class Family:
 
         return getattr(diffusers.loaders, self.lora_loader_name)
 
+    def read_lora(self, path) -> tuple[dict, dict | None, dict | None]:
+        """(state_dict, network_alphas, metadata) of a LoRA file, normalised by the family's diffusers loader
+        (kohya, diffusers and peft layouts alike)."""
+        return self.lora_loader().lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
+
+    def inject_lora(self, component: str, module, state_dict: dict, alphas, name: str, metadata) -> None:
+        """Injects a LoRA's weights for `component` into `module` as adapter `name`, as load_lora_weights does."""
+        loader = self.lora_loader()
+        if component == self.denoiser_folder:
+            self.inject_network_lora(loader, module, dict(state_dict), alphas, name, metadata)
+        else:
+            loader.load_lora_into_text_encoder(
+                dict(state_dict), alphas, module, prefix=component, adapter_name=name, metadata=metadata
+            )
+
+    def inject_network_lora(self, loader, network, state_dict: dict, alphas, name: str, metadata) -> None:
+        """The denoising network's half of a LoRA (load_lora_into_unet / load_lora_into_transformer)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<family {self.name}>"

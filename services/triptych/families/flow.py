@@ -25,7 +25,6 @@ def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shif
 class FlowFamily(Family):
     denoiser_folder = "transformer"
     chunked_clip_prompts = False
-    supports_loras = False  # not yet: a LoRA on a flow family is INVALID_ARGUMENT naming the family
     scheduler_table = FLOW_TABLE
     size_multiple = 16  # VAE 8 x (packing or patch) 2
     default_max_sequence_length: int = 512

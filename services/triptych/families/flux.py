@@ -45,6 +45,14 @@ class Flux(FlowFamily):
         (-0.0329, -0.0718, -0.0851),
     )
 
+    def read_lora(self, path):
+        return self.lora_loader().lora_state_dict(
+            str(path.parent), weight_name=path.name, return_alphas=True, return_lora_metadata=True
+        )
+
+    def inject_network_lora(self, loader, network, state_dict: dict, alphas, name: str, metadata) -> None:
+        loader.load_lora_into_transformer(state_dict, alphas, network, adapter_name=name, metadata=metadata)
+
     def text_width(self, config: dict) -> int:
         return config["joint_attention_dim"]
 

@@ -46,6 +46,15 @@ class StableDiffusion3(FlowFamily):
         (0.2394, 0.2135, 0.1925),
     )
 
+    def read_lora(self, path):
+        state_dict, metadata = self.lora_loader().lora_state_dict(
+            str(path.parent), weight_name=path.name, return_lora_metadata=True
+        )
+        return state_dict, None, metadata  # SD3's loader keeps no network alphas
+
+    def inject_network_lora(self, loader, network, state_dict: dict, alphas, name: str, metadata) -> None:
+        loader.load_lora_into_transformer(state_dict, network, adapter_name=name, metadata=metadata)
+
     def text_width(self, config: dict) -> int:
         return config["joint_attention_dim"]
 

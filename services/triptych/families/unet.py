@@ -88,6 +88,9 @@ class UNetFamily(Family):
             noise_pred = noise_pred.clone()
         return self.guided(state, noise_pred)
 
+    def inject_network_lora(self, loader, network, state_dict: dict, alphas, name: str, metadata) -> None:
+        loader.load_lora_into_unet(state_dict, alphas, network, adapter_name=name, metadata=metadata)
+
     def zero_conditioning(self, info, network):
         import torch
 

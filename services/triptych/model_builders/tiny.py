@@ -325,6 +325,8 @@ controlnet-sdxl/      ControlNetModel for sdxl
 vae-alt/              AutoencoderKL, drop-in for sd15's VAE
 lora-sd15-kohya.safetensors  kohya/A1111 LoRA for sd15 (UNet + text encoder), rank 4, alpha 4
 lora-sd15-peft.safetensors   diffusers/peft LoRA for sd15 (UNet + text encoder), rank 4
+lora-flux.safetensors  diffusers LoRA for flux (transformer attention + CLIP-L), rank 4
+lora-sd3.safetensors   diffusers LoRA for sd3 (transformer attention), rank 4
 ti-sd15.safetensors   A1111 textual inversion {"emb_params": (2, 32)}
 ti-sdxl.safetensors   SDXL textual inversion {"clip_l": (2, 32), "clip_g": (2, 32)}
 Weights are random: images are noise-like, but deterministic and finite.
@@ -341,6 +343,8 @@ TINY_IDS = [
     "tiny/vae-alt",
     "tiny/lora-sd15-kohya.safetensors",
     "tiny/lora-sd15-peft.safetensors",
+    "tiny/lora-flux.safetensors",
+    "tiny/lora-sd3.safetensors",
     "tiny/ti-sd15.safetensors",
     "tiny/ti-sdxl.safetensors",
 ]

@@ -10,6 +10,7 @@ deterministic like the rest of the tiny family.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
 from .clip_vocab import EOS_TOKEN, write_clip_tokenizer
-from .tiny_weights import perturb_
+from .tiny_weights import _TE_LORA_RE, _lora_pair, peft_layers, perturb_
 
 T5_DIM = 80  # wider than SD3's two CLIPs together (2 x 32), so SD3's zero padding of the CLIP half is exercised
 T5_MAX_LENGTH = 512  # the real FLUX/SD3 T5 tokenizers' model_max_length
@@ -51,7 +52,11 @@ _SEEDS = {
     "sd3.text_encoder_3": 903,
     "sd3.transformer": 904,
     "sd3.vae": 905,
+    "lora-flux": 811,
+    "lora-sd3": 911,
 }
+# The attention projections LoRAs for FLUX and SD3 transformers touch (diffusers' and kohya's default targets).
+_TRANSFORMER_LORA_RE = re.compile(r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$")
 # A small deterministic corpus for the T5 tokenizer: prompt words, so prompts tokenize into whole pieces mostly.
 _CORPUS = (
     "a an the of on in at with and photo picture painting drawing red green blue yellow orange purple pink white "
@@ -94,6 +99,25 @@ def write_t5_tokenizer(directory: Path) -> T5TokenizerFast:
     )
     fast.save_pretrained(directory)
     return T5TokenizerFast.from_pretrained(directory)
+
+
+def _lora_pairs(key: str, transformer, text_encoder, rank: int = 4):
+    """Seeded LoRA (down, up) pairs for a transformer's attention projections and, optionally, a CLIP encoder's
+    self-attention (module paths spelled text_model.encoder.layers.N..., as LoRAs in the wild spell them)."""
+    g = torch.Generator().manual_seed(_SEEDS[key])
+    pairs = {
+        name: _lora_pair(module, rank, g, 0.3)
+        for name, module in transformer.named_modules()
+        if _TRANSFORMER_LORA_RE.search(name)
+    }
+    te_pairs = {}
+    if text_encoder is not None:
+        te_pairs = {
+            "text_model." + name.removeprefix("text_model."): _lora_pair(module, rank, g, 0.3)
+            for name, module in text_encoder.named_modules()
+            if _TE_LORA_RE.search(name)
+        }
+    return pairs, te_pairs
 
 
 def _t5(key: str, vocab_size: int) -> T5EncoderModel:
@@ -177,6 +201,15 @@ def build_flux(out: Path, text_config) -> None:
         ),
     )
     _save(pipe, out, {"tokenizer": EOS_TOKEN})
+    # A diffusers-format LoRA: the transformer's attention and CLIP-L's self-attention (its pooled output).
+    transformer_pairs, te_pairs = _lora_pairs("lora-flux", pipe.transformer, pipe.text_encoder)
+    FluxPipeline.save_lora_weights(
+        out.parent,
+        transformer_lora_layers=peft_layers(transformer_pairs),
+        text_encoder_lora_layers=peft_layers(te_pairs),
+        weight_name="lora-flux.safetensors",
+        safe_serialization=True,
+    )
 
 
 @torch.no_grad()
@@ -191,10 +224,10 @@ def build_sd3(out: Path, text_config) -> None:
                 patch_size=2,
                 in_channels=16,
                 num_layers=2,
-                attention_head_dim=8,
+                attention_head_dim=12,  # inner width 48, not FLUX's 32: a FLUX LoRA does not fit, as in real life
                 num_attention_heads=4,
                 joint_attention_dim=T5_DIM,
-                caption_projection_dim=32,
+                caption_projection_dim=48,
                 pooled_projection_dim=2 * text_config.projection_dim,
                 out_channels=16,
                 pos_embed_max_size=64,
@@ -210,3 +243,10 @@ def build_sd3(out: Path, text_config) -> None:
         tokenizer_3=t5_tokenizer,
     )
     _save(pipe, out, {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"})
+    transformer_pairs, _ = _lora_pairs("lora-sd3", pipe.transformer, None)  # SD3 LoRAs: the transformer only
+    StableDiffusion3Pipeline.save_lora_weights(
+        out.parent,
+        transformer_lora_layers=peft_layers(transformer_pairs),
+        weight_name="lora-sd3.safetensors",
+        safe_serialization=True,
+    )

@@ -80,28 +80,30 @@ class LoraAdapters:
     def _inject(self, family: Family, targets, name: str, path, field_name: str) -> list[bool]:
         """Reads one LoRA file and injects it as adapter `name` into each (component, module) of targets; says
         per target whether the file had weights for it."""
-        loader = family.lora_loader()
         try:
-            state_dict, alphas, metadata = loader.lora_state_dict(
-                str(path.parent), weight_name=path.name, return_lora_metadata=True
-            )
+            state_dict, alphas, metadata = family.read_lora(path)
         except (ValueError, KeyError, OSError) as exc:
             raise InvalidArgument.one(field_name, f"cannot read LoRA {path.name}: {exc}") from exc
         # As diffusers' load_lora_weights ("Invalid LoRA checkpoint"): a model's weights file is not a LoRA.
         if not state_dict or not all("lora" in key for key in state_dict):
             raise InvalidArgument.one(field_name, f"{path.name} is not a LoRA (its keys are not LoRA weights)")
+        # A file for another family's networks would load into nothing here, silently: refuse it by name.
+        known = {family.denoiser_folder, *(slot.encoder for slot in family.text_encoders)}
+        foreign = sorted({key.split(".", 1)[0] for key in state_dict} - known)
+        if foreign:
+            raise InvalidArgument.one(
+                field_name,
+                f"{path.name} is a LoRA for another model family (it has {', '.join(foreign)} weights; "
+                f"{family.name} models have {', '.join(sorted(known))})",
+            )
         self.disk_reads += 1
         injected = []
         for component, module in targets:
             prefix = f"{component}."
             has_weights = any(key.startswith(prefix) for key in state_dict)
             try:  # diffusers removes a half-injected adapter itself before it re-raises
-                if has_weights and component == "unet":
-                    loader.load_lora_into_unet(dict(state_dict), alphas, module, adapter_name=name, metadata=metadata)
-                elif has_weights:
-                    loader.load_lora_into_text_encoder(
-                        dict(state_dict), alphas, module, prefix=component, adapter_name=name, metadata=metadata
-                    )
+                if has_weights:
+                    family.inject_lora(component, module, state_dict, alphas, name, metadata)
             except (RuntimeError, ValueError, KeyError) as exc:  # shapes of another model family
                 why = str(exc).splitlines()[0]
                 raise InvalidArgument.one(
