@@ -17,10 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from triptych.client import ImageClient, open_channel
-from triptych.v1 import encoder_service_pb2, encoder_service_pb2_grpc, image_service_pb2
+from triptych.v1 import (
+    denoiser_service_pb2,
+    denoiser_service_pb2_grpc,
+    encoder_service_pb2,
+    encoder_service_pb2_grpc,
+    image_service_pb2,
+)
 
 
 @dataclass
@@ -56,6 +63,16 @@ def start(role: str, root: Path, *args: str, grace: float = 5.0, **settings: str
             threading.Thread(target=lambda: [None for _ in proc.process.stdout], daemon=True).start()
             return proc
     raise RuntimeError(f"{role} exited with {proc.process.wait()} before serving")
+
+
+@contextlib.contextmanager
+def running(role: str, root: Path, *args: str, grace: float = 5.0, **settings: str):
+    """`start`, and SIGTERM on exit."""
+    proc = start(role, root, *args, grace=grace, **settings)
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 @contextlib.contextmanager
@@ -145,24 +162,83 @@ def test_watch_streams_without_a_token_cannot_take_the_capacity_meant_for_work(m
     """140 Health.Watch streams on one connection, without a token (health is open), against a token-protected
     encoder: the streams beyond the bound are refused RESOURCE_EXHAUSTED, and authenticated calls and health checks
     on other connections are still served while the rest stay open."""
-    encoder = start("encoder", model_root, auth_tokens="secret")
-    try:
-        with open_channel(encoder.address) as flood:
-            health = health_pb2_grpc.HealthStub(flood)
-            watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(140)]
-            outcomes: list[str] = []
-            for watch in watches:  # each answers its first status, or its refusal
-                try:
-                    next(watch)
-                    outcomes.append("open")
-                except grpc.RpcError as exc:
-                    outcomes.append(exc.code().name)
-            assert _encode(encoder.address, auth_token="secret").HasField("positive")
-            with open_channel(encoder.address) as other:
-                assert _check(other) == health_pb2.HealthCheckResponse.SERVING
-            assert set(outcomes) == {"open", "RESOURCE_EXHAUSTED"}, sorted(set(outcomes))
-            assert outcomes.count("open") <= 8, outcomes.count("open")
-            for watch in watches:
-                watch.cancel()
-    finally:
-        assert encoder.stop() < encoder.grace + 5
+    with running("encoder", model_root, auth_tokens="secret") as encoder, open_channel(encoder.address) as flood:
+        health = health_pb2_grpc.HealthStub(flood)
+        watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(140)]
+        outcomes: list[str] = []
+        for watch in watches:  # each answers its first status, or its refusal
+            try:
+                next(watch)
+                outcomes.append("open")
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+        assert _encode(encoder.address, auth_token="secret").HasField("positive")
+        with open_channel(encoder.address) as other:
+            assert _check(other) == health_pb2.HealthCheckResponse.SERVING
+        assert set(outcomes) == {"open", "RESOURCE_EXHAUSTED"}, sorted(set(outcomes))
+        assert outcomes.count("open") <= 8, outcomes.count("open")
+        for watch in watches:
+            watch.cancel()
+
+
+def _peak_rss(proc: Proc) -> int:
+    """The process's peak resident memory so far, in bytes (VmHWM)."""
+    status = Path(f"/proc/{proc.process.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
+def _refusals(call, requests: list, **kwargs) -> list[str]:
+    """Sends `requests` at once, each on its own thread; returns each call's status code name."""
+    codes: list[str] = []
+
+    def one(request) -> None:
+        try:
+            call(request, timeout=60, **kwargs)
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name)
+
+    threads = [threading.Thread(target=one, args=(request,)) for request in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return codes
+
+
+def test_oversized_and_unauthenticated_requests_are_refused_before_their_body_is_read(model_root):
+    """An EncodeRequest needs kilobytes: 64 MB ones are refused by size, even with a token. A request without a
+    token is refused before its body is read, whatever its size. Neither costs the server their bytes."""
+    huge = "a" * (64 << 20)
+    with (
+        running("encoder", model_root, auth_tokens="secret") as encoder,
+        running("denoiser", model_root, auth_tokens="secret") as denoiser,
+    ):
+        with open_channel(encoder.address, auth_token="secret") as channel:
+            encode = encoder_service_pb2_grpc.TextEncoderServiceStub(channel).Encode
+            before = _peak_rss(encoder)
+            codes = _refusals(encode, [encoder_service_pb2.EncodeRequest(model="tiny/sd15", positive_prompt=huge)] * 4)
+            encoder_growth = _peak_rss(encoder) - before
+            assert encode(encoder_service_pb2.EncodeRequest(model="tiny/sd15", positive_prompt="a fox"), timeout=30)
+        assert codes == ["RESOURCE_EXHAUSTED"] * 4, codes
+
+        with open_channel(denoiser.address) as channel:  # no token
+            denoise = denoiser_service_pb2_grpc.DenoiserServiceStub(channel).Denoise
+            before = _peak_rss(denoiser)
+            codes = _refusals(
+                lambda r, **kw: list(denoise(r, **kw)), [denoiser_service_pb2.DenoiseRequest(model=huge)] * 4
+            )
+            denoiser_growth = _peak_rss(denoiser) - before
+        assert codes == ["UNAUTHENTICATED"] * 4, codes
+        with open_channel(denoiser.address, auth_token="secret") as channel:
+            # A method without tensors takes 64 KiB even where the server takes more for Denoise.
+            list_schedulers = channel.unary_unary("/triptych.v1.DenoiserService/ListSchedulers")
+            unknown_field = bytes([0xC2, 0x3E, 0x80, 0x80, 0x04]) + bytes(1 << 16)  # field 1000, 64 KiB
+            with pytest.raises(grpc.RpcError) as raised:
+                list_schedulers(unknown_field, timeout=30)
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, raised.value.details()
+            assert list_schedulers(bytes([0xC2, 0x3E, 10]) + bytes(10), timeout=30)  # 15 bytes: served
+        print(f"\npeak memory growth: encoder {encoder_growth >> 20} MiB, denoiser {denoiser_growth >> 20} MiB")
+        # Less than one request's bytes for all four (before: 200 to 330 MiB).
+        assert encoder_growth < 64 << 20, f"the encoder took {encoder_growth >> 20} MiB for refused requests"
+        assert denoiser_growth < 64 << 20, f"the denoiser took {denoiser_growth >> 20} MiB for refused requests"

@@ -164,22 +164,19 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 
 
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind that raises Unauthenticated without parsing the request (raw bytes in)."""
+    """A handler that raises Unauthenticated without reading the request: a request-streaming one whatever the
+    method's kind, so that gRPC never asks for the request message (up to max_message_bytes) of a refused call."""
 
-    def refuse(request, context):
+    def refuse(requests, context):
         raise Unauthenticated("missing or invalid bearer token: send metadata 'authorization: Bearer <token>'")
 
-    def refuse_stream(request, context):
-        refuse(request, context)
+    def refuse_stream(requests, context):
+        refuse(requests, context)
         yield  # pragma: no cover - makes this a generator, as a streaming handler must be
 
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 def describe(settings: Settings) -> str:

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from triptych.runtime.components import LoadedComponent
-from triptych.serving import shm, timing
+from triptych.serving import message_limits, shm, timing
 from triptych.serving.errors import InvalidArgument, ResourceExhausted, TriptychError, Unavailable
 from triptych.serving.probes import ProbeStreams
 from triptych.serving.security import describe, server_credentials, server_interceptors
@@ -106,9 +106,15 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     admits each call through the server's Drain, and ends each successful call with its `server-timing` trailer
     (serving/timing.py)."""
 
-    def __init__(self, drain: Drain | None = None, probe_streams: ProbeStreams | None = None):
+    def __init__(
+        self,
+        drain: Drain | None = None,
+        probe_streams: ProbeStreams | None = None,
+        request_limits: dict[str, int] | None = None,
+    ):
         self.drain = drain or Drain()
         self.probe_streams = probe_streams
+        self.request_limits = request_limits or {}
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -122,7 +128,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 wrap = self._streaming if kind.endswith("_stream") else self._single
                 handler = handler._replace(**{kind: wrap(inner, method, tracked)})
                 if not handler.request_streaming and handler.request_deserializer is not None:
-                    handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+                    limit = message_limits.request_limit(self.request_limits, method)
+                    handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer, limit))
                 return handler
         return handler
 
@@ -133,6 +140,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             self.drain.admit(context)
         elif streaming and self.probe_streams is not None:
             self.probe_streams.admit(context)
+        if isinstance(request, _TooLarge):
+            raise ResourceExhausted(
+                f"the request to {method} is {request.size} bytes; that method accepts at most {request.limit}"
+            )
         if isinstance(request, _Unparsable):
             raise InvalidArgument.one("request", f"not a serialized request message of {method} ({request.why})")
 
@@ -171,10 +182,20 @@ class _Unparsable:
         self.why = why
 
 
-def _lenient(deserialize):
-    """grpcio answers a request its deserializer cannot parse with INTERNAL; ours says INVALID_ARGUMENT."""
+class _TooLarge:
+    """What a request bigger than its method's limit (serving/message_limits.py) parses to: it is not parsed."""
+
+    def __init__(self, size: int, limit: int):
+        self.size, self.limit = size, limit
+
+
+def _lenient(deserialize, limit: int):
+    """grpcio answers a request its deserializer cannot parse with INTERNAL; ours says INVALID_ARGUMENT. A request
+    over its method's limit is not parsed at all."""
 
     def parse(data: bytes):
+        if len(data) > limit:
+            return _TooLarge(len(data), limit)
         try:
             return deserialize(data)
         except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or anything a parser raises
@@ -272,11 +293,17 @@ def start(
     # Health-watch and reflection streams hold a thread each: they have threads of their own, bounded (probes.py).
     probe_streams = ProbeStreams(settings.max_probe_streams, settings.max_probe_streams_per_peer)
     threads = settings.max_workers + settings.max_probe_streams + PROBE_RESERVE
+    # gRPC reads a request whole before any handler runs: receive no more than the methods served here need.
+    request_limits = message_limits.request_limits(settings.limits, settings.max_message_bytes)
+    receive_limit = message_limits.receive_limit(request_limits, service.service_names)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=service.role),
         # ErrorInterceptor first (outermost): it maps what the token check raises, like any typed error.
-        interceptors=[ErrorInterceptor(drain, probe_streams), *server_interceptors(settings)],
-        options=settings.grpc_options(),
+        interceptors=[ErrorInterceptor(drain, probe_streams, request_limits), *server_interceptors(settings)],
+        options=[
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", receive_limit),
+        ],
         maximum_concurrent_rpcs=threads,
     )
     service.register(server)
