@@ -1,8 +1,9 @@
 """Resident memory of each service process, and which components each holds (the denoiser holds no encoder or
 VAE weights): with the tiny family loaded (SD1.5 + SDXL generated once each), and with `--full-size`, with one
-full-size SD1.5 (the real architecture, random weights: triptych.model_builders.full_size) generated once at 512².
+full-size SD1.5 (the real architecture, random weights: triptych.model_builders.full_size) generated once at 512²,
+and with `--flow`, with the tiny FLUX and SD3 generated once each at 128².
 
-    python -m bench.memory [--full-size]
+    python -m bench.memory [--full-size | --flow]
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--full-size", action="store_true", help="one full-size SD1.5 instead of the tiny family")
+    parser.add_argument("--flow", action="store_true", help="the tiny FLUX and SD3 instead of SD1.5 and SDXL")
     args = parser.parse_args(argv)
     store, models, steps = (
         (functools.partial(full_size_store, "sd15"), ("full-size/sd15",), 1)
         if args.full_size
-        else (tiny_store, ("tiny/sd15", "tiny/sdxl"), 2)
+        else (tiny_store, ("tiny/flux", "tiny/sd3") if args.flow else ("tiny/sd15", "tiny/sdxl"), 2)
     )
+    size = {"width": 128, "height": 128} if args.flow else {}  # FLUX's default size is 1024²
     report = {"machine": machine(), "models": models, "services": {}}
     with store() as root, serve_all(root) as (addresses, pids):
         with ImageClient(addresses["gateway"]) as client:
             for model in models:
                 client.generate(
-                    image_service_pb2.GenerateRequest(model=model, positive_prompt="x", steps=steps, seed=1)
+                    image_service_pb2.GenerateRequest(model=model, positive_prompt="x", steps=steps, seed=1, **size)
                 )
         for role, address in addresses.items():
             with open_channel(address) as channel:
