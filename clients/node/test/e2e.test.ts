@@ -54,7 +54,7 @@ describe("ImageClient against the real services", { skip: gateway ? false : "TRI
   });
 
   test("a bad request's field violations are decoded from grpc-status-details-bin", async () => {
-    const client = new ImageClient(gateway);
+    const client = new ImageClient(`${gateway},${gateway}`); // a replica list: an ipv4: target
     try {
       const error = await failure(client.generate(requestFromTask({ model: "tiny/sd15", width: 500, steps: 0 })));
       assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
