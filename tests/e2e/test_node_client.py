@@ -102,7 +102,8 @@ def node_client() -> Path:
         if os.environ.get("CI"):
             pytest.fail("CI needs node and npm for the Node client's tests")
         pytest.skip("node and npm are not installed")
-    for command in (["npm", "ci", "--no-audit", "--no-fund"], ["npm", "run", "build"]):
+    install = ["npm", "ci", "--no-audit", "--no-fund", "--fetch-retries=4"]  # the registry is the network
+    for command in (install, ["npm", "run", "build"]):
         done = subprocess.run(command, cwd=NODE_CLIENT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
     return NODE_CLIENT
