@@ -15,11 +15,9 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-import torch
-from diffusers import StableDiffusionPipeline
 
 from tests.e2e.processes import chain_with, serve_role
-from tests.e2e.reference import pixels
+from tests.e2e.reference import lora_pipe, pipeline, pixels
 from tests.e2e.stubs import unit
 from tests.e2e.test_services import runtime_info
 from triptych.client import ImageClient, field_violations, open_channel
@@ -46,38 +44,21 @@ def merged(services, model_root):
         yield gateway, backends["denoiser"]
 
 
+def request(loras) -> dict:
+    return dict(BASE, lora=[common_pb2.Lora(model=m, weight=w) for m, w in loras])
+
+
 def generate(gateway: str, loras) -> np.ndarray:
-    request = image_service_pb2.GenerateRequest(**BASE, lora=[common_pb2.Lora(model=m, weight=w) for m, w in loras])
     with ImageClient(gateway) as client:
-        return pixels(client.generate(request)[0].image.data)
+        return pixels(client.generate(image_service_pb2.GenerateRequest(**request(loras)))[0].image.data)
 
 
-def fused_reference(model_root, loras) -> np.ndarray:
-    pipe = StableDiffusionPipeline.from_pretrained(model_root / "tiny/sd15")
-    pipe.set_progress_bar_config(disable=True)
-    names = [f"a{i}" for i in range(len(loras))]
-    for name, (model, _) in zip(names, loras, strict=True):
-        pipe.load_lora_weights(model_root / "tiny", weight_name=model.split("/")[1] + ".safetensors", adapter_name=name)
-    if loras:
-        pipe.set_adapters(names, [w for _, w in loras])
-        pipe.fuse_lora(components=["unet"], adapter_names=names)
-    image = pipe(
-        prompt=BASE["positive_prompt"],
-        negative_prompt=BASE["negative_prompt"],
-        width=64,
-        height=64,
-        num_inference_steps=BASE["steps"],
-        guidance_scale=7.0,
-        generator=torch.Generator("cpu").manual_seed(BASE["seed"]),
-    ).images[0]
-    return np.asarray(image)
-
-
-def test_merged_loras_equal_diffusers_fuse_lora_across_switches(merged, model_root):
+def test_merged_loras_equal_diffusers_fuse_lora_across_switches(oracle, merged, model_root):
     gateway, denoiser = merged
     images = [generate(gateway, loras) for loras in SWITCHES]
     for loras, image in zip(SWITCHES, images, strict=True):
-        assert np.array_equal(image, fused_reference(model_root, loras)), loras
+        expected = oracle.diffusers(request(loras), pipeline(lora_pipe(model_root, loras, fuse=True)))
+        assert np.array_equal(image, expected), loras
     assert np.array_equal(images[0], images[-1]), "the same set after others gives the same image"
     assert not np.array_equal(images[0], images[2]), "a weighted LoRA changes the image"
     assert runtime_info(denoiser).counters["lora_disk_reads"] == 2, "each file is read once"
