@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -242,3 +243,56 @@ def test_oversized_and_unauthenticated_requests_are_refused_before_their_body_is
         # Less than one request's bytes for all four (before: 200 to 330 MiB).
         assert encoder_growth < 64 << 20, f"the encoder took {encoder_growth >> 20} MiB for refused requests"
         assert denoiser_growth < 64 << 20, f"the denoiser took {denoiser_growth >> 20} MiB for refused requests"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_rolling_restart_of_two_replicas_fails_no_call(model_root):
+    """Two encoder replicas behind one channel, restarted one after the other on their own ports, as a rolling
+    update does: the second goes down one second after the first serves again. Every call succeeds: the channel
+    reconnects to a restarted replica within a second or two, not after gRPC's default backoff (up to 120 s)."""
+    ports = [_free_port(), _free_port()]
+    replicas = [start("encoder", model_root, "--port", str(port), grace=2.0) for port in ports]
+    outcomes: list[str] = []
+    stop = threading.Event()
+    channel = open_channel(",".join(f"127.0.0.1:{port}" for port in ports))
+    encode = encoder_service_pb2_grpc.TextEncoderServiceStub(channel).Encode
+
+    def caller(index: int) -> None:
+        call = 0
+        while not stop.is_set():
+            request = encoder_service_pb2.EncodeRequest(model="tiny/sd15", positive_prompt=f"fox {index} {call}")
+            try:
+                encode(request, timeout=30)
+                outcomes.append("ok")
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+            call += 1
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        for i, port in enumerate(ports):
+            replicas[i].stop()
+            time.sleep(8.0)  # the replica is down: the channel's reconnect attempts fail, its backoff grows
+            replicas[i] = start("encoder", model_root, "--port", str(port), grace=2.0)
+            time.sleep(1.0)  # then the next replica goes down
+        time.sleep(3.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        channel.close()
+        for replica in replicas:
+            replica.stop()
+    failed = [outcome for outcome in outcomes if outcome != "ok"]
+    print(f"\nrolling restart: {len(outcomes)} calls, {len(failed)} failed")
+    assert len(outcomes) > 50
+    assert not failed, f"{len(failed)} of {len(outcomes)} calls failed: {sorted(set(failed))}"

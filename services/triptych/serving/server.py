@@ -61,6 +61,19 @@ _UNTRACKED = ("/grpc.health.", "/grpc.reflection.")
 # unary reflection), so a process that is busy with max_workers calls still answers its probes.
 PROBE_RESERVE = 8
 
+# After a drain, the time calls that raced in get to be refused (serve_forever).
+STOP_GRACE_SECONDS = 1.0
+
+# Accept the keepalive pings our channels send (transport.CHANNEL_OPTIONS: every 20 s, with or without calls; by
+# default a server answers pings more often than every 5 minutes with GOAWAY), and ping callers ourselves so that
+# the calls of one that vanished end within 40 s.
+SERVER_KEEPALIVE_OPTIONS = [
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
 
 class Drain:
     """Admission of the calls that do work (all but health checks and reflection). At most `max_calls` run at once;
@@ -303,6 +316,7 @@ def start(
         options=[
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", receive_limit),
+            *SERVER_KEEPALIVE_OPTIONS,
         ],
         maximum_concurrent_rpcs=threads,
     )
@@ -366,7 +380,10 @@ def serve_forever(service: Service, settings: Settings, port: int) -> None:
     print(f"triptych {service.role} SERVING {settings.host}:{bound}", flush=True)
     stop.wait()
     health_servicer.enter_graceful_shutdown()
-    if not drain.wait(settings.shutdown_grace_seconds):
+    drained = drain.wait(settings.shutdown_grace_seconds)
+    if not drained:
         log.warning("calls still running after %.0f s of grace are cancelled", settings.shutdown_grace_seconds)
-    server.stop(0).wait()
+    # A call gRPC took but no handler has admitted yet (queued for a thread) is not counted by the drain: a second
+    # lets it be refused UNAVAILABLE (retried elsewhere) rather than cancelled by the stop (CANCELLED, never retried).
+    server.stop(STOP_GRACE_SECONDS if drained else 0).wait()
     log.info("stopped")

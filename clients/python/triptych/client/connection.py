@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from triptych.client.streams import RetriedStream
-from triptych.client.transport import RETRY_BUFFER_BYTES, SERVICE_CONFIG, BearerToken, channel_target
+from triptych.client.transport import CHANNEL_OPTIONS, RETRY_BUFFER_BYTES, SERVICE_CONFIG, BearerToken, channel_target
 from triptych.v1 import image_service_pb2, image_service_pb2_grpc
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
@@ -39,6 +39,7 @@ def open_channel(
         ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
         ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
+        *CHANNEL_OPTIONS,
     ]
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))

@@ -67,6 +67,19 @@ SERVICE_CONFIG = json.dumps(
         "methodConfig": [{"name": unary_methods(), "retryPolicy": RETRY_POLICY}],
     }
 )
+# Reconnection and keepalive for a mesh of our own replicas. gRPC's default reconnect backoff grows to 120 s: a
+# replica that restarted stayed out of rotation for seconds to minutes, and when the next replica of a rolling
+# update went down, calls failed UNAVAILABLE while the restarted one was serving (issue 15). Capped at 1 s here.
+# Keepalive pings find a peer that vanished without a FIN (a killed node, a dropped route) in 20 + 10 s instead of
+# the kernel's hours; servers accept them (serving/server.py SERVER_KEEPALIVE_OPTIONS).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 
 
