@@ -1,4 +1,5 @@
-"""The tiny model family: real tokenizer, deterministic bytes, every folder loads and runs in diffusers."""
+"""The tiny model family (the session's, tests/conftest.py builds it once): real tokenizer, deterministic bytes,
+every folder loads and runs in diffusers."""
 
 from __future__ import annotations
 
@@ -15,14 +16,6 @@ from triptych.model_builders.clip_vocab import write_clip_tokenizer
 from triptych.model_builders.tiny import TINY_IDS, build_tiny_family
 
 SMALL = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory) -> Path:
-    """The family built once per session (own fixture: this module must not depend on e2e fixtures)."""
-    root = tmp_path_factory.mktemp("tiny-family")
-    assert build_tiny_family(root) == TINY_IDS
-    return root
 
 
 def _run(pipe, prompt="a photo of a cat", seed=0, **kwargs) -> np.ndarray:
@@ -67,23 +60,23 @@ def test_clip_tokenizer_is_the_real_one(tmp_path, pad, pad_id):
     assert len(padded) == 77 and padded[-1] == pad_id and tok.pad_token == pad
 
 
-def test_build_is_byte_for_byte_deterministic(tiny_root, tmp_path):
+def test_build_is_byte_for_byte_deterministic(model_root, tmp_path):
     assert build_tiny_family(tmp_path) == TINY_IDS
-    first, second = _tree_digest(tiny_root / "tiny"), _tree_digest(tmp_path / "tiny")
+    first, second = _tree_digest(model_root / "tiny"), _tree_digest(tmp_path / "tiny")
     assert first == second
     assert all((tmp_path / i).exists() for i in TINY_IDS)
 
 
-def test_model_index_flags(tiny_root):
-    base = json.loads((tiny_root / "tiny/sdxl/model_index.json").read_text())
-    refiner = json.loads((tiny_root / "tiny/sdxl-refiner/model_index.json").read_text())
+def test_model_index_flags(model_root):
+    base = json.loads((model_root / "tiny/sdxl/model_index.json").read_text())
+    refiner = json.loads((model_root / "tiny/sdxl-refiner/model_index.json").read_text())
     assert base["force_zeros_for_empty_prompt"] is True
     assert refiner["force_zeros_for_empty_prompt"] is False and refiner["requires_aesthetics_score"] is True
     assert refiner["text_encoder"] == [None, None] and refiner["tokenizer"] == [None, None]
 
 
-def test_sd15_runs_and_20_steps_stay_sane(tiny_root):
-    pipe = _sd15(tiny_root)
+def test_sd15_runs_and_20_steps_stay_sane(model_root):
+    pipe = _sd15(model_root)
     _assert_image(_run(pipe))
     assert not np.array_equal(_run(pipe), _run(pipe, prompt="a red dog")), "the prompt must matter"
     latents = pipe(
@@ -95,23 +88,23 @@ def test_sd15_runs_and_20_steps_stay_sane(tiny_root):
     _assert_image((pixels * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), 128)
 
 
-def test_vae_alt_swaps_in(tiny_root):
+def test_vae_alt_swaps_in(model_root):
     from diffusers import AutoencoderKL
 
-    pipe = _sd15(tiny_root)
+    pipe = _sd15(model_root)
     base = _run(pipe)
-    pipe.vae = AutoencoderKL.from_pretrained(tiny_root / "tiny/vae-alt")
+    pipe.vae = AutoencoderKL.from_pretrained(model_root / "tiny/vae-alt")
     alt = _run(pipe)
     _assert_image(alt)
     assert not np.array_equal(base, alt)
 
 
-def test_sdxl_base_then_refiner(tiny_root):
+def test_sdxl_base_then_refiner(model_root):
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    base = _sdxl(tiny_root)
+    base = _sdxl(model_root)
     _assert_image(_run(base))
-    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_root / "tiny/sdxl-refiner")
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(model_root / "tiny/sdxl-refiner")
     gen = torch.Generator().manual_seed(0)
     latents = base(
         prompt="a cat",
@@ -128,12 +121,12 @@ def test_sdxl_base_then_refiner(tiny_root):
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_controlnet_has_a_visible_effect(tiny_root, family):
+def test_controlnet_has_a_visible_effect(model_root, family):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-    pipe = _sd15(tiny_root) if family == "sd15" else _sdxl(tiny_root)
+    pipe = _sd15(model_root) if family == "sd15" else _sdxl(model_root)
     cls = StableDiffusionControlNetPipeline if family == "sd15" else StableDiffusionXLControlNetPipeline
-    controlnet = ControlNetModel.from_pretrained(tiny_root / f"tiny/controlnet-{family}")
+    controlnet = ControlNetModel.from_pretrained(model_root / f"tiny/controlnet-{family}")
     cpipe = cls(**pipe.components, controlnet=controlnet)
     guide = np.zeros((64, 64, 3), np.uint8)
     guide[16:48, 16:48] = 255
@@ -144,11 +137,11 @@ def test_controlnet_has_a_visible_effect(tiny_root, family):
 
 
 @pytest.mark.parametrize("weight_name", ["lora-sd15-kohya.safetensors", "lora-sd15-peft.safetensors"])
-def test_lora_changes_unet_and_text_encoder(tiny_root, weight_name):
-    pipe = _sd15(tiny_root)
+def test_lora_changes_unet_and_text_encoder(model_root, weight_name):
+    pipe = _sd15(model_root)
     base_img = _run(pipe)
     base_emb = pipe.encode_prompt("a photo of a cat", "cpu", 1, False)[0]
-    pipe.load_lora_weights(tiny_root / "tiny", weight_name=weight_name)
+    pipe.load_lora_weights(model_root / "tiny", weight_name=weight_name)
     assert "lora" in type(pipe.text_encoder.encoder.layers[0].self_attn.q_proj).__module__
     lora_emb = pipe.encode_prompt("a photo of a cat", "cpu", 1, False)[0]
     lora_img = _run(pipe)
@@ -157,22 +150,22 @@ def test_lora_changes_unet_and_text_encoder(tiny_root, weight_name):
     assert np.abs(lora_img - base_img).mean() > 0.005
 
 
-def test_textual_inversion_sd15(tiny_root):
-    pipe = _sd15(tiny_root)
+def test_textual_inversion_sd15(model_root):
+    pipe = _sd15(model_root)
     before = pipe.encode_prompt("a ti-sd15 fox", "cpu", 1, False)[0]
-    pipe.load_textual_inversion(tiny_root / "tiny/ti-sd15.safetensors", token="ti-sd15")
+    pipe.load_textual_inversion(model_root / "tiny/ti-sd15.safetensors", token="ti-sd15")
     assert pipe.maybe_convert_prompt("a ti-sd15 fox", pipe.tokenizer) == "a ti-sd15 ti-sd15_1 fox"
     after = pipe.encode_prompt("a ti-sd15 fox", "cpu", 1, False)[0]
     assert not torch.equal(before, after)
     _assert_image(_run(pipe, prompt="a ti-sd15 fox"))
 
 
-def test_textual_inversion_sdxl(tiny_root):
+def test_textual_inversion_sdxl(model_root):
     from safetensors.torch import load_file
 
-    pipe = _sdxl(tiny_root)
+    pipe = _sdxl(model_root)
     before = pipe.encode_prompt("a ti-sdxl fox", device="cpu", do_classifier_free_guidance=False)[0]
-    state = load_file(tiny_root / "tiny/ti-sdxl.safetensors")
+    state = load_file(model_root / "tiny/ti-sdxl.safetensors")
     assert state["clip_l"].shape == state["clip_g"].shape == (2, 32)
     pipe.load_textual_inversion(
         state["clip_l"], token="ti-sdxl", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
