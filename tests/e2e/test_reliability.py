@@ -296,3 +296,46 @@ def test_a_rolling_restart_of_two_replicas_fails_no_call(model_root):
     print(f"\nrolling restart: {len(outcomes)} calls, {len(failed)} failed")
     assert len(outcomes) > 50
     assert not failed, f"{len(failed)} of {len(outcomes)} calls failed: {sorted(set(failed))}"
+
+
+def _health(address: str, service: str = "") -> str:
+    with open_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        except grpc.RpcError as exc:
+            return exc.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def _eventually(address: str, service: str, status: str, within: float = 15.0) -> str:
+    deadline = time.monotonic() + within
+    while (seen := _health(address, service)) != status and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return seen
+
+
+def test_gateway_readiness_follows_its_backends_and_liveness_does_not(model_root):
+    """A gateway whose denoiser is not running is alive but not ready: its health says NOT_SERVING overall and for
+    the denoiser, SERVING for the encoder and decoder and for `liveness`; ready once the denoiser serves, not ready
+    again once it is gone."""
+    denoiser_port = _free_port()
+    with running("encoder", model_root) as encoder, running("decoder", model_root) as decoder:
+        links = (
+            f"--encoder-address={encoder.address}",
+            f"--denoiser-address=127.0.0.1:{denoiser_port}",
+            f"--decoder-address={decoder.address}",
+        )
+        with running("gateway", model_root, *links) as gateway:
+            address = gateway.address
+            assert _eventually(address, "liveness", "SERVING") == "SERVING"
+            assert _eventually(address, "", "NOT_SERVING") == "NOT_SERVING"
+            assert _health(address, "triptych.v1.ImageService") == "NOT_SERVING"
+            assert _health(address, "triptych.v1.DenoiserService") == "NOT_SERVING"
+            assert _eventually(address, "triptych.v1.TextEncoderService", "SERVING") == "SERVING"
+            assert _eventually(address, "triptych.v1.DecoderService", "SERVING") == "SERVING"
+            with running("denoiser", model_root, "--port", str(denoiser_port)):
+                assert _eventually(address, "", "SERVING") == "SERVING"
+                assert _health(address, "triptych.v1.ImageService") == "SERVING"
+                assert _health(address, "triptych.v1.DenoiserService") == "SERVING"
+            assert _eventually(address, "", "NOT_SERVING") == "NOT_SERVING"
+            assert _health(address, "liveness") == "SERVING"

@@ -19,6 +19,7 @@ from triptych.client.task import task_from_request
 from triptych.client.transport import address_hosts
 from triptych.gateway.calls import DOWNSTREAM_FIELDS, Calls, CancelledByCaller, SharedMemory, Transport
 from triptych.gateway.metadata import a1111_parameters
+from triptych.gateway.readiness import Backend, Readiness
 from triptych.rules.control_units import parse_control_units
 from triptych.rules.scheduler_table import parse_scheduler
 from triptych.rules.validation import (
@@ -45,6 +46,11 @@ from triptych.v1 import (
     image_service_pb2_grpc,
 )
 
+BACKEND_SERVICES = {
+    "encoder": "triptych.v1.TextEncoderService",
+    "denoiser": "triptych.v1.DenoiserService",
+    "decoder": "triptych.v1.DecoderService",
+}
 DEFAULT_STEPS = 20
 DEFAULT_CFG_SCALE = 7.0
 
@@ -59,13 +65,26 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         def channel(address: str):
             return outgoing_channel(settings.security, address, settings.max_message_bytes)
 
-        addresses = (settings.encoder_address, settings.denoiser_address, settings.decoder_address)
+        addresses = {
+            "encoder": settings.encoder_address,
+            "denoiser": settings.denoiser_address,
+            "decoder": settings.decoder_address,
+        }
         # Shared memory only when every backend is on this host (they answer SHARED_MEMORY if not after all).
-        local = all(is_loopback(host) for address in addresses for host in address_hosts(address))
+        local = all(is_loopback(host) for address in addresses.values() for host in address_hosts(address))
         self.shared_memory = SharedMemory(settings.shared_memory and local, keep=settings.max_workers)
-        self.encoder = encoder_service_pb2_grpc.TextEncoderServiceStub(channel(settings.encoder_address))
-        self.denoiser = denoiser_service_pb2_grpc.DenoiserServiceStub(channel(settings.denoiser_address))
-        self.decoder = decoder_service_pb2_grpc.DecoderServiceStub(channel(settings.decoder_address))
+        channels = {role: channel(address) for role, address in addresses.items()}
+        self.encoder = encoder_service_pb2_grpc.TextEncoderServiceStub(channels["encoder"])
+        self.denoiser = denoiser_service_pb2_grpc.DenoiserServiceStub(channels["denoiser"])
+        self.decoder = decoder_service_pb2_grpc.DecoderServiceStub(channels["decoder"])
+        # Ready only while every backend serves (gateway/readiness.py), checked over the same channels.
+        self.readiness = Readiness(
+            [
+                Backend(role, BACKEND_SERVICES[role], channels[role], len(address_hosts(address)))
+                for role, address in addresses.items()
+            ],
+            ["triptych.v1.ImageService"],
+        )
 
     def validate(self, request: image_service_pb2.GenerateRequest) -> None:
         """Every field checked before any downstream work; all violations reported at once."""
@@ -335,4 +354,5 @@ def build(settings: Settings) -> Service:
         "gateway",
         ["triptych.v1.ImageService"],
         lambda server: image_service_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server),
+        readiness=servicer.readiness.start,
     )

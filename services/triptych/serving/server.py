@@ -61,6 +61,10 @@ _UNTRACKED = ("/grpc.health.", "/grpc.reflection.")
 # unary reflection), so a process that is busy with max_workers calls still answers its probes.
 PROBE_RESERVE = 8
 
+# The health name that says only that the process runs (liveness), whatever it depends on; "" and a role's service
+# names say it is ready to serve (readiness), which for the gateway means its backends serve too.
+LIVENESS = "liveness"
+
 # After a drain, the time calls that raced in get to be refused (serve_forever).
 STOP_GRACE_SECONDS = 1.0
 
@@ -262,6 +266,7 @@ class Service:
         loaded: Callable[[], Iterable[LoadedComponent]] = list,
         counters: Callable[[], dict[str, int]] = dict,
         warm_up: Callable[[str], bool] | None = None,
+        readiness: Callable[[health.HealthServicer], None] | None = None,
     ):
         self.role = role
         self.service_names = service_names
@@ -269,6 +274,9 @@ class Service:
         self.loaded = loaded
         self.counters = counters
         self.warm_up = warm_up  # model id -> whether this role has a part of it to load (and loaded it)
+        # A role that depends on others sets its own health ("" and its services) from theirs, now and later
+        # (the gateway: gateway/readiness.py); the others are SERVING once started.
+        self.readiness = readiness
 
 
 def preload(service: Service, models: list[str]) -> None:
@@ -334,8 +342,12 @@ def start(
     if bound == 0:
         raise OSError(f"cannot bind {settings.host}:{port}")
     server.start()
-    for name in ["", *service.service_names]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    if service.readiness is not None:
+        service.readiness(health_servicer)
+    else:
+        for name in ["", *service.service_names]:
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound, health_servicer
 
 
