@@ -303,7 +303,25 @@ def cmd_models(args) -> int:
     if args.action == "build-full-size":
         from triptych.model_builders.full_size import build_full_size
 
-        print(f"built {build_full_size(root, args.family)}")
+        if (args.name or "sd15") not in ("sd15", "sdxl"):
+            print(f"triptych: build-full-size builds sd15 or sdxl, not {args.name!r}", file=sys.stderr)
+            return 2
+        print(f"built {build_full_size(root, args.name or 'sd15')}")
+        return 0
+    if args.action == "inspect":
+        from triptych.model_inspect import describe
+        from triptych.serving.errors import TriptychError
+
+        if not args.name:
+            print(
+                "triptych: models inspect needs a model id, e.g. `triptych models inspect tiny/flux`", file=sys.stderr
+            )
+            return 2
+        try:
+            print(describe(ModelStore(root).resolve(args.name, "model")))
+        except TriptychError as exc:
+            print(f"triptych: {exc}", file=sys.stderr)
+            return 1
         return 0
     for info in ModelStore(root).list():
         print(f"{info.model_id:40s} {info.kind:10s} {info.family_name:12s} {info.path}")
@@ -352,13 +370,11 @@ def parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     models = sub.add_parser("models", help="list or build models in the store")
-    models.add_argument("action", choices=("list", "build-tiny", "build-full-size"))
+    models.add_argument("action", choices=("list", "inspect", "build-tiny", "build-full-size"))
     models.add_argument(
-        "family",
+        "name",
         nargs="?",
-        default="sd15",
-        choices=("sd15", "sdxl"),
-        help="build-full-size: which real architecture to write with random weights (default sd15)",
+        help="inspect: a model id; build-full-size: sd15 (default) or sdxl (real architecture, random weights)",
     )
     models.add_argument("--root", help="model store (default $TRIPTYCH_MODEL_ROOT or ./models)")
     models.set_defaults(func=cmd_models)
