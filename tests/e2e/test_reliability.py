@@ -21,7 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from triptych.client import ImageClient, open_channel
+from triptych.client import ImageClient, field_violations, open_channel
 from triptych.v1 import (
     denoiser_service_pb2,
     denoiser_service_pb2_grpc,
@@ -339,3 +339,33 @@ def test_gateway_readiness_follows_its_backends_and_liveness_does_not(model_root
                 assert _health(address, "triptych.v1.DenoiserService") == "SERVING"
             assert _eventually(address, "", "NOT_SERVING") == "NOT_SERVING"
             assert _health(address, "liveness") == "SERVING"
+
+
+def test_a_request_beyond_the_work_budget_is_refused_before_any_work(model_root):
+    """Each of width 2048, height 2048, 150 steps and 20 images is allowed, but together they are about a day of CPU:
+    the gateway refuses the product (pixels x steps x images) at once, naming the budget; a denoiser applies the
+    budget an operator set (here lowered) to each Denoise."""
+    unused = f"127.0.0.1:{_free_port()}"
+    links = [f"--{role}-address={unused}" for role in ("encoder", "denoiser", "decoder")]
+    with running("gateway", model_root, *links) as gateway, ImageClient(gateway.address) as client:
+        request = image_service_pb2.GenerateRequest(
+            model="tiny/sd15", positive_prompt="a fox", width=2048, height=2048, steps=150, number_results=20
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            client.generate(request, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+        (field, why), *_ = field_violations(raised.value)
+        assert field == "number_results" and "TRIPTYCH_MAX_PIXEL_STEPS" in why, why
+
+    with (
+        running("denoiser", model_root, max_pixel_steps=str(64 * 64 * 10)) as denoiser,
+        open_channel(denoiser.address) as channel,
+    ):
+        denoise = denoiser_service_pb2_grpc.DenoiserServiceStub(channel).Denoise
+        request = denoiser_service_pb2.DenoiseRequest(model="tiny/sd15", width=128, height=128, steps=12)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(denoise(request, timeout=10))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+        assert any(
+            field == "steps" and "TRIPTYCH_MAX_PIXEL_STEPS" in why for field, why in field_violations(raised.value)
+        )

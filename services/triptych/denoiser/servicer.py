@@ -8,7 +8,14 @@ from triptych.families import ALL_SCHEDULERS
 from triptych.model_store import ModelStore
 from triptych.rules.control_units import parse_control_units
 from triptych.rules.scheduler_table import TABLE, parse_scheduler
-from triptych.rules.validation import check_fraction, check_guidance, check_size, check_steps, weighted
+from triptych.rules.validation import (
+    check_fraction,
+    check_guidance,
+    check_size,
+    check_steps,
+    check_work,
+    weighted,
+)
 from triptych.runtime.codec import decode_tensor, encode_tensor
 from triptych.runtime.components import ComponentCache
 from triptych.runtime.compute import ComputeThreads
@@ -66,6 +73,8 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
         check_size(width, "width", self.limits.max_width, violations)
         check_size(height, "height", self.limits.max_height, violations)
         check_steps(request.steps, "steps", self.limits, violations)
+        if not violations:  # the work budget (rules/validation.py), once width, height and steps are each in range
+            check_work(width, height, request.steps, 1, "steps", self.limits, violations)
         check_guidance(request.guidance_scale, "guidance_scale", self.limits, violations)
         start = request.window.start_fraction if request.window.HasField("start_fraction") else 0.0
         end = request.window.end_fraction if request.window.HasField("end_fraction") else 1.0

@@ -27,6 +27,7 @@ from triptych.rules.validation import (
     check_prompt,
     check_size,
     check_steps,
+    check_work,
     weighted,
 )
 from triptych.serving import timing
@@ -103,6 +104,12 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         count = request.number_results if request.HasField("number_results") else 1
         if not 1 <= count <= self.limits.max_number_results:
             v.append(("number_results", f"must be between 1 and {self.limits.max_number_results} (got {count})"))
+        elif not v:  # every factor is in range: now their product, the work budget
+            size = (
+                request.width if request.HasField("width") else None,
+                request.height if request.HasField("height") else None,
+            )
+            check_work(*size, steps, count, "number_results" if count > 1 else "steps", self.limits, v)
         if request.HasField("output_quality") and not 1 <= request.output_quality <= 100:
             v.append(("output_quality", f"must be between 1 and 100 (got {request.output_quality})"))
         if request.output_format not in decoder_service_pb2.OutputFormat.values():

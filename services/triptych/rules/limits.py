@@ -25,3 +25,6 @@ class Limits(BaseSettings):
     max_prompt_chars: int = 20_000
     max_prompt_chunks: int = 10  # 75-token chunks per prompt (750 tokens); more -> INVALID_ARGUMENT on the prompt
     max_guide_image_bytes: int = 32 * 1024 * 1024
+    # The work budget: width x height x steps x images one request may ask for. Each maximum above alone is fine,
+    # all at once (20 images at 2048² and 150 steps) are about a day on CPU. Default: one image at every maximum.
+    max_pixel_steps: int = 2048 * 2048 * 150

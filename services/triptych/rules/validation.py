@@ -32,6 +32,27 @@ def check_steps(value: int, field: str, limits: Limits, violations: Violations) 
         violations.append((field, f"must be between 1 and {limits.max_steps} (got {value})"))
 
 
+# The size the work budget assumes for an unset width or height: the largest default of any family (SDXL, SD3,
+# FLUX); the model's own default is known only once it is loaded, and the budget is checked before that.
+UNSET_SIZE = 1024
+
+
+def check_work(
+    width: int | None, height: int | None, steps: int, images: int, field: str, limits: Limits, violations: Violations
+) -> None:
+    """The work budget: width x height x steps x images at most limits.max_pixel_steps, checked before any work.
+    Reported on `field`, the first thing to lower (images, else steps); only when each factor is in range itself."""
+    work = (width or UNSET_SIZE) * (height or UNSET_SIZE) * steps * images
+    if work > limits.max_pixel_steps:
+        violations.append(
+            (
+                field,
+                f"width x height x steps x images = {work} pixel-steps; one request may ask for at most "
+                f"{limits.max_pixel_steps} (TRIPTYCH_MAX_PIXEL_STEPS): ask for fewer images, steps or pixels",
+            )
+        )
+
+
 def check_guidance(value: float, field: str, limits: Limits, violations: Violations) -> None:
     if not (math.isfinite(value) and 0.0 <= value <= limits.max_cfg_scale):
         violations.append((field, f"must be between 0 and {limits.max_cfg_scale:g} (got {value})"))
