@@ -14,7 +14,7 @@ from pathlib import Path
 
 from triptych import families
 from triptych.families import Family
-from triptych.serving.errors import InvalidArgument, NotFound
+from triptych.serving.errors import InvalidArgument, ModelLoadFailed, NotFound
 
 _AIR = re.compile(r"^(?P<source>[A-Za-z0-9_.-]+):(?P<id>[A-Za-z0-9_.-]+)@(?P<version>[A-Za-z0-9_.-]+)$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.@:+-]+(/[A-Za-z0-9_.@:+-]+)*$")
@@ -73,8 +73,11 @@ class ModelStore:
             real = path.resolve()
             if not real.is_relative_to(self.root):
                 raise InvalidArgument.one(field, f"{model_id!r} resolves outside the model store")
-            return _describe(model_id, real)
-        raise NotFound(field, f"model {model_id!r} is not in the model store {self.root}")
+            try:
+                return _describe(model_id, real)
+            except (OSError, ValueError) as exc:  # model_index.json or config.json that does not parse
+                raise ModelLoadFailed(model_id, exc) from exc
+        raise NotFound(field, f"model {model_id!r} is not in the model store")  # never the server's path
 
     def list(self) -> list[ModelInfo]:
         """Every model in the store, sorted by id."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,9 +21,11 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from triptych.client import ImageClient, field_violations, open_channel
 from triptych.v1 import (
+    common_pb2,
     denoiser_service_pb2,
     denoiser_service_pb2_grpc,
     encoder_service_pb2,
@@ -369,3 +372,71 @@ def test_a_request_beyond_the_work_budget_is_refused_before_any_work(model_root)
         assert any(
             field == "steps" and "TRIPTYCH_MAX_PIXEL_STEPS" in why for field, why in field_violations(raised.value)
         )
+
+
+@pytest.fixture(scope="module")
+def damaged_store(model_root, tmp_path_factory) -> Path:
+    """tiny/sd15 and the good LoRA, beside copies with damaged files: model_index.json and unet/config.json that are
+    not JSON, a textual-inversion file and a LoRA file that are not safetensors."""
+    root = tmp_path_factory.mktemp("damaged")
+    for name in ("sd15", "bad-index", "bad-unet-config"):
+        shutil.copytree(model_root / "tiny" / "sd15", root / "tiny" / name)
+    (root / "tiny" / "bad-index" / "model_index.json").write_text("{not json")
+    (root / "tiny" / "bad-unet-config" / "unet" / "config.json").write_text("{not json")
+    (root / "tiny" / "ti-bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    (root / "tiny" / "lora-bad.safetensors").write_bytes(b"not a safetensors file at all")
+    return root
+
+
+def _error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    return raised.value
+
+
+def test_damaged_store_files_are_named_by_model_id_and_no_error_carries_a_server_path(damaged_store):
+    """Damaged files are FAILED_PRECONDITION naming the model id (never INTERNAL); nothing that is missing or
+    damaged is reported with a path on the server, in the message or in the status details."""
+    with (
+        running("encoder", damaged_store) as encoder,
+        running("denoiser", damaged_store) as denoiser,
+        open_channel(encoder.address) as enc_channel,
+        open_channel(denoiser.address) as den_channel,
+    ):
+        encode = encoder_service_pb2_grpc.TextEncoderServiceStub(enc_channel).Encode
+        denoise = denoiser_service_pb2_grpc.DenoiserServiceStub(den_channel).Denoise
+        good = encode(encoder_service_pb2.EncodeRequest(model="tiny/sd15", positive_prompt="a fox"), timeout=60)
+
+        def encoding(model="tiny/sd15", **fields):
+            request = encoder_service_pb2.EncodeRequest(model=model, positive_prompt="a fox", **fields)
+            return lambda: encode(request, timeout=60)
+
+        def denoising(model="tiny/sd15", **fields):
+            request = denoiser_service_pb2.DenoiseRequest(
+                model=model, positive=good.positive, width=64, height=64, steps=2, seed=1, **fields
+            )
+            return lambda: list(denoise(request, timeout=60))
+
+        lora = common_pb2.Lora
+        embedding = common_pb2.TextualInversion
+        cases = {
+            "tiny/bad-index": ("FAILED_PRECONDITION", encoding("tiny/bad-index")),
+            "tiny/bad-unet-config": ("FAILED_PRECONDITION", denoising("tiny/bad-unet-config")),
+            "tiny/ti-bad": ("FAILED_PRECONDITION", encoding(embeddings=[embedding(model="tiny/ti-bad")])),
+            # A LoRA file that does not read may be damaged or in a format we do not read: INVALID_ARGUMENT.
+            "tiny/lora-bad": ("INVALID_ARGUMENT", encoding(loras=[lora(model="tiny/lora-bad")])),
+            "tiny/lora-bad ": ("INVALID_ARGUMENT", denoising(loras=[lora(model="tiny/lora-bad")])),
+            "tiny/missing": ("NOT_FOUND", encoding("tiny/missing")),
+            "tiny/no-lora": ("NOT_FOUND", encoding(loras=[lora(model="tiny/no-lora")])),
+            "tiny/no-ti": ("NOT_FOUND", encoding(embeddings=[embedding(model="tiny/no-ti")])),
+            "tiny/no-unet": ("NOT_FOUND", denoising("tiny/no-unet")),
+        }
+        seen = {}
+        for model, (_, call) in cases.items():
+            error = _error(call)
+            status = rpc_status.from_call(error)
+            seen[model] = (error.code().name, error.details(), str(status))
+    wrong = {m: s[:2] for m, s in seen.items() if s[0] != cases[m][0] or m.strip() not in s[1]}
+    assert not wrong, f"wrong code, or the model id not named: {wrong}"
+    leaks = {m: s[1] for m, s in seen.items() if str(damaged_store) in s[2] or "/tmp/" in s[2]}
+    assert not leaks, f"server paths in errors: {leaks}"

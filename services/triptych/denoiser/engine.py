@@ -26,7 +26,7 @@ from triptych.runtime.components import ComponentCache, LoadedModel
 from triptych.runtime.compute import ComputeThreads
 from triptych.runtime.lora import LoraAdapters
 from triptych.runtime.placement import CPU_FLOAT32, Placement, compile_in_place
-from triptych.serving.errors import Cancelled, InvalidArgument
+from triptych.serving.errors import Cancelled, InvalidArgument, ModelLoadFailed
 
 __all__ = ["Conditioning", "DenoiseJob", "DenoiseOutcome", "DenoiserEngine", "StepDone"]
 
@@ -174,7 +174,10 @@ class DenoiserEngine:
         against the UNet's config, a window's latents, each ControlNet's id. Runs before the request queues, so
         a malformed one is refused at once instead of after the jobs ahead of it."""
         family = info.family
-        config = family.network_config(info)
+        try:
+            config = family.network_config(info)
+        except (OSError, ValueError) as exc:  # a damaged config.json: the store needs fixing, not the request
+            raise ModelLoadFailed(info.model_id, exc) from exc
         height, width = output_size(config, job, family)
         do_cfg = family.uses_cfg(config, job.guidance_scale)
         expected = family.text_width(config)

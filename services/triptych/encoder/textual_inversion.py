@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from triptych.model_store import ModelStore
-from triptych.serving.errors import InvalidArgument
+from triptych.serving.errors import InvalidArgument, ModelLoadFailed
 
 PLACEHOLDER_ID = 0  # an ordinary token id: never BOS/EOS, so pooling and padding are unaffected
 
@@ -84,9 +85,13 @@ class EmbeddingFiles:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
+        try:
+            parsed = _parse(info.path, field)
+        except (OSError, ValueError, SafetensorError) as exc:  # a damaged file: the store needs fixing
+            raise ModelLoadFailed(model_id, exc) from exc
         vectors = {
             name: (t if t.ndim == 2 else t.reshape(-1, t.shape[-1])).to(torch.float32).contiguous()
-            for name, t in _parse(info.path, field).items()
+            for name, t in parsed.items()
         }
         embedding = Embedding(info.path.stem, vectors, key)
         with self._lock:

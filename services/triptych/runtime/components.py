@@ -57,8 +57,7 @@ def _load_or_explain(key: str, load: Callable[[], LoadedModel]) -> LoadedModel:
         torch = sys.modules.get("torch")  # only for the OOM type; never imported here (the gateway has no torch)
         if torch is not None and isinstance(exc, torch.OutOfMemoryError):
             raise
-        log.warning("model %r failed to load: %s: %s", key, type(exc).__name__, exc)
-        raise ModelLoadFailed(key, exc) from exc
+        raise ModelLoadFailed(key, exc) from exc  # which logs the cause
 
 
 class ComponentCache:

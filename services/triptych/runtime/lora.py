@@ -16,6 +16,7 @@ UNet is never recompiled for a LoRA switch, and no step pays for LoRA matmuls (C
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -29,6 +30,8 @@ from peft.tuners.lora import LoraLayer
 from triptych.families import Family
 from triptych.model_store import ModelStore
 from triptych.serving.errors import InvalidArgument
+
+log = logging.getLogger("triptych")
 
 
 def adapter_name(model_id: str, path: Path) -> str:
@@ -82,8 +85,14 @@ class LoraAdapters:
         per target whether the file had weights for it."""
         try:
             state_dict, alphas, metadata = family.read_lora(path)
-        except (ValueError, KeyError, OSError) as exc:
-            raise InvalidArgument.one(field_name, f"cannot read LoRA {path.name}: {exc}") from exc
+        except (ValueError, KeyError, OSError) as exc:  # the cause's text names server paths: logged, not sent
+            model = path.relative_to(self.store.root).with_suffix("").as_posix()  # the id, never the server path
+            log.warning("LoRA %r cannot be read: %s: %s", model, type(exc).__name__, exc)
+            raise InvalidArgument.one(
+                field_name,
+                f"cannot read LoRA {model!r} ({type(exc).__name__}): the file is damaged or not a LoRA in a "
+                "format diffusers reads (the service log has the details)",
+            ) from exc
         # As diffusers' load_lora_weights ("Invalid LoRA checkpoint"): a model's weights file is not a LoRA.
         if not state_dict or not all("lora" in key for key in state_dict):
             raise InvalidArgument.one(field_name, f"{path.name} is not a LoRA (its keys are not LoRA weights)")

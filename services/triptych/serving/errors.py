@@ -6,12 +6,15 @@ calls context.abort.
 
 from __future__ import annotations
 
+import logging
 import re
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+log = logging.getLogger("triptych")
 
 
 def _precondition_failure(kind: str, subject: str, description: str) -> any_pb2.Any:
@@ -126,6 +129,7 @@ class ModelLoadFailed(TriptychError):
     def __init__(self, model_id: str, cause: BaseException):
         self.model_id = model_id
         # The cause's text names paths on the server: it goes to the service log, not to the caller.
+        log.warning("model %r failed to load: %s: %s", model_id, type(cause).__name__, cause)
         super().__init__(
             f"model {model_id!r} is in the model store but failed to load ({type(cause).__name__}); its files "
             "are damaged or incomplete: rebuild or replace them (the service log has the details)"

@@ -33,7 +33,9 @@ VERSION = "0.1.0"
 
 def _internal(method: str, exc: BaseException) -> grpc.Status:
     log.error("unexpected error in %s: %s", method, "".join(traceback.format_exception(exc)))
-    status = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {exc!r}")
+    # The exception's text may name paths on the server: it goes to the log above, the caller gets its type.
+    message = f"internal error ({type(exc).__name__}); the service log has the details"
+    status = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message=message)
     return rpc_status.to_status(status)
 
 
