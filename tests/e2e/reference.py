@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from triptych.rules.scheduler_table import parse_scheduler
+from triptych import families
+from triptych.rules.scheduler_table import TABLE, parse_scheduler
 from triptych.v1 import image_service_pb2
 
 # A diffusers reference: called with the scheduler name and a pipeline call's keyword arguments, returns the image.
@@ -25,8 +26,10 @@ def pixels(png: bytes) -> np.ndarray:
 
 
 def set_scheduler(pipe, name: str) -> None:
-    """The scheduler a name means: Class.from_config(the model's own config, **options), as DESIGN.md says."""
-    choice = parse_scheduler(name)
+    """The scheduler a name means in the pipeline's family's table: Class.from_config(the model's own config,
+    **options), as DESIGN.md says."""
+    family = families.for_pipeline(type(pipe).__name__)
+    choice = parse_scheduler(name, table=family.scheduler_table if family else TABLE)
     if choice.class_name is not None:
         pipe.scheduler = getattr(diffusers, choice.class_name).from_config(pipe.scheduler.config, **choice.options)
 
@@ -97,7 +100,8 @@ class Oracle:
     def pipe(self, model: str):
         """The model's own diffusers pipeline, with its original scheduler (a test may have replaced it)."""
         if model not in self._pipes:
-            cls = diffusers.StableDiffusionXLPipeline if "sdxl" in model else diffusers.StableDiffusionPipeline
+            # The refiner as SDXL's text-to-image pipeline; every other model as its model_index.json names it.
+            cls = diffusers.StableDiffusionXLPipeline if "sdxl" in model else diffusers.DiffusionPipeline
             pipe = cls.from_pretrained(self.root / model)
             pipe.set_progress_bar_config(disable=True)
             self._pipes[model] = (pipe, pipe.scheduler)

@@ -1,6 +1,7 @@
 """FLUX and SD3 through the split chain (four processes, real gRPC) against diffusers' FluxPipeline and
-StableDiffusion3Pipeline on the tiny weights: pixel-identical PNGs; the encoder's output equals the pipelines'
-encode_prompt bit for bit; each process holds only its own components; bad input names its field."""
+StableDiffusion3Pipeline on the tiny weights (plain requests: test_oracle.py's cases): T5 lengths, LoRA, the
+encoder's output equal to the pipelines' encode_prompt bit for bit, each process holding only its own components,
+bad input naming its field."""
 
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.e2e.reference import Oracle, pixels
-from triptych import families
+from tests.e2e.reference import Oracle, pipeline, pixels
 from triptych.client import field_violations, open_channel
-from triptych.rules.scheduler_table import parse_scheduler
 from triptych.v1 import (
     encoder_service_pb2,
     encoder_service_pb2_grpc,
@@ -22,76 +21,16 @@ from triptych.v1 import (
     runtime_service_pb2_grpc,
 )
 
-FIELDS = ("model", "positive_prompt", "negative_prompt", "seed", "scheduler", "width", "height", "cfg_scale", "steps")
-CASES = [
-    ("tiny/flux", "a red fox", "", 7, "", 128, 128, 3.5, 4),
-    ("tiny/flux", "a castle on a hill, oil painting", "", 123, "Euler", 64, 96, 1.0, 6),
-    ("tiny/flux", "", "", 2**64 - 1, "Default", 96, 64, 7.0, 3),
-    ("tiny/sd3", "a red fox", "", 7, "", 128, 128, 7.0, 4),
-    ("tiny/sd3", "a lighthouse at dusk", "fog", 99, "Euler", 96, 64, 5.0, 6),
-    ("tiny/sd3", "tree", "blurry", 5, "Default", 64, 64, 1.0, 3),
-]
 
-
-@pytest.fixture(scope="module")
-def pipes(model_root):
-    """Each flow model's own diffusers pipeline, loaded once (the class its model_index.json names)."""
-    loaded = {}
-    for model in ("tiny/flux", "tiny/sd3"):
-        pipe = diffusers.DiffusionPipeline.from_pretrained(model_root / model)
-        pipe.set_progress_bar_config(disable=True)
-        loaded[model] = pipe
-    return loaded
-
-
-def reference(pipe, request: dict, **extras) -> np.ndarray:
-    """The request through the diffusers pipeline; the scheduler from the family's own table."""
-    family = families.for_pipeline(type(pipe).__name__)
-    choice = parse_scheduler(request.get("scheduler", ""), table=family.scheduler_table)
-    original = pipe.scheduler
-    if choice.class_name is not None:
-        pipe.scheduler = getattr(diffusers, choice.class_name).from_config(original.config, **choice.options)
-    kwargs = dict(
-        prompt=request.get("positive_prompt", ""),
-        num_inference_steps=request["steps"],
-        guidance_scale=request.get("cfg_scale", 7.0),
-        width=request["width"],
-        height=request["height"],
-        generator=torch.Generator("cpu").manual_seed(request["seed"]),
-    )
-    if family.takes_negative_prompt:
-        kwargs["negative_prompt"] = request.get("negative_prompt") or None
-    try:
-        return np.asarray(pipe(**kwargs, **extras).images[0])
-    finally:
-        pipe.scheduler = original
-
-
-def compare(client, pipes, request: dict, **extras):
-    chained = Oracle.chain(client, request)
-    expected = reference(pipes[request["model"]], request, **extras)
-    difference = np.abs(chained.pixels.astype(int) - expected.astype(int)).max()
-    assert np.array_equal(chained.pixels, expected), f"max diff {difference}"
-    return chained
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(map(str, case)))
-def test_chain_equals_diffusers(client, pipes, case):
-    request = dict(zip(FIELDS, case, strict=True))
-    chained = compare(client, pipes, request)
-    assert chained.image.seed == request["seed"]
-    assert chained.image.scheduler_class == "FlowMatchEulerDiscreteScheduler"
-
-
-def test_max_sequence_length_equals_diffusers_and_truncation_is_noted(client, pipes):
+def test_max_sequence_length_equals_diffusers_and_truncation_is_noted(client, oracle):
     long_prompt = " ".join(["a red fox in a dark forest"] * 8)
     for model, length in (("tiny/flux", 16), ("tiny/sd3", 24)):
         request = dict(model=model, positive_prompt=long_prompt, seed=3, width=64, height=64, steps=3, cfg_scale=4.0)
-        chained = compare(client, pipes, {**request, "max_sequence_length": length}, max_sequence_length=length)
+        chained = oracle.compare(client, {**request, "max_sequence_length": length}, max_sequence_length=length)
         assert any(f"first {length} tokens" in note for note in chained.image.notes), chained.image.notes
 
 
-def test_flux_negative_prompt_is_ignored_and_noted(client, pipes):
+def test_flux_negative_prompt_is_ignored_and_noted(client):
     request = dict(model="tiny/flux", positive_prompt="a boat", seed=8, width=64, height=64, steps=3, cfg_scale=3.5)
     plain = Oracle.chain(client, request)
     negative = Oracle.chain(client, {**request, "negative_prompt": "ugly"})
@@ -107,8 +46,8 @@ def test_flux_guidance_changes_the_image(client):
 
 
 @pytest.mark.parametrize("model", ["tiny/flux", "tiny/sd3"])
-def test_encoder_equals_encode_prompt(services, pipes, model):
-    pipe = pipes[model]
+def test_encoder_equals_encode_prompt(services, oracle, model):
+    pipe = oracle.pipe(model)
     with open_channel(services.addresses["encoder"]) as channel:
         stub = encoder_service_pb2_grpc.TextEncoderServiceStub(channel)
         reply = stub.Encode(
@@ -195,7 +134,7 @@ def test_list_schedulers_answers_per_family(services):
         ("tiny/sd3", [("lora-sd3", -0.6)]),
     ],
 )
-def test_lora_equals_diffusers(client, model_root, model, loras):
+def test_lora_equals_diffusers(client, oracle, model_root, model, loras):
     """Reference: diffusers' load_lora_weights + set_adapters on the family's own pipeline."""
     pipe = diffusers.DiffusionPipeline.from_pretrained(model_root / model)
     pipe.set_progress_bar_config(disable=True)
@@ -207,9 +146,7 @@ def test_lora_equals_diffusers(client, model_root, model, loras):
         model=model, positive_prompt="a red fox", seed=4, width=64, height=64, steps=3, cfg_scale=4.0,
         lora=[dict(model=f"tiny/{file}", weight=weight) for file, weight in loras],
     )  # fmt: skip
-    chained = Oracle.chain(client, request)
-    expected = reference(pipe, request)
-    assert np.array_equal(chained.pixels, expected)
+    chained = oracle.compare(client, request, pipeline(pipe))
     plain = Oracle.chain(client, {key: value for key, value in request.items() if key != "lora"})
     assert not np.array_equal(plain.pixels, chained.pixels), "the LoRA changes the image"
 

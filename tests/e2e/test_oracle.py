@@ -20,6 +20,13 @@ CASES = [
     ("tiny/sdxl", "a lighthouse at dusk", "fog", 99, "Euler", 96, 64, 6.0, 10),
     ("tiny/sdxl", "tree", "", 5, "DPM++ 2M", 64, 64, 1.0, 8),
     ("tiny/sdxl", "city", "rain", 2**40, "Euler a", 64, 128, 4.0, 8),
+    # FLUX: CFGScale is the distilled guidance (no negative prompt); SD3: true CFG. Their table: Default, Euler.
+    ("tiny/flux", "a red fox", "", 7, "", 128, 128, 3.5, 4),
+    ("tiny/flux", "a castle on a hill, oil painting", "", 123, "Euler", 64, 96, 1.0, 6),
+    ("tiny/flux", "", "", 2**64 - 1, "Default", 96, 64, 7.0, 3),
+    ("tiny/sd3", "a red fox", "", 7, "", 128, 128, 7.0, 4),
+    ("tiny/sd3", "a lighthouse at dusk", "fog", 99, "Euler", 96, 64, 5.0, 6),
+    ("tiny/sd3", "tree", "blurry", 5, "Default", 64, 64, 1.0, 3),
 ]
 
 
