@@ -73,7 +73,7 @@ def unscale_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
 class Family:
     """A model family. Subclasses set the class attributes and override the methods their models need."""
 
-    name: ClassVar[str]  # "sd1", "sdxl"
+    name: ClassVar[str]  # "sd1", "sdxl", "sd3", "flux"
     pipeline_classes: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s that belong to this family
     text_encoders: ClassVar[tuple[TextEncoderSlot, ...]]
     # The CLIP layer used without clip skip, counted back from the last (SD1.x the last, SDXL the penultimate).
