@@ -25,6 +25,7 @@ from triptych.serving.errors import InvalidArgument, ResourceExhausted, Triptych
 from triptych.serving.probes import ProbeStreams
 from triptych.serving.security import describe, server_credentials, server_interceptors
 from triptych.serving.settings import ConfigurationError, Settings
+from triptych.serving.threads import choose_threads, usable_cpus
 from triptych.v1 import runtime_service_pb2, runtime_service_pb2_grpc
 
 log = logging.getLogger("triptych")
@@ -377,8 +378,11 @@ def serve_forever(service: Service, settings: Settings, port: int) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {service.role} %(levelname)s %(message)s")
     if settings.keep_freed_memory and not keep_freed_memory():
         log.info("keep_freed_memory: not glibc, left as it is")
-    if settings.torch_threads > 0 and "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(settings.torch_threads)
+    if "torch" in sys.modules:  # the gateway never imports torch
+        threads, warning = choose_threads(settings.torch_threads, settings.replicas_per_host, usable_cpus())
+        if warning:
+            log.warning("%s", warning)
+        sys.modules["torch"].set_num_threads(threads)
     preload(service, settings.preload_models)
     drain = Drain(settings.max_workers)
     server, bound, health_servicer = start(service, settings, port, drain)

@@ -108,7 +108,15 @@ class Settings(BaseSettings):
         description="denoiser LoRAs: peft adapter layers beside the weights, or merged into the weights (a LoRA "
         "switch never recompiles a compiled UNet); auto = merged when compile is on",
     )
-    torch_threads: int = Field(0, description="torch intra-op threads per process; 0 = torch's default")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads per process; 0 = the CPUs this process may use (affinity, cgroup quota) "
+        "divided by replicas_per_host",
+    )
+    replicas_per_host: int = Field(
+        1, ge=1, description="torch service processes sharing this host's CPUs (for the default torch_threads)"
+    )
     keep_freed_memory: bool = Field(
         True, description="glibc malloc keeps freed memory for reuse (no per-step page faults; RSS stays at its peak)"
     )
