@@ -9,6 +9,7 @@ bad ranges get clear errors.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -109,7 +110,9 @@ def test_encode_into_a_range_matches_the_bytes_answer(stubs, region):
 def test_outputs_that_do_not_fit_come_back_as_bytes(stubs, region):
     plain = stubs.encoder.Encode(tiny_encode(), timeout=DEADLINE_S)
     pooled_size = len(plain.positive.prompt_embeds.data) - 1  # too small for the prompt embeddings
-    shared = stubs.encoder.Encode(tiny_encode(output_shared_memory=region.slice(0, pooled_size)), timeout=DEADLINE_S)
+    shared = stubs.encoder.Encode(
+        tiny_encode(output_shared_memory=region.slice(shm.HEADER, pooled_size)), timeout=DEADLINE_S
+    )
     assert shared.positive.prompt_embeds.data == plain.positive.prompt_embeds.data
     assert not shared.positive.prompt_embeds.HasField("shared_memory")
 
@@ -140,14 +143,16 @@ def _shared(region: tensor_pb2.SharedMemoryRegion, size: int = 1 * 4 * 8 * 8 * 4
         ("outside the object", "latents.shared_memory"),
         ("wrong size", "latents.shared_memory.byte_size"),
         ("data too", "latents.shared_memory"),
+        ("in the header", "latents.shared_memory.offset"),
     ],
 )
 def test_bad_ranges_are_invalid_argument_naming_the_field(stubs, region, case, field):
     changes = {
         "bad name": _shared(tensor_pb2.SharedMemoryRegion(name="/etc/passwd", byte_size=1024)),
         "outside the object": _shared(region.slice((1 << 20) - 512, 1024)),
-        "wrong size": _shared(region.slice(0, 1000)),
-        "data too": _shared(region.slice(0, 1024), data=bytes(1024)),
+        "wrong size": _shared(region.slice(shm.HEADER, 1000)),
+        "data too": _shared(region.slice(shm.HEADER, 1024), data=bytes(1024)),
+        "in the header": _shared(region.slice(0, 1024)),
     }[case]
     with pytest.raises(grpc.RpcError) as raised:
         stubs.decoder.Decode(tiny_decode(**changes), timeout=DEADLINE_S)
@@ -168,3 +173,44 @@ def test_a_missing_object_is_failed_precondition_of_type_shared_memory(stubs):
     with pytest.raises(grpc.RpcError) as raised:
         stubs.encoder.Encode(tiny_encode(output_shared_memory=missing), timeout=DEADLINE_S)
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_range_opens_only_with_its_owners_current_capability(stubs, region):
+    """Issue 15, finding 7: anyone can list /dev/shm and name a gateway's region; without the capability its
+    owner wrote into the header (renewed per call), a backend neither reads nor writes it."""
+    latents = np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with open(shm.SHM_DIR + region.name, "r+b") as file:
+        file.seek(4096)
+        file.write(latents.tobytes())
+    before = Path(shm.SHM_DIR + region.name).read_bytes()
+    stolen = region.slice(4096, latents.nbytes)
+    guesses = {"none": b"", "another": bytes(32), "stale": stolen.capability}
+    region.renew()  # as the pool does before it hands the region to the next call: the old capability is stale
+    for name, capability in guesses.items():
+        wire = tensor(latents)
+        wire.ClearField("data")
+        wire.shared_memory.CopyFrom(stolen)
+        wire.shared_memory.capability = capability
+        with pytest.raises(grpc.RpcError) as raised:
+            stubs.decoder.Decode(tiny_decode(latents=wire), timeout=DEADLINE_S)
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+        output = region.slice(shm.HEADER, 1 << 19)
+        output.capability = capability
+        with pytest.raises(grpc.RpcError) as raised:
+            stubs.encoder.Encode(tiny_encode(output_shared_memory=output), timeout=DEADLINE_S)
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+    after = Path(shm.SHM_DIR + region.name).read_bytes()
+    assert after[shm.HEADER :] == before[shm.HEADER :], "nothing was written into the region"
+    stubs.decoder.Decode(tiny_decode(), timeout=DEADLINE_S)  # still serving
+
+
+def test_the_gateways_pooled_regions_refuse_a_stranger(client, stubs):
+    """The attack as found: a caller lists the gateway's regions and asks the encoder to write into them."""
+    client.generate(tiny_generate(**REQUEST))  # the gateway now has pooled regions in /dev/shm
+    names = sorted(name for name in regions_on_host() if name.startswith("triptych-gw-"))
+    assert names
+    for name in names:
+        target = tensor_pb2.SharedMemoryRegion(name="/" + name, offset=shm.HEADER, byte_size=1 << 19)
+        with pytest.raises(grpc.RpcError) as raised:
+            stubs.encoder.Encode(tiny_encode(output_shared_memory=target), timeout=DEADLINE_S)
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -90,8 +90,9 @@ class SharedMemory:
     # An SDXL encode at the prompt limit (2 prompts x 10 chunks x 77 x 2048 float32) is 12.6 MB; latents at
     # 2048² are 1 MiB. Sparse in /dev/shm: only what a call writes takes memory.
     SLICES = {"encode": 16 << 20, "refiner_encode": 16 << 20, "denoise": 4 << 20, "refine": 4 << 20}
-    OFFSETS = dict(zip(SLICES, itertools.accumulate(SLICES.values(), initial=0), strict=False))
-    SIZE = sum(SLICES.values())
+    # After the region's header (magic and capability): tensors never share a page with it.
+    OFFSETS = dict(zip(SLICES, itertools.accumulate(SLICES.values(), initial=4096), strict=False))
+    SIZE = 4096 + sum(SLICES.values())
 
     def __init__(self, enabled: bool, keep: int):
         self.enabled = enabled and shm.enabled()

@@ -117,6 +117,12 @@ class Unauthenticated(TriptychError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDenied(TriptychError):
+    """The call may not use what it names (e.g. a shared-memory range whose capability does not match)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ModelLoadFailed(TriptychError):
     """A model exists in the store but its files do not load (corrupt, truncated, wrong format).
 

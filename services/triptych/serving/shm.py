@@ -4,6 +4,13 @@ The caller owns every object (creates it, keeps it for the call, removes it); se
 range, or write their outputs into a range the caller offered (triptych.v1.SharedMemoryRegion). Objects are
 files in /dev/shm, which is what shm_open(3) uses on Linux; plain os calls, no torch, so the gateway can own
 regions too.
+
+Trust boundary: names in /dev/shm are visible to every local user, and a remote caller of a backend may name any
+object. So an object begins with a 64-byte header, a magic string and a 32-byte random capability that its owner
+writes and renews for every call that uses the object; a backend opens a range only when the request carries that
+capability (compared in constant time), and only after the header. A caller who is not the owner, or an earlier
+call of the owner's, cannot read or write another call's tensors. Local processes running as the owner's user can
+read the header, as they can read its memory: the boundary is the user, as for any file (docs/security.md).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import hmac
 import logging
 import os
 import re
@@ -21,12 +29,15 @@ import threading
 
 from google.protobuf.message import Message
 
-from triptych.serving.errors import InvalidArgument, SharedMemoryUnavailable
+from triptych.serving.errors import InvalidArgument, PermissionDenied, SharedMemoryUnavailable
 from triptych.v1 import tensor_pb2
 
 SHM_DIR = "/dev/shm"
 NAME = re.compile(r"/triptych-[A-Za-z0-9_-]{1,64}")
 ALIGN = 64  # every tensor a writer places starts at a multiple of this, from the object's start
+MAGIC = b"TRIPTYCH-SHM-V1\n"  # 16 bytes
+CAPABILITY_BYTES = 32
+HEADER = 64  # magic, capability, reserved: ranges start at or after this offset
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +76,21 @@ def _open(region: tensor_pb2.SharedMemoryRegion, field: str, flags: int) -> int:
         os.close(fd)
         raise SharedMemoryUnavailable(field, f"{region.name} is not a shared-memory object")
     size = status.st_size
-    if region.offset + region.byte_size > size:
+    try:
+        if region.offset < HEADER:
+            raise InvalidArgument.one(f"{field}.offset", f"a range starts at or after the {HEADER}-byte header")
+        if region.offset + region.byte_size > size:
+            raise InvalidArgument.one(
+                field, f"range {region.offset}+{region.byte_size} lies outside {region.name} ({size} bytes)"
+            )
+        header = os.pread(fd, HEADER, 0)
+        if not header.startswith(MAGIC) or not hmac.compare_digest(
+            header[len(MAGIC) : len(MAGIC) + CAPABILITY_BYTES], region.capability
+        ):
+            raise PermissionDenied(f"{field}.capability: does not open {region.name} (not its owner's, or stale)")
+    except BaseException:
         os.close(fd)
-        raise InvalidArgument.one(
-            field, f"range {region.offset}+{region.byte_size} lies outside {region.name} ({size} bytes)"
-        )
+        raise
     return fd
 
 
@@ -127,14 +148,17 @@ class Writer:
             return None
         self._used = start + size - self.region.offset
         counters["shared_memory_writes"] += 1
-        return tensor_pb2.SharedMemoryRegion(name=self.region.name, offset=start, byte_size=size)
+        return tensor_pb2.SharedMemoryRegion(
+            name=self.region.name, offset=start, byte_size=size, capability=self.region.capability
+        )
 
 
 class OwnedRegion:
     """A shared-memory object this process created (mode 0600) and removes in close(); sparse until written.
 
     Named /triptych-gw-…, and locked (flock) for as long as it lives: the lock goes with the process, so
-    `sweep_orphans` can tell the object of a killed owner (SIGKILL, OOM) from one in use.
+    `sweep_orphans` can tell the object of a killed owner (SIGKILL, OOM) from one in use. Its header carries the
+    capability that opens its ranges; `renew()` replaces it (a pooled region, before each call).
     """
 
     PREFIX = "/triptych-gw-"
@@ -149,6 +173,7 @@ class OwnedRegion:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(self._fd, size)
+            self.renew()
             os.rename(draft, SHM_DIR + self.name)
         except BaseException:
             os.close(self._fd)
@@ -156,8 +181,14 @@ class OwnedRegion:
                 os.unlink(draft)
             raise
 
+    def renew(self) -> None:
+        """A fresh capability in the header: ranges handed out before no longer open the object."""
+        self.capability = secrets.token_bytes(CAPABILITY_BYTES)
+        os.pwrite(self._fd, MAGIC + self.capability, 0)
+
     def slice(self, offset: int, size: int) -> tensor_pb2.SharedMemoryRegion:
-        return tensor_pb2.SharedMemoryRegion(name=self.name, offset=offset, byte_size=size)
+        """A range of the object (offset >= HEADER) with the capability that opens it."""
+        return tensor_pb2.SharedMemoryRegion(name=self.name, offset=offset, byte_size=size, capability=self.capability)
 
     def close(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -215,9 +246,11 @@ class RegionPool:
 
     def take(self) -> OwnedRegion:
         with self._lock:
-            if self._free:
-                return self._free.pop()
-        return OwnedRegion(self.size)
+            region = self._free.pop() if self._free else None
+        if region is None:
+            return OwnedRegion(self.size)
+        region.renew()  # whatever the previous call handed out opens it no more
+        return region
 
     def give_back(self, region: OwnedRegion, clean: bool) -> None:
         with self._lock:
