@@ -30,6 +30,7 @@ from triptych.rules.validation import (
     check_work,
     weighted,
 )
+from triptych.runtime.admission import BoundedQueue  # torch-free
 from triptych.serving import timing
 from triptych.serving.errors import InvalidArgument, Relayed
 from triptych.serving.security import is_loopback, outgoing_channel
@@ -78,6 +79,9 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         self.encoder = encoder_service_pb2_grpc.TextEncoderServiceStub(channels["encoder"])
         self.denoiser = denoiser_service_pb2_grpc.DenoiserServiceStub(channels["denoiser"])
         self.decoder = decoder_service_pb2_grpc.DecoderServiceStub(channels["decoder"])
+        # Admission against the denoisers' capacity, before encoding: a request they would refuse costs nothing.
+        capacity = settings.denoiser_queue_per_model * len(address_hosts(settings.denoiser_address))
+        self.admission = BoundedQueue(settings.gateway_queue_per_model or capacity, "generate")
         # Ready only while every backend serves (gateway/readiness.py), checked over the same channels.
         self.readiness = Readiness(
             [
@@ -158,13 +162,14 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
 
     def Generate(self, request, context):
         self.validate(request)
-        transport = Transport(self.shared_memory)
-        calls = Calls(context, transport)
-        try:
-            yield from self._generate(request, calls)
-            transport.clean = True  # every downstream call has returned: nothing writes into the region any more
-        finally:
-            transport.close()
+        with self.admission.slot(request.model):  # RESOURCE_EXHAUSTED at once when the model's denoisers are full
+            transport = Transport(self.shared_memory)
+            calls = Calls(context, transport)
+            try:
+                yield from self._generate(request, calls)
+                transport.clean = True  # every downstream call has returned: nothing writes into the region any more
+            finally:
+                transport.close()
         timing.append(context, calls.clock.metrics())  # the stages; the interceptor adds `total` after them
 
     def _generate(self, request, calls: Calls):

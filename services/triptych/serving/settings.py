@@ -136,6 +136,12 @@ class Settings(BaseSettings):
         4, ge=1, description="of max_probe_streams, the most one caller host may hold open"
     )
     max_message_bytes: int = Field(256 * 1024 * 1024, description="gRPC send/receive limit, both ends")
+    stream_write_timeout_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="a streamed response (Denoise, Generate) the server cannot write for this long, because its "
+        "caller does not read, is cancelled and frees its slot; 0 = wait forever",
+    )
     shutdown_grace_seconds: float = Field(30.0, description="time in-flight calls get after SIGTERM")
     max_loaded_models: int = Field(
         4,
@@ -149,6 +155,13 @@ class Settings(BaseSettings):
     )
     denoiser_queue_per_model: int = Field(
         16, description="denoise requests per model admitted at once (running + waiting); more → RESOURCE_EXHAUSTED"
+    )
+    gateway_queue_per_model: int = Field(
+        0,
+        ge=0,
+        description="Generates per model a gateway admits at once, before any downstream work (more → "
+        "RESOURCE_EXHAUSTED, so overload costs no encoding); 0 = denoiser_queue_per_model x the denoiser replicas "
+        "in denoiser_address",
     )
     lora_cache_bytes: int = Field(
         1024**3, description="bytes of LoRA adapters kept injected per model component (LRU beyond it)"
