@@ -440,3 +440,43 @@ def test_damaged_store_files_are_named_by_model_id_and_no_error_carries_a_server
     assert not wrong, f"wrong code, or the model id not named: {wrong}"
     leaks = {m: s[1] for m, s in seen.items() if str(damaged_store) in s[2] or "/tmp/" in s[2]}
     assert not leaks, f"server paths in errors: {leaks}"
+
+
+def test_a_caller_that_never_reads_its_denoise_stream_loses_its_queue_slot(model_root):
+    """Two Denoise streams whose caller never reads them (a small flow-control window, a preview every step) fill
+    a model's queue (2 slots here). The server cannot write to them; within the write bound (2 s here) they are
+    cancelled and their slots freed, so another caller is served instead of refused RESOURCE_EXHAUSTED."""
+    with (
+        running("encoder", model_root) as encoder,
+        running("denoiser", model_root, denoiser_queue_per_model="2", stream_write_timeout_seconds="2") as denoiser,
+    ):
+        good = _encode(encoder.address)
+        request = denoiser_service_pb2.DenoiseRequest(
+            model="tiny/sd15", positive=good.positive, width=256, height=256, steps=60, seed=1,
+            preview_interval_steps=1,
+        )  # fmt: skip
+        stalled_options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        stalled = grpc.insecure_channel(denoiser.address, options=stalled_options)
+        stub = denoiser_service_pb2_grpc.DenoiserServiceStub(stalled)
+        never_read = [stub.Denoise(request) for _ in range(2)]  # started, never iterated
+        time.sleep(1.0)
+        small = denoiser_service_pb2.DenoiseRequest(
+            model="tiny/sd15", positive=good.positive, width=64, height=64, steps=2, seed=2
+        )
+        outcomes: list[str] = []
+        deadline = time.monotonic() + 30
+        with open_channel(denoiser.address) as channel:
+            denoise = denoiser_service_pb2_grpc.DenoiserServiceStub(channel).Denoise
+            while time.monotonic() < deadline:
+                try:
+                    list(denoise(small, timeout=30))
+                    outcomes.append("OK")
+                    break
+                except grpc.RpcError as exc:
+                    outcomes.append(exc.code().name)
+                    time.sleep(0.5)
+        for call in never_read:
+            call.cancel()
+        stalled.close()
+    assert outcomes[-1] == "OK", f"the queue stayed full 30 s: {outcomes}"
+    assert len(outcomes) <= 16, f"served only after {len(outcomes)} tries: {outcomes}"

@@ -21,11 +21,13 @@ from grpc_status import rpc_status
 
 from triptych.runtime.components import LoadedComponent
 from triptych.serving import message_limits, shm, timing
-from triptych.serving.errors import InvalidArgument, ResourceExhausted, TriptychError, Unavailable
+from triptych.serving.drain import Drain
+from triptych.serving.errors import InvalidArgument, ResourceExhausted, TriptychError
 from triptych.serving.probes import ProbeStreams
 from triptych.serving.security import describe, server_credentials, server_interceptors
 from triptych.serving.settings import ConfigurationError, Settings
 from triptych.serving.threads import choose_threads, usable_cpus
+from triptych.serving.write_bound import WriteBound
 from triptych.v1 import runtime_service_pb2, runtime_service_pb2_grpc
 
 log = logging.getLogger("triptych")
@@ -82,45 +84,6 @@ SERVER_KEEPALIVE_OPTIONS = [
 ]
 
 
-class Drain:
-    """Admission of the calls that do work (all but health checks and reflection). At most `max_calls` run at once;
-    one more is RESOURCE_EXHAUSTED at once. Graceful shutdown: once started, new calls get UNAVAILABLE (callers and
-    the gateway retry them on another replica) while the calls in flight run to their end; wait() returns when none
-    is left or at the deadline."""
-
-    def __init__(self, max_calls: int | None = None):
-        self._condition = threading.Condition()
-        self._in_flight = 0
-        self._draining = False
-        self.max_calls = max_calls
-
-    def admit(self, context: grpc.ServicerContext) -> None:
-        """Counts a new call until gRPC reports its end (completed, failed or cancelled); refuses it if draining or
-        if max_calls are running."""
-        with self._condition:
-            if self._draining:
-                raise Unavailable("this server is shutting down; retry on another replica")
-            if self.max_calls is not None and self._in_flight >= self.max_calls:
-                raise ResourceExhausted(
-                    f"this process is serving its most calls at once (max_workers {self.max_calls}); "
-                    "retry later or on another replica"
-                )
-            self._in_flight += 1
-        if not context.add_callback(self._done):  # the call has already ended
-            self._done()
-
-    def _done(self) -> None:
-        with self._condition:
-            self._in_flight -= 1
-            self._condition.notify_all()
-
-    def wait(self, timeout: float) -> bool:
-        """Starts draining and waits for the calls in flight; False if some were still running at the deadline."""
-        with self._condition:
-            self._draining = True
-            return self._condition.wait_for(lambda: self._in_flight == 0, timeout)
-
-
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps exceptions raised by servicers to statuses, in one place (unknown exceptions become INTERNAL),
     admits each call through the server's Drain, and ends each successful call with its `server-timing` trailer
@@ -131,8 +94,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         drain: Drain | None = None,
         probe_streams: ProbeStreams | None = None,
         request_limits: dict[str, int] | None = None,
+        write_bound: WriteBound | None = None,
     ):
         self.drain = drain or Drain()
+        self.write_bound = write_bound or WriteBound(0)
         self.probe_streams = probe_streams
         self.request_limits = request_limits or {}
 
@@ -186,13 +151,29 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             started = time.perf_counter()
             try:
                 self._enter(request, context, method, tracked, streaming=True)
-                yield from inner(request, context)
+                if tracked:
+                    yield from self._bounded(iter(inner(request, context)), context, method)
+                else:
+                    yield from inner(request, context)
                 if tracked:
                     timing.append(context, {"total": time.perf_counter() - started})
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
                 context.abort_with_status(_status_for(method, exc))
 
         return handle
+
+    def _bounded(self, responses, context, method: str):
+        """Yields a tracked stream's messages, each one under the write bound (serving/write_bound.py)."""
+        try:
+            for response in responses:
+                self.write_bound.writing(context, method)
+                yield response
+                self.write_bound.written(context)
+        finally:
+            self.write_bound.written(context)
+            close = getattr(responses, "close", None)  # a generator: its own cleanup (queue slots) runs now
+            if close is not None:
+                close()
 
 
 class _Unparsable:
@@ -323,7 +304,10 @@ def start(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=service.role),
         # ErrorInterceptor first (outermost): it maps what the token check raises, like any typed error.
-        interceptors=[ErrorInterceptor(drain, probe_streams, request_limits), *server_interceptors(settings)],
+        interceptors=[
+            ErrorInterceptor(drain, probe_streams, request_limits, WriteBound(settings.stream_write_timeout_seconds)),
+            *server_interceptors(settings),
+        ],
         options=[
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", receive_limit),
