@@ -26,11 +26,14 @@ from grpc_status import rpc_status
 from triptych.client import ImageClient, field_violations, open_channel
 from triptych.v1 import (
     common_pb2,
+    decoder_service_pb2,
+    decoder_service_pb2_grpc,
     denoiser_service_pb2,
     denoiser_service_pb2_grpc,
     encoder_service_pb2,
     encoder_service_pb2_grpc,
     image_service_pb2,
+    tensor_pb2,
 )
 
 
@@ -191,13 +194,13 @@ def _peak_rss(proc: Proc) -> int:
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
 
 
-def _refusals(call, requests: list, **kwargs) -> list[str]:
+def _refusals(call, requests: list, timeout_override: float = 60.0) -> list[str]:
     """Sends `requests` at once, each on its own thread; returns each call's status code name."""
     codes: list[str] = []
 
     def one(request) -> None:
         try:
-            call(request, timeout=60, **kwargs)
+            call(request, timeout=timeout_override)
             codes.append("OK")
         except grpc.RpcError as exc:
             codes.append(exc.code().name)
@@ -480,3 +483,41 @@ def test_a_caller_that_never_reads_its_denoise_stream_loses_its_queue_slot(model
         stalled.close()
     assert outcomes[-1] == "OK", f"the queue stayed full 30 s: {outcomes}"
     assert len(outcomes) <= 16, f"served only after {len(outcomes)} tries: {outcomes}"
+
+
+def _decode_request(count: int, side: int) -> decoder_service_pb2.DecodeRequest:
+    latents = bytes(count * 4 * side * side * 4)  # zeros, float32
+    return decoder_service_pb2.DecodeRequest(
+        model="tiny/sd15",
+        latents=tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[count, 4, side, side], data=latents),
+    )
+
+
+def test_decoder_work_is_bounded_stops_when_its_caller_leaves_and_respects_the_grace(model_root):
+    """A decoder with 2 slots per model: of 4 big decodes sent at once, 2 are refused RESOURCE_EXHAUSTED; the
+    others, abandoned at 2 s, stop between images, so a small decode sent next is served at once; and a big decode
+    in flight at SIGTERM does not keep the process past its grace (2 s)."""
+    with (
+        running("decoder", model_root, grace=2.0, decoder_queue_per_model="2") as decoder,
+        open_channel(decoder.address) as channel,
+    ):
+        decode = decoder_service_pb2_grpc.DecoderServiceStub(channel).Decode
+        decode(_decode_request(1, 8), timeout=60)  # loads the VAE
+        big = _decode_request(20, 64)  # 20 images at 512²
+        codes = _refusals(decode, [big] * 4, timeout_override=2.0)
+        started = time.monotonic()
+        while True:  # the abandoned decodes hold their slots until their current image is done
+            try:
+                decode(_decode_request(1, 8), timeout=60)
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - started < 30, exc
+                time.sleep(0.2)
+        small_waited = time.monotonic() - started
+        in_flight = threading.Thread(target=_refusals, args=(decode, [big]), daemon=True)
+        in_flight.start()
+        time.sleep(1.0)
+        exited_in = decoder.stop()
+    assert sorted(codes) == ["DEADLINE_EXCEEDED"] * 2 + ["RESOURCE_EXHAUSTED"] * 2, codes
+    assert small_waited < 5, f"a small decode waited {small_waited:.1f} s behind abandoned work"
+    assert exited_in < decoder.grace + 5, f"the decoder took {exited_in:.1f} s to exit (grace {decoder.grace} s)"

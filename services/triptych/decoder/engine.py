@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +19,11 @@ from PIL import Image
 
 from triptych.families.base import unscale_latents, vae_scale_factor
 from triptych.model_store import ModelInfo, ModelStore
+from triptych.runtime.admission import BoundedQueue
 from triptych.runtime.components import ComponentCache, LoadedModel
 from triptych.runtime.compute import ComputeThreads
 from triptych.runtime.placement import CPU_FLOAT32, Placement, compile_in_place
-from triptych.serving.errors import InvalidArgument
+from triptych.serving.errors import Cancelled, InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,11 @@ class DecoderEngine:
         compute: ComputeThreads | None = None,
         placement: Placement = CPU_FLOAT32,
         compile_mode: str | None = None,
+        queue_per_model: int = 16,
     ):
         self.store = store
+        # Admitted decodes per VAE (running + waiting); one more is RESOURCE_EXHAUSTED at once, never queued.
+        self.queue = BoundedQueue(queue_per_model, "decode")
         self.cache = cache
         self.placement = placement
         self.compile_mode = compile_mode  # None = eager; else a torch.compile mode for every VAE decoder
@@ -71,13 +76,15 @@ class DecoderEngine:
         """Pixels per latent per side of the VAE that decodes (model, vae), from its config (nothing loaded)."""
         return vae_scale_factor(json.loads((self._folder(*_source(model, vae)) / "config.json").read_text()))
 
-    def decode(self, job: DecodeJob) -> list[Image.Image]:
-        """Checks the VAE exists here, then loads it (once) and decodes on its compute thread."""
+    def decode(self, job: DecodeJob, is_active: Callable[[], bool] = lambda: True) -> list[Image.Image]:
+        """Checks the VAE exists here, takes a slot of its queue, then loads it (once) and decodes on its compute
+        thread, one image at a time: when is_active() turns false (the caller left) it stops between images."""
         model_id, field = _source(job.model, job.vae)
         folder = self._folder(model_id, field)
-        return self.compute.run(model_id, self._decode, model_id, folder, job)
+        with self.queue.slot(model_id):
+            return self.compute.run(model_id, self._decode, model_id, folder, job, is_active)
 
-    def _decode(self, model_id: str, folder: Path, job: DecodeJob) -> list[Image.Image]:
+    def _decode(self, model_id: str, folder: Path, job: DecodeJob, is_active: Callable[[], bool]) -> list[Image.Image]:
         def load() -> LoadedModel:
             vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
             place = self.placement
@@ -97,10 +104,17 @@ class DecoderEngine:
                 "latents", f"expected [B, {channels}, h, w] with B, h, w >= 1, got {list(latents.shape)}"
             )
         processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae.config))
-        with torch.no_grad():
-            latents = unscale_latents(latents.to(device=vae.device, dtype=vae.dtype), vae.config)
-            image = vae.decode(latents, return_dict=False)[0].cpu()
-        return processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+        images = []
+        # One image at a time: a batch decodes as its images alone would, holds one image's activations, and
+        # stops between images when its caller has gone.
+        for index in range(latents.shape[0]):
+            if not is_active():
+                raise Cancelled(f"the caller went away; decoding stopped after {index} of {latents.shape[0]} images")
+            with torch.no_grad():
+                one = unscale_latents(latents[index : index + 1].to(device=vae.device, dtype=vae.dtype), vae.config)
+                image = vae.decode(one, return_dict=False)[0].cpu()
+            images += processor.postprocess(image, output_type="pil", do_denormalize=[True])
+        return images
 
 
 def _source(model: str, vae: str) -> tuple[str, str]:

@@ -57,7 +57,7 @@ class DecoderServicer(decoder_service_pb2_grpc.DecoderServiceServicer):
             raise InvalidArgument.one(
                 "latents", f"decodes to more than {self.limits.max_width}x{self.limits.max_height}"
             )
-        images = self.engine.decode(DecodeJob(request.model, request.vae, latents))
+        images = self.engine.decode(DecodeJob(request.model, request.vae, latents), context.is_active)
         return decoder_service_pb2.DecodeResponse(
             images=[
                 decoder_service_pb2.EncodedImage(
@@ -76,7 +76,12 @@ def build(settings: Settings) -> Service:
     cache = ComponentCache(settings.max_loaded_models)
     compute = ComputeThreads("decoder", settings.max_loaded_models)
     engine = DecoderEngine(
-        ModelStore(settings.model_root), cache, compute, Placement.from_settings(settings), settings.active_compile_mode
+        ModelStore(settings.model_root),
+        cache,
+        compute,
+        Placement.from_settings(settings),
+        settings.active_compile_mode,
+        settings.decoder_queue_per_model,
     )
     servicer = DecoderServicer(engine, settings)
     return Service(

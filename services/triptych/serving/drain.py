@@ -18,6 +18,7 @@ class Drain:
     def __init__(self, max_calls: int | None = None):
         self._condition = threading.Condition()
         self._in_flight = 0
+        self.handlers = 0  # handler threads running (any call), which outlive a cancelled call until they return
         self._draining = False
         self.max_calls = max_calls
 
@@ -46,3 +47,17 @@ class Drain:
         with self._condition:
             self._draining = True
             return self._condition.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def handler_started(self) -> None:
+        with self._condition:
+            self.handlers += 1
+
+    def handler_finished(self) -> None:
+        with self._condition:
+            self.handlers -= 1
+            self._condition.notify_all()
+
+    def wait_handlers(self, timeout: float) -> bool:
+        """Waits for every handler thread to return; False if some still run at the deadline."""
+        with self._condition:
+            return self._condition.wait_for(lambda: self.handlers == 0, timeout)

@@ -135,6 +135,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def _single(self, inner, method: str, tracked: bool):
         def handle(request, context):
             started = time.perf_counter()
+            if tracked:
+                self.drain.handler_started()
             try:
                 self._enter(request, context, method, tracked)
                 response = inner(request, context)
@@ -143,12 +145,17 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 return response
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
                 context.abort_with_status(_status_for(method, exc))
+            finally:
+                if tracked:
+                    self.drain.handler_finished()
 
         return handle
 
     def _streaming(self, inner, method: str, tracked: bool):
         def handle(request, context):
             started = time.perf_counter()
+            if tracked:
+                self.drain.handler_started()
             try:
                 self._enter(request, context, method, tracked, streaming=True)
                 if tracked:
@@ -159,6 +166,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     timing.append(context, {"total": time.perf_counter() - started})
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
                 context.abort_with_status(_status_for(method, exc))
+            finally:
+                if tracked:
+                    self.drain.handler_finished()
 
         return handle
 
@@ -388,4 +398,10 @@ def serve_forever(service: Service, settings: Settings, port: int) -> None:
     # A call gRPC took but no handler has admitted yet (queued for a thread) is not counted by the drain: a second
     # lets it be refused UNAVAILABLE (retried elsewhere) rather than cancelled by the stop (CANCELLED, never retried).
     server.stop(STOP_GRACE_SECONDS if drained else 0).wait()
+    if not drain.wait_handlers(STOP_GRACE_SECONDS):
+        # A handler in work that does not stop at once (one image's VAE decode, one step) would hold the exit, which
+        # joins every gRPC thread: the grace is the bound, so the process leaves without it.
+        log.warning("stopped, leaving %d handlers still computing", drain.handlers)
+        logging.shutdown()
+        os._exit(0)
     log.info("stopped")

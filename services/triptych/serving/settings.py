@@ -163,6 +163,9 @@ class Settings(BaseSettings):
         "RESOURCE_EXHAUSTED, so overload costs no encoding); 0 = denoiser_queue_per_model x the denoiser replicas "
         "in denoiser_address",
     )
+    decoder_queue_per_model: int = Field(
+        16, description="decode requests per VAE admitted at once (running + waiting); more → RESOURCE_EXHAUSTED"
+    )
     lora_cache_bytes: int = Field(
         1024**3, description="bytes of LoRA adapters kept injected per model component (LRU beyond it)"
     )
