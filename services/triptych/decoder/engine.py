@@ -44,8 +44,10 @@ class DecoderEngine:
         placement: Placement = CPU_FLOAT32,
         compile_mode: str | None = None,
         queue_per_model: int = 16,
+        tile_above_pixels: int = 0,
     ):
         self.store = store
+        self.tile_above_pixels = tile_above_pixels  # 0 = never tile
         # Admitted decodes per VAE (running + waiting); one more is RESOURCE_EXHAUSTED at once, never queued.
         self.queue = BoundedQueue(queue_per_model, "decode")
         self.cache = cache
@@ -112,7 +114,11 @@ class DecoderEngine:
                 raise Cancelled(f"the caller went away; decoding stopped after {index} of {latents.shape[0]} images")
             with torch.no_grad():
                 one = unscale_latents(latents[index : index + 1].to(device=vae.device, dtype=vae.dtype), vae.config)
-                image = vae.decode(one, return_dict=False)[0].cpu()
+                pixels = one.shape[-2] * one.shape[-1] * vae_scale_factor(vae.config) ** 2
+                if self.tile_above_pixels and pixels > self.tile_above_pixels:
+                    image = vae.tiled_decode(one, return_dict=False)[0].cpu()  # as vae.enable_tiling() decodes
+                else:
+                    image = vae.decode(one, return_dict=False)[0].cpu()
             images += processor.postprocess(image, output_type="pil", do_denormalize=[True])
         return images
 

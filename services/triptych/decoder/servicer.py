@@ -82,6 +82,7 @@ def build(settings: Settings) -> Service:
         Placement.from_settings(settings),
         settings.active_compile_mode,
         settings.decoder_queue_per_model,
+        settings.decoder_tile_above_pixels,
     )
     servicer = DecoderServicer(engine, settings)
     return Service(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from triptych.serving.errors import ModelLoadFailed, TriptychError
+from triptych.serving.errors import ModelLoadFailed, TriptychError, is_out_of_memory
 
 log = logging.getLogger("triptych")
 
@@ -51,11 +50,10 @@ def _load_or_explain(key: str, load: Callable[[], LoadedModel]) -> LoadedModel:
     """
     try:
         return load()
-    except (TriptychError, MemoryError):
+    except TriptychError:
         raise
     except Exception as exc:
-        torch = sys.modules.get("torch")  # only for the OOM type; never imported here (the gateway has no torch)
-        if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        if is_out_of_memory(exc):
             raise
         raise ModelLoadFailed(key, exc) from exc  # which logs the cause
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 
 import grpc
 from google.protobuf import any_pb2
@@ -211,3 +212,14 @@ class Relayed(TriptychError):
                 detail.Pack(bad)
             status.details.append(detail)
         return rpc_status.to_status(status)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the RuntimeError torch's CPU
+    allocator raises ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # never imported here: the gateway has no torch
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in str(exc) and "allocate" in str(exc)

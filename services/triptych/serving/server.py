@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 from triptych.runtime.components import LoadedComponent
 from triptych.serving import message_limits, shm, timing
 from triptych.serving.drain import Drain
-from triptych.serving.errors import InvalidArgument, ResourceExhausted, TriptychError
+from triptych.serving.errors import InvalidArgument, ResourceExhausted, TriptychError, is_out_of_memory
 from triptych.serving.probes import ProbeStreams
 from triptych.serving.security import describe, server_credentials, server_interceptors
 from triptych.serving.settings import ConfigurationError, Settings
@@ -45,16 +45,12 @@ def _internal(method: str, exc: BaseException) -> grpc.Status:
 def _status_for(method: str, exc: BaseException) -> grpc.Status:
     if isinstance(exc, TriptychError):
         return exc.to_status()
-    try:
-        import torch  # only for the OOM type; torch is already loaded wherever it can be raised
-
-        if isinstance(exc, torch.OutOfMemoryError):
-            status = status_pb2.Status(
-                code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=f"out of memory: {exc}"
-            )
-            return rpc_status.to_status(status)
-    except ImportError:
-        pass
+    if is_out_of_memory(exc):
+        log.warning("out of memory in %s: %s", method, exc)  # the allocator's text stays in the log
+        message = "out of memory serving this request; retry later, or ask for a smaller size or fewer images"
+        return rpc_status.to_status(
+            status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=message)
+        )
     return _internal(method, exc)
 
 

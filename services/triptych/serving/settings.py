@@ -166,6 +166,12 @@ class Settings(BaseSettings):
     decoder_queue_per_model: int = Field(
         16, description="decode requests per VAE admitted at once (running + waiting); more → RESOURCE_EXHAUSTED"
     )
+    decoder_tile_above_pixels: int = Field(
+        0,
+        ge=0,
+        description="decode images of more pixels than this in overlapping tiles (diffusers' VAE tiling: memory "
+        "bounded by the tile, seams blended; not bit-identical to a whole decode); 0 = never",
+    )
     lora_cache_bytes: int = Field(
         1024**3, description="bytes of LoRA adapters kept injected per model component (LRU beyond it)"
     )
