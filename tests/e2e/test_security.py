@@ -143,8 +143,11 @@ def _mtls(pki: Pki) -> grpc.ChannelCredentials:
 
 
 def _health(address: str, **channel_args) -> int:
+    """The process's liveness over the given transport (a gateway started alone is live, not ready: it has no
+    backends to serve with)."""
     with open_channel(address, **channel_args) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        request = health_pb2.HealthCheckRequest(service="liveness")
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status
 
 
 def test_cli_generates_over_mtls_with_a_token(secure, pki, tmp_path):
