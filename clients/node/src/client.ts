@@ -108,6 +108,7 @@ export function generateMethod(): ImageServiceConstructor["service"]["Generate"]
 export class ImageClient {
   readonly stub: ImageServiceClient;
   private readonly token?: string;
+  private readonly maxMessageBytes: number;
 
   constructor(address: string = DEFAULT_GATEWAY, options: ClientOptions = {}) {
     const limit = options.maxMessageBytes ?? MAX_MESSAGE_BYTES;
@@ -131,6 +132,7 @@ export class ImageClient {
     const Service = imageService();
     this.stub = new Service(channelTarget(address), credentials, channelOptions);
     this.token = options.authToken;
+    this.maxMessageBytes = limit;
   }
 
   /**
@@ -147,6 +149,11 @@ export class ImageClient {
         : options.timeout instanceof Date
           ? options.timeout
           : new Date(Date.now() + options.timeout * 1000);
+    // What this channel can receive: the gateway refuses up front a request whose image could exceed it.
+    const fields = request as Record<string, unknown>;
+    if (fields.maxResponseBytes === undefined && fields.max_response_bytes === undefined) {
+      request = { ...request, maxResponseBytes: this.maxMessageBytes } as GenerateRequest;
+    }
     let backoff = RETRY.initialBackoffMs;
     for (let attempt = 1; ; attempt++) {
       let received = false;

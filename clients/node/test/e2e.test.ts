@@ -79,11 +79,17 @@ describe("ImageClient against the real services", { skip: gateway ? false : "TRI
     }
   });
 
-  test("a message limit below the image's size fails with RESOURCE_EXHAUSTED", async () => {
+  test("a message limit below the image's possible size is refused up front, before any work", async () => {
+    // The client sends its receive limit (maxResponseBytes); the gateway refuses what could exceed it, so a large
+    // image never fails after the work is done.
     const client = new ImageClient(gateway, { maxMessageBytes: 1024 });
     try {
       const error = await failure(client.generate(requestFromTask({ positivePrompt: "x", model: "tiny/sd15", steps: 1 })));
-      assert.equal(error.code, grpc.status.RESOURCE_EXHAUSTED);
+      assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
+      assert.deepEqual(
+        error.fieldViolations.map((v) => v.field),
+        ["max_response_bytes"],
+      );
     } finally {
       client.close();
     }

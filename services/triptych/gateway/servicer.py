@@ -55,6 +55,7 @@ BACKEND_SERVICES = {
 }
 DEFAULT_STEPS = 20
 DEFAULT_CFG_SCALE = 7.0
+DEFAULT_SIZE_BOUND = 1024  # an unset width or height: the largest default size of a family we serve (SDXL, FLUX)
 
 
 class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
@@ -137,6 +138,17 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         most = max(0, self.max_message_bytes - (16 << 20)) // (2 if png else 1) // 4 * 3
         if guides > most:
             v.append(("control_net", f"guide images of {guides} bytes in all; the response holds at most {most}"))
+        if request.HasField("max_response_bytes") and not v:
+            # The worst case of one image's message: uncompressed RGB, the request (guides in base64) once in
+            # request_json and once more in a PNG's text, the parameters text, and 64 KiB for the rest.
+            side = DEFAULT_SIZE_BOUND
+            width = request.width if request.HasField("width") else side
+            height = request.height if request.HasField("height") else side
+            texts = (2 if png else 1) * 2 * request.ByteSize()  # JSON and base64 at most double it
+            bound = width * height * 3 + texts + (64 << 10)
+            if bound > request.max_response_bytes:
+                why = f"an image of {width}x{height} may take up to {bound} bytes, above the caller's"
+                v.append(("max_response_bytes", f"{why} {request.max_response_bytes}: raise the receive limit"))
         if request.HasField("refiner"):
             if not request.refiner.model:
                 v.append(("refiner.model", "a refiner model id is required"))

@@ -90,6 +90,14 @@ def describe_error(error: grpc.RpcError) -> str:
     return "\n".join(lines)
 
 
+def _copy_with(request: image_service_pb2.GenerateRequest, **fields) -> image_service_pb2.GenerateRequest:
+    copy = image_service_pb2.GenerateRequest()
+    copy.CopyFrom(request)
+    for name, value in fields.items():
+        setattr(copy, name, value)
+    return copy
+
+
 class ImageClient:
     """Calls ImageService.Generate on a gateway."""
 
@@ -97,6 +105,7 @@ class ImageClient:
         """`channel_args` go to `open_channel`: credentials, auth_token, server_name, max_message_bytes."""
         self.channel = open_channel(address, **channel_args)
         self.stub = image_service_pb2_grpc.ImageServiceStub(self.channel)
+        self.max_message_bytes = channel_args.get("max_message_bytes", MAX_MESSAGE_BYTES)
 
     def stream(
         self, request: image_service_pb2.GenerateRequest, timeout: float | None = None
@@ -104,6 +113,8 @@ class ImageClient:
         """Progress events and images as they come. A call refused UNAVAILABLE before its first event (a draining or
         unreachable gateway) is made again, on the next replica of a list; the returned object is the call (cancel,
         trailing_metadata ...)."""
+        if not request.HasField("max_response_bytes"):  # the gateway refuses up front what this channel cannot take
+            request = _copy_with(request, max_response_bytes=self.max_message_bytes)
         return RetriedStream(lambda remaining: self.stub.Generate(request, timeout=remaining), timeout)
 
     def generate(
