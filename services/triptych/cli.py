@@ -23,8 +23,9 @@ def _settings(args):
     return Settings(**overrides)
 
 
-def _build_role(role: str, settings):
-    # Imported per role so the gateway never imports torch and each process loads only its own code.
+def build_role(role: str, settings):
+    """The Service `triptych serve ROLE` runs (the contract tests start the same one in-process). Each role's code
+    is imported here, per role, so the gateway never imports torch and each process loads only its own code."""
     if role == "encoder":
         from triptych.encoder.servicer import build
     elif role == "denoiser":
@@ -52,7 +53,7 @@ def cmd_serve(args) -> int:
         settings = _settings(args)
         server_credentials(settings)  # a security misconfiguration stops here, before any model code loads
         port = args.port if args.port is not None else DEFAULT_PORTS[args.role]
-        serve_forever(_build_role(args.role, settings), settings, port)
+        serve_forever(build_role(args.role, settings), settings, port)
         return 0
     return _serve_all(args)
 

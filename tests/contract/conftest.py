@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from tests.e2e.stubs import Stubs, conditioning, open_stubs
-from triptych.cli import _build_role  # how `triptych serve ROLE` builds a role: the same code, not a copy
+from triptych.cli import build_role  # how `triptych serve ROLE` builds a role: the same code, not a copy
 from triptych.serving.server import start
 from triptych.serving.settings import Settings
 
@@ -34,7 +34,7 @@ def in_process(model_root) -> InProcess:
         for role in (*BACKENDS, "gateway"):
             if role == "gateway":
                 settings = settings.model_copy(update={f"{name}_address": addresses[name] for name in BACKENDS})
-            services[role] = _build_role(role, settings)
+            services[role] = build_role(role, settings)
             servers[role], port, _ = start(services[role], settings, 0)
             addresses[role] = f"127.0.0.1:{port}"
         yield InProcess(servers, addresses, services)
