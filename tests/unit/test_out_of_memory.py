@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from triptych.runtime.components import ComponentCache
-from triptych.serving.errors import is_out_of_memory
-from triptych.serving.server import _status_for
+from triptych.serving.errors import is_out_of_memory, status_for
 
 
 def cpu_allocator_error() -> RuntimeError:
@@ -24,14 +23,14 @@ def cpu_allocator_error() -> RuntimeError:
 def test_allocation_failures_are_resource_exhausted_without_the_raw_text(make):
     exc = make()
     assert is_out_of_memory(exc)
-    status = _status_for("/triptych.v1.DecoderService/Decode", exc)
+    status = status_for("/triptych.v1.DecoderService/Decode", exc)
     assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "out of memory" in status.details and "alloc_cpu" not in status.details
 
 
 def test_other_errors_stay_internal():
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
-    assert _status_for("/m", KeyError("x")).code == grpc.StatusCode.INTERNAL
+    assert status_for("/m", KeyError("x")).code == grpc.StatusCode.INTERNAL
 
 
 def test_a_load_that_runs_out_of_memory_is_not_a_damaged_model():

@@ -7,6 +7,7 @@ imports grpc and never loads a text encoder or a UNet.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ class DecoderEngine:
 
     def scale_factor(self, model: str, vae: str) -> int:
         """Pixels per latent per side of the VAE that decodes (model, vae), from its config (nothing loaded)."""
-        return vae_scale_factor(json.loads((self._folder(*_source(model, vae)) / "config.json").read_text()))
+        return _config_scale(self._folder(*_source(model, vae)))
 
     def decode(self, job: DecodeJob, is_active: Callable[[], bool] = lambda: True) -> list[Image.Image]:
         """Checks the VAE exists here, takes a slot of its queue, then loads it (once) and decodes on its compute
@@ -121,6 +122,12 @@ class DecoderEngine:
                     image = vae.decode(one, return_dict=False)[0].cpu()
             images += processor.postprocess(image, output_type="pil", do_denormalize=[True])
         return images
+
+
+@functools.lru_cache(maxsize=256)
+def _config_scale(folder: Path) -> int:
+    """A VAE folder's scale factor, its config read once (a loaded VAE is never reloaded either)."""
+    return vae_scale_factor(json.loads((folder / "config.json").read_text()))
 
 
 def _source(model: str, vae: str) -> tuple[str, str]:

@@ -24,7 +24,7 @@ def check_whole_prompt_job(job, family: Family, parts: LoadedModel, clip_layers:
     if job.clip_skip > most:
         violations.append(("clip_skip", f"must be at most {most} for {job.model!r} ({clip_layers} CLIP layers)"))
     length = job.max_sequence_length or family.default_max_sequence_length
-    limit = parts[family.t5_slot.replace("text_encoder", "tokenizer")].model_max_length
+    limit = parts[family.t5_slot.tokenizer].model_max_length
     if not 1 <= length <= limit:
         violations.append(("max_sequence_length", f"must be between 1 and {limit} for {job.model!r} (got {length})"))
     if violations:

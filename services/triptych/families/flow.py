@@ -7,7 +7,7 @@ torch is imported inside the methods: importing a family loads no torch.
 
 from __future__ import annotations
 
-from triptych.families.base import Family
+from triptych.families.base import Family, TextEncoderSlot
 from triptych.rules.scheduler_table import SchedulerRow
 
 # The names that make sense for flow matching. "Euler" is the flow-matching Euler scheduler the models ship with.
@@ -28,7 +28,7 @@ class FlowFamily(Family):
     scheduler_table = FLOW_TABLE
     size_multiple = 16  # VAE 8 x (packing or patch) 2
     default_max_sequence_length: int = 512
-    t5_slot: str  # the T5 encoder's folder
+    t5_slot: TextEncoderSlot  # the T5 encoder and its tokenizer
 
     def uses_cfg(self, config: dict, guidance_scale: float) -> bool:
         return False
@@ -68,8 +68,7 @@ class FlowFamily(Family):
 
     def t5_embeds(self, parts, prompt: str, max_sequence_length: int, notes: list[str], field: str):
         """_get_t5_prompt_embeds: ids padded and truncated to max_sequence_length, the encoder's last layer."""
-        tokenizer = parts[self.t5_slot.replace("text_encoder", "tokenizer")]
-        encoder = parts[self.t5_slot]
+        tokenizer, encoder = parts[self.t5_slot.tokenizer], parts[self.t5_slot.encoder]
         ids = tokenizer(
             prompt,
             padding="max_length",

@@ -15,7 +15,7 @@ class Flux(FlowFamily):
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
     text_encoders = (TextEncoderSlot("tokenizer", "text_encoder"), TextEncoderSlot("tokenizer_2", "text_encoder_2"))
-    t5_slot = "text_encoder_2"
+    t5_slot = text_encoders[-1]
     default_max_sequence_length = 512  # FluxPipeline's default and maximum
     network_class_name = "FluxTransformer2DModel"
     lora_loader_name = "FluxLoraLoaderMixin"

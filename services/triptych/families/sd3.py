@@ -18,7 +18,7 @@ class StableDiffusion3(FlowFamily):
         TextEncoderSlot("tokenizer_2", "text_encoder_2"),
         TextEncoderSlot("tokenizer_3", "text_encoder_3"),
     )
-    t5_slot = "text_encoder_3"
+    t5_slot = text_encoders[-1]
     default_max_sequence_length = 256  # StableDiffusion3Pipeline's default
     network_class_name = "SD3Transformer2DModel"
     lora_loader_name = "SD3LoraLoaderMixin"

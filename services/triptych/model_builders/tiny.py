@@ -29,7 +29,6 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .clip_vocab import EOS_TOKEN, write_clip_tokenizer
-from .tiny_flow import build_flux, build_sd3
 from .tiny_weights import (
     make_lora_pairs,
     peft_layers,
@@ -91,6 +90,17 @@ _SEEDS = {
     "ti-sd15": 701,
     "ti-sdxl.clip_l": 702,
     "ti-sdxl.clip_g": 703,
+    "flux.text_encoder": 801,
+    "flux.text_encoder_2": 802,
+    "flux.transformer": 803,
+    "flux.vae": 804,
+    "lora-flux": 811,
+    "sd3.text_encoder": 901,
+    "sd3.text_encoder_2": 902,
+    "sd3.text_encoder_3": 903,
+    "sd3.transformer": 904,
+    "sd3.vae": 905,
+    "lora-sd3": 911,
 }
 
 
@@ -131,8 +141,16 @@ def _text_config() -> CLIPTextConfig:
     )
 
 
-def _vae(key: str, scaling_factor: float = 0.18215, force_upcast: bool = True) -> AutoencoderKL:
-    """Four-block VAE: three downsamples, so latents are 1/8 of the image like real SD."""
+def _vae(
+    key: str,
+    scaling_factor: float = 0.18215,
+    force_upcast: bool = True,
+    latent_channels: int = 4,
+    shift_factor: float | None = None,
+    quant_convs: bool = True,
+) -> AutoencoderKL:
+    """Four-block VAE: three downsamples, so latents are 1/8 of the image like real SD. FLUX and SD3 VAEs: 16 latent
+    channels, a shift factor, no quant convs."""
     return _seeded(
         key,
         lambda: AutoencoderKL(
@@ -142,11 +160,14 @@ def _vae(key: str, scaling_factor: float = 0.18215, force_upcast: bool = True) -
             up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(32, 32, 64, 64),
             layers_per_block=1,
-            latent_channels=4,
+            latent_channels=latent_channels,
             norm_num_groups=32,
             sample_size=128,
             scaling_factor=scaling_factor,
+            shift_factor=shift_factor,
             force_upcast=force_upcast,
+            use_quant_conv=quant_convs,
+            use_post_quant_conv=quant_convs,
         ),
     )
 
@@ -364,6 +385,8 @@ def build_tiny_family(root: Path) -> list[str]:
     sd15 = _build_sd15(_fresh(tiny / "sd15"))
     sdxl = _build_sdxl(_fresh(tiny / "sdxl"))
     _build_refiner(_fresh(tiny / "sdxl-refiner"))
+    from .tiny_flow import build_flux, build_sd3  # here: tiny_flow builds with this module's helpers
+
     build_flux(_fresh(tiny / "flux"), _text_config())
     build_sd3(_fresh(tiny / "sd3"), _text_config())
     _build_controlnet("controlnet-sd15", sd15.unet, _fresh(tiny / "controlnet-sd15"))

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -24,8 +23,9 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
-from .clip_vocab import EOS_TOKEN, write_clip_tokenizer
-from .tiny_weights import _TE_LORA_RE, _lora_pair, peft_layers, perturb_
+from .clip_vocab import EOS_TOKEN
+from .tiny import _SEEDS, _save_pipeline, _seeded, _tokenizer, _vae
+from .tiny_weights import _TE_LORA_RE, _lora_pair, peft_layers
 
 T5_DIM = 80  # wider than SD3's two CLIPs together (2 x 32), so SD3's zero padding of the CLIP half is exercised
 T5_MAX_LENGTH = 512  # the real FLUX/SD3 T5 tokenizers' model_max_length
@@ -42,19 +42,6 @@ FLUX_SCHEDULER = {
 # Real SD3-medium scheduler config (stabilityai/stable-diffusion-3-medium-diffusers).
 SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 
-_SEEDS = {
-    "flux.text_encoder": 801,
-    "flux.text_encoder_2": 802,
-    "flux.transformer": 803,
-    "flux.vae": 804,
-    "sd3.text_encoder": 901,
-    "sd3.text_encoder_2": 902,
-    "sd3.text_encoder_3": 903,
-    "sd3.transformer": 904,
-    "sd3.vae": 905,
-    "lora-flux": 811,
-    "lora-sd3": 911,
-}
 # The attention projections LoRAs for FLUX and SD3 transformers touch (diffusers' and kohya's default targets).
 _TRANSFORMER_LORA_RE = re.compile(r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$")
 # A small deterministic corpus for the T5 tokenizer: prompt words, so prompts tokenize into whole pieces mostly.
@@ -65,11 +52,6 @@ _CORPUS = (
     "young beautiful detailed sharp blurry dark bright light shadow left right top bottom center corner background"
 )
 _WORDS = _CORPUS.split(" ")
-
-
-def _seeded(key: str, factory):
-    torch.manual_seed(_SEEDS[key])
-    return perturb_(factory(), _SEEDS[key] + 10_000).eval()
 
 
 def write_t5_tokenizer(directory: Path) -> T5TokenizerFast:
@@ -136,52 +118,15 @@ def _t5(key: str, vocab_size: int) -> T5EncoderModel:
     return _seeded(key, lambda: T5EncoderModel(config))
 
 
-def _vae16(key: str, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
-    """Four blocks (latents 1/8 of the image), 16 latent channels, no quant convs: the FLUX/SD3 VAE's shape."""
-    return _seeded(
-        key,
-        lambda: AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 64, 64),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=32,
-            sample_size=128,
-            scaling_factor=scaling_factor,
-            shift_factor=shift_factor,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ),
-    )
-
-
-def _save(pipe, out: Path, clip_tokenizers: dict[str, str]) -> None:
-    """save_pretrained, then the CLIP tokenizers in the classic vocab/merges layout (as tiny.py writes them)."""
-    import shutil
-
-    pipe.save_pretrained(out, safe_serialization=True)
-    for sub, pad in clip_tokenizers.items():
-        shutil.rmtree(out / sub)
-        write_clip_tokenizer(out / sub, pad_token=pad)
-
-
-def _clip_tokenizer(directory: Path, pad_token: str = EOS_TOKEN):
-    from transformers import CLIPTokenizer
-
-    write_clip_tokenizer(directory, pad_token=pad_token)
-    return CLIPTokenizer.from_pretrained(directory)
-
-
 @torch.no_grad()
 def build_flux(out: Path, text_config) -> None:
     """tiny/flux: FLUX.1-dev-shaped (guidance embedding), 1 double + 1 single transformer block."""
     t5_tokenizer = write_t5_tokenizer(out / "tokenizer_2")
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER),
-        vae=_vae16("flux.vae", scaling_factor=0.3611, shift_factor=0.1159),
+        vae=_vae("flux.vae", 0.3611, latent_channels=16, shift_factor=0.1159, quant_convs=False),
         text_encoder=_seeded("flux.text_encoder", lambda: CLIPTextModel(text_config)),
-        tokenizer=_clip_tokenizer(out / "tokenizer"),
+        tokenizer=_tokenizer(out / "tokenizer"),
         text_encoder_2=_t5("flux.text_encoder_2", len(t5_tokenizer)),
         tokenizer_2=t5_tokenizer,
         transformer=_seeded(
@@ -200,7 +145,7 @@ def build_flux(out: Path, text_config) -> None:
             ),
         ),
     )
-    _save(pipe, out, {"tokenizer": EOS_TOKEN})
+    _save_pipeline(pipe, out, {"tokenizer": EOS_TOKEN})
     # A diffusers-format LoRA: the transformer's attention and CLIP-L's self-attention (its pooled output).
     transformer_pairs, te_pairs = _lora_pairs("lora-flux", pipe.transformer, pipe.text_encoder)
     FluxPipeline.save_lora_weights(
@@ -234,15 +179,15 @@ def build_sd3(out: Path, text_config) -> None:
             ),
         ),
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER),
-        vae=_vae16("sd3.vae", scaling_factor=1.5305, shift_factor=0.0609),
+        vae=_vae("sd3.vae", 1.5305, latent_channels=16, shift_factor=0.0609, quant_convs=False),
         text_encoder=_seeded("sd3.text_encoder", lambda: CLIPTextModelWithProjection(text_config)),
-        tokenizer=_clip_tokenizer(out / "tokenizer"),
+        tokenizer=_tokenizer(out / "tokenizer"),
         text_encoder_2=_seeded("sd3.text_encoder_2", lambda: CLIPTextModelWithProjection(text_config)),
-        tokenizer_2=_clip_tokenizer(out / "tokenizer_2", pad_token="!"),
+        tokenizer_2=_tokenizer(out / "tokenizer_2", pad_token="!"),
         text_encoder_3=_t5("sd3.text_encoder_3", len(t5_tokenizer)),
         tokenizer_3=t5_tokenizer,
     )
-    _save(pipe, out, {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"})
+    _save_pipeline(pipe, out, {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"})
     transformer_pairs, _ = _lora_pairs("lora-sd3", pipe.transformer, None)  # SD3 LoRAs: the transformer only
     StableDiffusion3Pipeline.save_lora_weights(
         out.parent,

@@ -1,7 +1,7 @@
 """Typed errors and their one mapping to gRPC status (google.rpc.Status with typed details).
 
-Engines and servicers raise these; the interceptor in core.server turns them into statuses. Nothing else
-calls context.abort.
+Engines and servicers raise these; the interceptor in serving/server.py turns them into statuses with status_for.
+Nothing else calls context.abort.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import traceback
 
 import grpc
 from google.protobuf import any_pb2
@@ -223,3 +224,25 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if torch is not None and isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in str(exc) and "allocate" in str(exc)
+
+
+def _internal(method: str, exc: BaseException) -> grpc.Status:
+    log.error("unexpected error in %s: %s", method, "".join(traceback.format_exception(exc)))
+    # The exception's text may name paths on the server: it goes to the log above, the caller gets its type.
+    message = f"internal error ({type(exc).__name__}); the service log has the details"
+    status = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message=message)
+    return rpc_status.to_status(status)
+
+
+def status_for(method: str, exc: BaseException) -> grpc.Status:
+    """The status a handler's exception becomes: typed errors as they say, out of memory as RESOURCE_EXHAUSTED,
+    anything else INTERNAL with its type only (the text, which may name server paths, goes to the log)."""
+    if isinstance(exc, TriptychError):
+        return exc.to_status()
+    if is_out_of_memory(exc):
+        log.warning("out of memory in %s: %s", method, exc)  # the allocator's text stays in the log
+        message = "out of memory serving this request; retry later, or ask for a smaller size or fewer images"
+        return rpc_status.to_status(
+            status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=message)
+        )
+    return _internal(method, exc)

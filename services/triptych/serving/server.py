@@ -9,20 +9,17 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable
 from concurrent import futures
 
 import grpc
-from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from grpc_status import rpc_status
 
 from triptych.runtime.components import LoadedComponent
 from triptych.serving import message_limits, shm, timing
 from triptych.serving.drain import Drain
-from triptych.serving.errors import InvalidArgument, ResourceExhausted, TriptychError, is_out_of_memory
+from triptych.serving.errors import InvalidArgument, ResourceExhausted, TriptychError, status_for
 from triptych.serving.probes import ProbeStreams
 from triptych.serving.security import describe, server_credentials, server_interceptors
 from triptych.serving.settings import ConfigurationError, Settings
@@ -32,26 +29,6 @@ from triptych.v1 import runtime_service_pb2, runtime_service_pb2_grpc
 
 log = logging.getLogger("triptych")
 VERSION = "0.1.0"
-
-
-def _internal(method: str, exc: BaseException) -> grpc.Status:
-    log.error("unexpected error in %s: %s", method, "".join(traceback.format_exception(exc)))
-    # The exception's text may name paths on the server: it goes to the log above, the caller gets its type.
-    message = f"internal error ({type(exc).__name__}); the service log has the details"
-    status = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message=message)
-    return rpc_status.to_status(status)
-
-
-def _status_for(method: str, exc: BaseException) -> grpc.Status:
-    if isinstance(exc, TriptychError):
-        return exc.to_status()
-    if is_out_of_memory(exc):
-        log.warning("out of memory in %s: %s", method, exc)  # the allocator's text stays in the log
-        message = "out of memory serving this request; retry later, or ask for a smaller size or fewer images"
-        return rpc_status.to_status(
-            status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=message)
-        )
-    return _internal(method, exc)
 
 
 # Health and reflection answer during a drain (health says NOT_SERVING) and never hold it up.
@@ -140,7 +117,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     timing.append(context, {"total": time.perf_counter() - started})
                 return response
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
-                context.abort_with_status(_status_for(method, exc))
+                context.abort_with_status(status_for(method, exc))
             finally:
                 if tracked:
                     self.drain.handler_finished()
@@ -161,7 +138,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 if tracked:
                     timing.append(context, {"total": time.perf_counter() - started})
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
-                context.abort_with_status(_status_for(method, exc))
+                context.abort_with_status(status_for(method, exc))
             finally:
                 if tracked:
                     self.drain.handler_finished()
