@@ -325,7 +325,11 @@ def cmd_models(args) -> int:
             return 1
         return 0
     for info in ModelStore(root).list():
-        print(f"{info.model_id:40s} {info.kind:10s} {info.family_name:12s} {info.path}")
+        where = info.weights.path if info.weights is not None else info.path  # a checkpoint: its file
+        print(
+            f"{info.model_id:40s} {info.kind:10s} {info.family_name:12s} {where}"
+            + (f"  ({info.note})" * bool(info.note))
+        )
     return 0
 
 

@@ -27,17 +27,21 @@ class Part:
     disk_bytes: int
 
 
-def _tensors(files: list[Path]) -> tuple[int, set[str], set[str]]:
-    """(parameter count, dtypes, key prefixes) over safetensors files, from their headers."""
-    count, dtypes, prefixes = 0, set(), set()
+def _tensors(files: list[Path], prefix: str = "") -> tuple[int, set[str], int]:
+    """(parameter count, dtypes, bytes) of the tensors under `prefix` in safetensors files, from their headers."""
+    count, dtypes, size = 0, set(), 0
+    widths = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
     for path in files:
         with safe_open(str(path), "np") as handle:
             for key in handle.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+                if not key.startswith(prefix):
+                    continue
                 tensor = handle.get_slice(key)
-                count += math.prod(tensor.get_shape())
+                numel = math.prod(tensor.get_shape())
+                count += numel
                 dtypes.add(str(tensor.get_dtype()))
-                prefixes.add(key.split(".", 1)[0])
-    return count, dtypes, prefixes
+                size += numel * widths.get(str(tensor.get_dtype()).upper(), 1)
+    return count, dtypes, size
 
 
 def _size(path: Path) -> int:
@@ -59,15 +63,19 @@ def parts(info: ModelInfo) -> list[Part]:
             if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
                 continue
             folder = info.path / name
-            count, dtypes, _ = _tensors(sorted(folder.glob("*.safetensors"))) if folder.is_dir() else (0, set(), set())
-            disk = _size(folder) if folder.exists() else 0
+            if info.weights is not None:  # a single file: each component's tensors under its prefix
+                has_tensors = entry[0] in ("diffusers", "transformers") and not name.startswith(("tok", "sch"))
+                prefix = info.weights.prefix(name)[0] if has_tensors else None
+                count, dtypes, disk = _tensors([info.weights.path], prefix) if prefix else (0, set(), 0)
+            else:
+                count, dtypes, _ = _tensors(sorted(folder.glob("*.safetensors"))) if folder.is_dir() else (0, set(), 0)
+                disk = _size(folder) if folder.exists() else 0
             found.append(Part(roles.get(name, "-"), name, entry[1], count, tuple(sorted(dtypes)), disk))
         return found
-    if info.kind == "file":
-        count, dtypes, prefixes = _tensors([info.path])
-        return [
-            Part("-", info.path.name, _file_kind(info.path, prefixes), count, tuple(sorted(dtypes)), _size(info.path))
-        ]
+    if info.path.is_file():
+        count, dtypes, _ = _tensors([info.path]) if info.path.suffix == ".safetensors" else (0, set(), 0)
+        role = "decoder" if info.kind == "vae" else "-"
+        return [Part(role, info.path.name, info.what, count, tuple(sorted(dtypes)), _size(info.path))]
     count, dtypes, _ = _tensors(sorted(info.path.glob("*.safetensors")))
     class_name = info.index.get("_class_name", info.kind)
     return [
@@ -77,18 +85,6 @@ def parts(info: ModelInfo) -> list[Part]:
     ]
 
 
-def _file_kind(path: Path, prefixes: set[str]) -> str:
-    with safe_open(str(path), "np") as handle:
-        keys = list(handle.keys())
-    if keys and all("lora" in key.lower() or key.endswith(".alpha") for key in keys):
-        return "LoRA"
-    if set(keys) <= {"emb_params", "clip_l", "clip_g", "string_to_param"} or len(keys) == 1:
-        return "textual-inversion embedding"
-    if any(key.startswith("model.diffusion_model.") for key in keys):
-        return "single-file checkpoint (not served yet: convert it to a diffusers folder)"
-    return "safetensors file (" + ", ".join(sorted(prefixes)[:4]) + ")"
-
-
 def describe(info: ModelInfo) -> str:
     """The inspection as text: a header line, then a line per part."""
     found = parts(info)
@@ -96,6 +92,8 @@ def describe(info: ModelInfo) -> str:
     lines = [f"{info.model_id}: {kind}, {sum(p.disk_bytes for p in found) / 1e6:.1f} MB on disk"]
     if info.kind == "pipeline":
         lines[0] += f" ({info.index.get('_class_name', '?')})"
+    if info.weights is not None and info.kind == "pipeline":
+        lines[0] += f"; {info.note}, {info.weights.path.stat().st_size / 1e6:.1f} MB file"
     lines.append(f"  {'role':9s} {'component':16s} {'class':34s} {'parameters':>12s}  dtypes")
     for part in found:
         lines.append(

@@ -1,18 +1,24 @@
 """The model store: a directory of diffusers folders and .safetensors files, addressed by model id.
 
 Ids are paths relative to the root ("tiny/sd15", "tiny/lora-sd15-kohya" for tiny/lora-sd15-kohya.safetensors)
-or Runware/AIR-style "source:id@version", which maps to <root>/<source>/<id>/<version>. Nothing is fetched
-from a network, and an id that resolves outside the root (.., absolute paths, symlinks out) is refused.
+or Runware/AIR-style "source:id@version", which maps to <root>/<source>/<id>/<version>(.safetensors). Nothing is
+fetched from a network, and an id that resolves outside the root (.., absolute paths, symlinks out) is refused.
+A single-file checkpoint (checkpoint.py) is a pipeline like a folder: its `path` is the folder of configs it is
+served with, its `weights` the file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from triptych import families
+from safetensors import SafetensorError
+
+from triptych import checkpoint, families
+from triptych.checkpoint import Checkpoint
 from triptych.families import Family
 from triptych.serving.errors import InvalidArgument, ModelLoadFailed, NotFound
 
@@ -26,9 +32,16 @@ class ModelInfo:
 
     model_id: str
     path: Path
-    kind: str  # "pipeline", "vae", "controlnet", "unet", "file"
+    kind: str  # "pipeline", "vae", "controlnet", "unet", "component", "checkpoint" (one we cannot serve), "file"
     family: Family | None  # for a pipeline of a family we serve, else None
     index: dict  # model_index.json (pipelines) or config.json (single components); {} for files
+    weights: Checkpoint | None = None  # the single file whose tensors the components are (None: a folder's own)
+    note: str = ""  # what a file is, when that is not what its kind says (shown in errors and listings)
+
+    @property
+    def what(self) -> str:
+        """What the model is, for an error message: "a pipeline", "a LoRA file", "a sd21 checkpoint", ..."""
+        return self.note or f"a {self.kind}"
 
     def flag(self, name: str, default=None):
         """A flag registered in model_index.json, e.g. force_zeros_for_empty_prompt."""
@@ -62,7 +75,8 @@ class ModelStore:
         return self.root / relative
 
     def resolve(self, model_id: str, field: str, suffixes: tuple[str, ...] = (".safetensors",)) -> ModelInfo:
-        """Finds a model (the id as is, else with one of `suffixes`); NOT_FOUND naming the id if absent."""
+        """Finds a model (the id as is, else with one of `suffixes`); NOT_FOUND naming the id if absent, and
+        INVALID_ARGUMENT when only a pickle (.ckpt, .pt, ...) of that name is there."""
         candidate = self.path_for(model_id, field)
         for path in (candidate, *(candidate.with_name(candidate.name + suffix) for suffix in suffixes)):
             try:
@@ -75,8 +89,11 @@ class ModelStore:
                 raise InvalidArgument.one(field, f"{model_id!r} resolves outside the model store")
             try:
                 return _describe(model_id, real)
-            except (OSError, ValueError) as exc:  # model_index.json or config.json that does not parse
+            except (OSError, ValueError, SafetensorError) as exc:  # a config that does not parse, a truncated file
                 raise ModelLoadFailed(model_id, exc) from exc
+        for suffix in checkpoint.PICKLE_SUFFIXES:
+            if candidate.with_name(candidate.name + suffix).is_file():
+                raise InvalidArgument.one(field, f"{model_id!r} is {_PICKLE}")
         raise NotFound(field, f"model {model_id!r} is not in the model store")  # never the server's path
 
     def list(self) -> list[ModelInfo]:
@@ -92,16 +109,57 @@ class ModelStore:
             elif marker.suffix == ".safetensors" and not any(
                 (p / "model_index.json").exists() or (p / "config.json").exists() for p in marker.parents
             ):
-                found.append(_describe(rel.with_suffix("").as_posix(), marker))
+                try:
+                    found.append(_describe(rel.with_suffix("").as_posix(), marker))
+                except (OSError, ValueError, SafetensorError) as exc:
+                    note = f"a damaged .safetensors file ({type(exc).__name__})"
+                    found.append(ModelInfo(rel.with_suffix("").as_posix(), marker, "file", None, {}, note=note))
         return found
+
+
+_PICKLE = (
+    "a pickle file (.ckpt/.pt/.bin): Triptych reads only .safetensors, since loading a pickle can run code; "
+    "convert it to .safetensors where you trust it"
+)
 
 
 def _describe(model_id: str, path: Path) -> ModelInfo:
     if path.is_file():
-        return ModelInfo(model_id, path, "file", None, {})
+        return _describe_file(model_id, path, path.stat().st_mtime_ns, path.stat().st_size)
     if (path / "model_index.json").exists():
         index = json.loads((path / "model_index.json").read_text())
         return ModelInfo(model_id, path, "pipeline", families.for_pipeline(index.get("_class_name", "")), index)
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
-    kinds = {"AutoencoderKL": "vae", "ControlNetModel": "controlnet", "UNet2DConditionModel": "unet"}
+    kinds = {
+        "AutoencoderKL": "vae",
+        "ControlNetModel": "controlnet",
+        "FluxControlNetModel": "controlnet",
+        "SD3ControlNetModel": "controlnet",
+        "UNet2DConditionModel": "unet",
+    }
     return ModelInfo(model_id, path, kinds.get(config.get("_class_name", ""), "component"), None, config)
+
+
+@functools.lru_cache(maxsize=1024)
+def _describe_file(model_id: str, path: Path, mtime_ns: int, size: int) -> ModelInfo:
+    """A file in the store, its header read once per (path, mtime, size): a replaced file is read again."""
+    if path.suffix in checkpoint.PICKLE_SUFFIXES:
+        return ModelInfo(model_id, path, "file", None, {}, note=_PICKLE)
+    if path.suffix != ".safetensors":
+        return ModelInfo(model_id, path, "file", None, {})
+    header = checkpoint.read_header(path)
+    if checkpoint.is_pipeline_checkpoint(header):
+        try:
+            found = checkpoint.detect(path, header)
+        except checkpoint.Unservable as exc:
+            return ModelInfo(model_id, path, "checkpoint", None, {}, note=f"a single-file checkpoint: {exc}")
+        folder = checkpoint.configs_folder(found)
+        index = json.loads((folder / "model_index.json").read_text())
+        family = families.for_pipeline(index.get("_class_name", ""))
+        described = "with its configs in its metadata" if found.embedded_configs else f"of {found.architecture}"
+        note = f"a single-file checkpoint {described}"
+        return ModelInfo(model_id, folder, "pipeline", family, index, weights=found, note=note)
+    vae = checkpoint.vae_file(path, header)
+    if vae is not None:
+        return ModelInfo(model_id, path, "vae", None, {}, weights=vae, note="a VAE file")
+    return ModelInfo(model_id, path, "file", None, {}, note=checkpoint.file_kind(header))

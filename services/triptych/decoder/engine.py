@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from triptych import checkpoint
 from triptych.families.base import unscale_latents, vae_scale_factor
 from triptych.model_store import ModelInfo, ModelStore
 from triptych.runtime.admission import BoundedQueue
@@ -25,6 +26,22 @@ from triptych.runtime.components import ComponentCache, LoadedModel
 from triptych.runtime.compute import ComputeThreads
 from triptych.runtime.placement import CPU_FLOAT32, Placement, compile_in_place
 from triptych.serving.errors import Cancelled, InvalidArgument
+
+
+@dataclass(frozen=True)
+class VaeSource:
+    """Where a decode's VAE comes from: the cache key, the folder of its config.json, and the model it is part of
+    (whose `weights` is the single file holding its tensors, if any)."""
+
+    key: str
+    config_folder: Path
+    info: ModelInfo
+
+    def load(self) -> AutoencoderKL:
+        if self.info.weights is None:
+            return AutoencoderKL.from_pretrained(self.config_folder, use_safetensors=True).eval()
+        prefix, layout = self.info.weights.prefix("vae")
+        return checkpoint.load_component(AutoencoderKL, self.config_folder, self.info.weights.path, prefix, layout)
 
 
 @dataclass(frozen=True)
@@ -56,18 +73,27 @@ class DecoderEngine:
         self.compile_mode = compile_mode  # None = eager; else a torch.compile mode for every VAE decoder
         self.compute = compute or ComputeThreads("decoder")
 
-    def _folder(self, model_id: str, field: str) -> Path:
-        """Where the VAE lies, without loading it; INVALID_ARGUMENT if the model has none."""
+    def _vae(self, model_id: str, field: str, model: str = "") -> VaeSource:
+        """The VAE `model_id` names (a pipeline's own, a VAE folder or a VAE file), without loading it.
+        A VAE file holds weights only: it decodes with the configuration (scaling) of `model`'s own VAE."""
         info = self.store.resolve(model_id, field)
+        if info.kind == "vae" and info.weights is not None:
+            if not model:
+                raise InvalidArgument.one(
+                    "model", f"required with a VAE file ({model_id!r}): its scaling comes from the model's own VAE"
+                )
+            base = self._vae(model, "model")
+            return VaeSource(f"{model_id}\0{model}", base.config_folder, info)
         folder = _vae_folder(info)
         if folder is None:
-            raise InvalidArgument.one(field, f"{model_id!r} has no VAE (it is a {info.kind})")
-        return folder
+            raise InvalidArgument.one(field, f"{model_id!r} has no VAE (it is {info.what})")
+        return VaeSource(model_id, folder, info)
 
     def warm_up(self, model_id: str) -> bool:
         """Loads a model's VAE (or a VAE folder) and decodes zeros at its default size. False if it has no VAE."""
-        folder = _vae_folder(self.store.resolve(model_id, "model"))
-        if folder is None:
+        info = self.store.resolve(model_id, "model")
+        folder = _vae_folder(info)
+        if folder is None or (info.kind == "vae" and info.weights is not None):  # a VAE file needs its model
             return False
         config = json.loads((folder / "config.json").read_text())
         size = config.get("sample_size")
@@ -77,19 +103,24 @@ class DecoderEngine:
 
     def scale_factor(self, model: str, vae: str) -> int:
         """Pixels per latent per side of the VAE that decodes (model, vae), from its config (nothing loaded)."""
-        return _config_scale(self._folder(*_source(model, vae)))
+        return _config_scale(self._source(model, vae).config_folder)
 
     def decode(self, job: DecodeJob, is_active: Callable[[], bool] = lambda: True) -> list[Image.Image]:
         """Checks the VAE exists here, takes a slot of its queue, then loads it (once) and decodes on its compute
         thread, one image at a time: when is_active() turns false (the caller left) it stops between images."""
-        model_id, field = _source(job.model, job.vae)
-        folder = self._folder(model_id, field)
-        with self.queue.slot(model_id):
-            return self.compute.run(model_id, self._decode, model_id, folder, job, is_active)
+        source = self._source(job.model, job.vae)
+        with self.queue.slot(source.key):
+            return self.compute.run(source.key, self._decode, source, job, is_active)
 
-    def _decode(self, model_id: str, folder: Path, job: DecodeJob, is_active: Callable[[], bool]) -> list[Image.Image]:
+    def _source(self, model: str, vae: str) -> VaeSource:
+        """The VAE a decode uses: `vae` when set, else the model's own."""
+        return self._vae(vae, "vae", model) if vae else self._vae(model, "model")
+
+    def _loaded(self, source: VaeSource) -> AutoencoderKL:
+        """The source's VAE: loaded once, then cached; placed on the device (fp16 VAEs that overflow stay float32)."""
+
         def load() -> LoadedModel:
-            vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
+            vae = source.load()
             place = self.placement
             if place.dtype == torch.float16 and vae.config.force_upcast:
                 # fp16 VAEs that overflow stay float32, as the diffusers pipelines upcast them to decode.
@@ -99,7 +130,10 @@ class DecoderEngine:
                 compile_in_place(vae.decoder, self.compile_mode)  # the encoder half is never used here
             return LoadedModel({"vae": vae})
 
-        vae: AutoencoderKL = self.cache.get(model_id, load)["vae"]
+        return self.cache.get(source.key, load)["vae"]
+
+    def _decode(self, source: VaeSource, job: DecodeJob, is_active: Callable[[], bool]) -> list[Image.Image]:
+        vae = self._loaded(source)
         latents = job.latents
         channels = vae.config.latent_channels
         if latents.ndim != 4 or latents.shape[1] != channels or min(latents.shape[0], *latents.shape[2:]) < 1:
@@ -128,11 +162,6 @@ class DecoderEngine:
 def _config_scale(folder: Path) -> int:
     """A VAE folder's scale factor, its config read once (a loaded VAE is never reloaded either)."""
     return vae_scale_factor(json.loads((folder / "config.json").read_text()))
-
-
-def _source(model: str, vae: str) -> tuple[str, str]:
-    """(id, request field) of the VAE a decode uses: `vae` when set, else the model's own."""
-    return (vae, "vae") if vae else (model, "model")
 
 
 def _vae_folder(info: ModelInfo) -> Path | None:

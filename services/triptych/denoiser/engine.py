@@ -60,7 +60,7 @@ class DenoiserEngine:
         """The model's store entry, without loading it: NOT_FOUND / INVALID_ARGUMENT before any queueing."""
         info = self.store.resolve(model_id, field)
         if not info.is_text_to_image:
-            raise InvalidArgument.one(field, f"{model_id!r} is not a text-to-image model folder ({info.kind})")
+            raise InvalidArgument.one(field, f"{model_id!r} is not a text-to-image model ({info.what})")
         return info
 
     def warm_up(self, model_id: str) -> bool:

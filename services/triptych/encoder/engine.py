@@ -16,6 +16,7 @@ import torch
 import transformers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from triptych import checkpoint
 from triptych.encoder.batching import Batcher
 from triptych.encoder.cache import ByteBoundedLRU
 from triptych.encoder.chunks import CHUNK_TOKENS, Chunk, empty_chunk, placed_tokens, split_into_chunks
@@ -145,7 +146,7 @@ class TextEncoderEngine:
                 tokenizer_class = getattr(transformers, info.index[slot.tokenizer][1])
                 encoder_class = getattr(transformers, info.index[slot.encoder][1])
                 parts[slot.tokenizer] = tokenizer_class.from_pretrained(info.path / slot.tokenizer)
-                encoder = encoder_class.from_pretrained(info.path / slot.encoder, use_safetensors=True).eval()
+                encoder = checkpoint.load(encoder_class, info, slot.encoder)  # a folder's or a single file's
                 parts[slot.encoder] = self.placement.module(encoder, convolutional=False)
                 if isinstance(encoder, CLIPTextModel | CLIPTextModelWithProjection):
                     make_rows_independent(parts[slot.encoder])  # so a row's bits never depend on its batch
@@ -170,7 +171,7 @@ class TextEncoderEngine:
     def _answer(self, job: EncodeJob, submit) -> EncodeResult:
         info = self.store.resolve(job.model, "model")
         if not info.is_text_to_image:
-            raise InvalidArgument.one("model", f"{job.model!r} is not a text-to-image model folder ({info.kind})")
+            raise InvalidArgument.one("model", f"{job.model!r} is not a text-to-image model ({info.what})")
         if job.prompt_weighting not in PROMPT_WEIGHTINGS:
             raise InvalidArgument.one("prompt_weighting", f"must be one of {PROMPT_WEIGHTINGS}")
         parts = self.components(info)

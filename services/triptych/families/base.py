@@ -152,11 +152,13 @@ class Family:
         return network_class.extract_init_dict(config)[0]
 
     def load_network(self, info: ModelInfo):
-        """The denoising network, from safetensors only, in eval mode (on the CPU, float32)."""
+        """The denoising network, from safetensors only (its folder, or its tensors in a single-file checkpoint), in
+        eval mode (on the CPU, float32)."""
         import diffusers
 
-        network_class = getattr(diffusers, self.network_class_name)
-        return network_class.from_pretrained(info.path / self.denoiser_folder, use_safetensors=True).eval()
+        from triptych import checkpoint
+
+        return checkpoint.load(getattr(diffusers, self.network_class_name), info, self.denoiser_folder)
 
     def text_width(self, config: dict) -> int:
         """The width of the prompt embeddings the network takes."""

@@ -1,9 +1,11 @@
-"""Full-size SD1.5 and SDXL pipelines with random weights: the real architectures, for memory and speed figures.
+"""Full-size SD1.5, SD2.1, SDXL and SDXL-refiner pipelines: the real architectures, with random weights for memory
+and speed figures, or without weights as the configs a single-file checkpoint is served with (checkpoint.py).
 
-Nothing here is downloaded: the configs are those of runwayml/stable-diffusion-v1-5 and
-stabilityai/stable-diffusion-xl-base-1.0 (diffusers layout), the tokenizer is the real CLIP BPE, and the weights
-are seeded random numbers. A random-weight network costs exactly what a trained one does (same shapes, same
-FLOPs, same bytes), so benchmarks and memory figures hold for real checkpoints; the images are noise.
+Nothing here is downloaded: the configs are those of runwayml/stable-diffusion-v1-5,
+stabilityai/stable-diffusion-2-1, stabilityai/stable-diffusion-xl-base-1.0 and stable-diffusion-xl-refiner-1.0
+(diffusers layout), the tokenizer is the real CLIP BPE, and the weights are seeded random numbers. A random-weight
+network costs exactly what a trained one does (same shapes, same FLOPs, same bytes), so benchmarks and memory
+figures hold for real checkpoints; the images are noise.
 
     triptych models build-full-size sd15 --model-root models   # writes models/full-size/sd15 (4.3 GB, fp32)
 """
@@ -15,21 +17,35 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .clip_vocab import EOS_TOKEN
+from .clip_vocab import EOS_TOKEN, write_clip_tokenizer
 from .tiny import SD15_SCHEDULER, SDXL_SCHEDULER, _fresh, _save_pipeline, _tokenizer
 
 FULL_SIZE_DIR = "full-size"
+ARCHITECTURES = ("sd15", "sd21", "sdxl", "sdxl-refiner")
+# Real SD2.1 scheduler config (stabilityai/stable-diffusion-2-1): DDIM, v-prediction.
+SD21_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}
+# The pad token of each tokenizer folder (SD2's and SDXL's OpenCLIP tokenizers pad with "!").
+TOKENIZER_PADS = {
+    "sd15": {"tokenizer": EOS_TOKEN},
+    "sd21": {"tokenizer": "!"},
+    "sdxl": {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"},
+    "sdxl-refiner": {"tokenizer_2": "!"},
+}
 
 
-def _clip(hidden: int, layers: int, heads: int, act: str = "quick_gelu", projection: int = 768) -> CLIPTextConfig:
+def _clip(
+    hidden: int, layers: int, heads: int, act: str = "quick_gelu", projection: int = 768, ids=(49406, 49407, 49407)
+) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden,
@@ -39,9 +55,9 @@ def _clip(hidden: int, layers: int, heads: int, act: str = "quick_gelu", project
         projection_dim=projection,
         max_position_embeddings=77,
         hidden_act=act,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
+        bos_token_id=ids[0],
+        eos_token_id=ids[1],
+        pad_token_id=ids[2],
     )
 
 
@@ -80,6 +96,34 @@ def sdxl_unet() -> UNet2DConditionModel:
     )
 
 
+def sd21_unet() -> UNet2DConditionModel:
+    """SD2.1's UNet (865M parameters): OpenCLIP-H conditioning, linear projections, upcast attention."""
+    return UNet2DConditionModel(
+        sample_size=96,
+        attention_head_dim=(5, 10, 20, 20),
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+        upcast_attention=True,
+    )
+
+
+def refiner_unet() -> UNet2DConditionModel:
+    """SDXL refiner's UNet (2.3B parameters)."""
+    return UNet2DConditionModel(
+        sample_size=128,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(384, 768, 1536, 1536),
+        transformer_layers_per_block=4,
+        attention_head_dim=(6, 12, 24, 24),
+        cross_attention_dim=1280,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2560,
+    )
+
+
 def sd15_pipeline(out: Path) -> StableDiffusionPipeline:
     torch.manual_seed(0)
     return StableDiffusionPipeline(
@@ -109,6 +153,63 @@ def sdxl_pipeline(out: Path) -> StableDiffusionXLPipeline:
     )
 
 
+def sd21_pipeline(out: Path) -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    return StableDiffusionPipeline(
+        vae=_vae(0.18215, 768, force_upcast=True),
+        # OpenCLIP ViT-H without its last layer (SD2 conditions on the penultimate one); the ids are its config's.
+        text_encoder=CLIPTextModel(_clip(1024, 23, 16, act="gelu", projection=512, ids=(0, 2, 1))),
+        tokenizer=_tokenizer(out / "tokenizer", pad_token="!"),
+        unet=sd21_unet(),
+        scheduler=DDIMScheduler.from_config(SD21_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def refiner_pipeline(out: Path) -> StableDiffusionXLImg2ImgPipeline:
+    torch.manual_seed(0)
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=_vae(0.13025, 1024, force_upcast=True),
+        text_encoder=None,
+        text_encoder_2=CLIPTextModelWithProjection(_clip(1280, 32, 20, act="gelu", projection=1280)),
+        tokenizer=None,
+        tokenizer_2=_tokenizer(out / "tokenizer_2", pad_token="!"),
+        unet=refiner_unet(),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+
+
+_PIPELINES = {"sd15": sd15_pipeline, "sd21": sd21_pipeline, "sdxl": sdxl_pipeline, "sdxl-refiner": refiner_pipeline}
+
+
+def write_configs(architecture: str, out: Path) -> Path:
+    """Writes a real architecture's diffusers folder without weights: model_index.json, each component's config
+    and the tokenizers. Built on the meta device, so nothing is allocated; what a single-file checkpoint of that
+    architecture is served with."""
+    from accelerate import init_empty_weights
+
+    out.mkdir(parents=True, exist_ok=True)
+    with init_empty_weights():  # parameters on the meta device; schedulers' tables stay real
+        pipe = _PIPELINES[architecture](out)
+    pipe.save_config(out)  # model_index.json
+    for name, component in pipe.components.items():
+        if component is None or name.startswith("tokenizer"):
+            continue
+        target = out / name
+        if hasattr(component, "save_config"):
+            component.save_config(target)  # diffusers models and schedulers
+        else:
+            component.config.save_pretrained(target)  # transformers models
+    for name, pad in TOKENIZER_PADS[architecture].items():
+        write_clip_tokenizer(out / name, pad_token=pad)
+    return out
+
+
 def build_full_size(
     root: Path, family: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Path:
@@ -119,9 +220,8 @@ def build_full_size(
     out = _fresh(root / FULL_SIZE_DIR / family)
     out.mkdir(parents=True)
     with torch.device(device):
-        pipe = sd15_pipeline(out) if family == "sd15" else sdxl_pipeline(out)
+        pipe = _PIPELINES[family](out)
     if dtype != torch.float32:  # (the networks are built in float32)
         pipe.to(dtype=dtype)
-    tokenizers = {"tokenizer": EOS_TOKEN} if family == "sd15" else {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}
-    _save_pipeline(pipe, out, tokenizers)
+    _save_pipeline(pipe, out, TOKENIZER_PADS[family])
     return out
