@@ -16,7 +16,8 @@ def _settings(args):
     from triptych.serving.settings import Settings
 
     overrides = {}
-    for name in ("model_root", "host", "torch_threads", "encoder_address", "denoiser_address", "decoder_address"):
+    names = ("model_root", "host", "torch_threads", "metrics_port", "health_port")
+    for name in (*names, "encoder_address", "denoiser_address", "decoder_address"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -46,6 +47,7 @@ def cmd_serve(args) -> int:
         names = {"host": args.host, "http_port": args.port, "gateway_address": args.gateway_address}
         return serve_http(HTTPSettings(**{k: v for k, v in names.items() if v is not None}), Security())
     if args.role != "all":
+        from triptych.serving.observe import Observability
         from triptych.serving.security import server_credentials
         from triptych.serving.server import serve_forever
         from triptych.serving.settings import DEFAULT_PORTS
@@ -53,7 +55,9 @@ def cmd_serve(args) -> int:
         settings = _settings(args)
         server_credentials(settings)  # a security misconfiguration stops here, before any model code loads
         port = args.port if args.port is not None else DEFAULT_PORTS[args.role]
-        serve_forever(build_role(args.role, settings), settings, port)
+        # Metrics and traces (off by default) before the role: the gateway's channels carry traceparent from the start.
+        observability = Observability(args.role, settings)
+        serve_forever(build_role(args.role, settings), settings, port, observability)
         return 0
     return _serve_all(args)
 
@@ -104,6 +108,17 @@ def _spawn(role: str, port: int, args, extra: list[str], processes: list) -> str
     return address
 
 
+def _side_ports(role: str, settings) -> list[str]:
+    """`serve all`: a metrics or health port P (not 0, any free port) is P for the encoder, P+1 for the denoiser,
+    P+2 for the decoder and P+3 for the gateway, since the four processes share one host."""
+    flags = []
+    for name in ("metrics_port", "health_port"):
+        port = getattr(settings, name)
+        if port:
+            flags += [f"--{name.replace('_', '-')}", str(port + ROLES.index(role))]
+    return flags
+
+
 def _serve_all(args) -> int:
     from triptych.client.connection import wait_until_serving
     from triptych.serving.security import check_serves_and_calls, outgoing_channel_args, server_credentials
@@ -125,9 +140,10 @@ def _serve_all(args) -> int:
     try:
         addresses = {}
         for role in ("encoder", "denoiser", "decoder"):
-            addresses[role] = _spawn(role, 0, args, [], processes)
+            addresses[role] = _spawn(role, 0, args, _side_ports(role, settings), processes)
         gateway_port = args.port if args.port is not None else 50051
         links = [f"--{role}-address={addresses[role]}" for role in ("encoder", "denoiser", "decoder")]
+        links += _side_ports("gateway", settings)
         addresses["gateway"] = _spawn("gateway", gateway_port, args, links, processes)
         for role in ROLES:
             wait_until_serving(addresses[role], timeout=60, **outgoing_channel_args(settings.security, addresses[role]))
@@ -343,6 +359,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--model-root", type=Path, help="model store (default $TRIPTYCH_MODEL_ROOT or ./models)")
     serve.add_argument("--torch-threads", type=int, help="torch intra-op threads per process")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default off; `all`: P..P+3)")
+    serve.add_argument("--health-port", type=int, help="plaintext gRPC-health-only port (default off)")
     for role in ("encoder", "denoiser", "decoder"):
         serve.add_argument(f"--{role}-address", help=f"gateway only: where the {role} listens")
     serve.add_argument("--gateway-address", help="http only: the gateway to call (default 127.0.0.1:50051)")
@@ -387,6 +405,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     from triptych.serving.settings import ConfigurationError
 
     args = parser().parse_args(argv)
@@ -394,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigurationError as exc:
         print(f"triptych: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a setting of the wrong type or out of range: name its variable, not a traceback
+        for error in exc.errors():
+            name = str(error["loc"][-1]) if error["loc"] else "settings"
+            variable = name if name.isupper() else f"TRIPTYCH_{name.upper()}"
+            print(f"triptych: {variable}: {error['msg']} (got {error.get('input')!r})", file=sys.stderr)
         return 2
 
 

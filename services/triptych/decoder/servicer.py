@@ -92,4 +92,5 @@ def build(settings: Settings) -> Service:
         cache.loaded,
         lambda: {"compiled_graphs": compiled_graphs()},
         warm_up=engine.warm_up,
+        readings=lambda: {"decoder_queue_depth": engine.queue.depths()},
     )

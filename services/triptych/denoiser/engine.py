@@ -26,6 +26,7 @@ from triptych.runtime.components import ComponentCache, LoadedModel
 from triptych.runtime.compute import ComputeThreads
 from triptych.runtime.lora import LoraAdapters
 from triptych.runtime.placement import CPU_FLOAT32, Placement, compile_in_place
+from triptych.runtime.work_meter import WorkMeter
 from triptych.serving.errors import Cancelled, InvalidArgument, ModelLoadFailed
 
 __all__ = ["Conditioning", "DenoiseJob", "DenoiseOutcome", "DenoiserEngine", "StepDone"]
@@ -55,6 +56,7 @@ class DenoiserEngine:
         self.compute = compute or ComputeThreads("denoiser")
         self.queue = BoundedQueue(queue_per_model, "denoise")
         self.counters = Counter()  # steps, cancelled: reported through RuntimeService
+        self.meter = WorkMeter()  # busy seconds and steps per model, for the metrics
 
     def resolve(self, model_id: str, field: str = "model") -> ModelInfo:
         """The model's store entry, without loading it: NOT_FOUND / INVALID_ARGUMENT before any queueing."""
@@ -108,7 +110,7 @@ class DenoiserEngine:
         if not is_active():  # cancelled while it waited for the compute thread
             raise Cancelled("the caller went away before the job started")
         parts = self._parts(info)
-        with parts.lock:
+        with parts.lock, self.meter.busy(job.model):
             folder = info.family.denoiser_folder
             if info.family.supports_loras:  # also with no LoRAs: switches off the last request's
                 self.loras.activate(info.family, {folder: parts[folder]}, job.loras)
@@ -130,7 +132,7 @@ class DenoiserEngine:
         state = prepare_state(info, network, parts.configs["scheduler"], job, place, control, height, width)
         # CUDA graphs reuse their output memory from one step to the next: the stepper marks each step's start and
         # copies the UNet's output before a scheduler keeps it.
-        stepper = Stepper(network, self.compile_mode == "reduce-overhead", self._count_step)
+        stepper = Stepper(network, self.compile_mode == "reduce-overhead", lambda: self._count_step(job.model))
         yield from stepper.run(state, is_active)
         yield DenoiseOutcome(
             latents=state.wire_latents().to(device="cpu", dtype=torch.float32),  # the wire's latents are float32
@@ -141,8 +143,9 @@ class DenoiserEngine:
             model_calls=len(state.timesteps),
         )
 
-    def _count_step(self) -> None:
+    def _count_step(self, model: str) -> None:
         self.counters["denoise_steps"] += 1
+        self.meter.step(model)
 
     def _control_nets(self, job: DenoiseJob, unet) -> list[ControlNetModel]:
         """Loads each unit's ControlNet (cached, in an LRU apart from the UNets') and checks it fits the base model."""

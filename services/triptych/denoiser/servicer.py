@@ -221,4 +221,9 @@ def build(settings: Settings) -> Service:
             **engine.counters,
         },
         warm_up=engine.warm_up,
+        readings=lambda: {
+            "denoiser_queue_depth": engine.queue.depths(),
+            "denoiser_busy_seconds": engine.meter.busy_seconds(),
+            "denoiser_steps": dict(engine.meter.steps),
+        },
     )

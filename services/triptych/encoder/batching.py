@@ -14,7 +14,7 @@ import contextlib
 import functools
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -52,6 +52,7 @@ class Batcher:
         self.works = 0  # submissions served
         self.rows = 0  # rows served
         self.shared_calls = 0  # calls that served more than one submission
+        self.batch_sizes: Counter[int] = Counter()  # calls by how many submissions they served
 
     @contextlib.contextmanager
     def announced(self):
@@ -118,6 +119,7 @@ class Batcher:
         while True:
             batch = self._next_batch()
             self.calls += 1
+            self.batch_sizes[len(batch)] += 1  # submissions per call, for the metrics' histogram
             self.works += len(batch)
             self.rows += sum(pending.rows for pending in batch)
             self.shared_calls += len(batch) > 1

@@ -113,4 +113,5 @@ def build(settings: Settings) -> Service:
         cache.loaded,
         lambda: {"lora_disk_reads": loras.disk_reads, "lora_evictions": loras.evictions, **engine.counters()},
         warm_up=engine.warm_up,
+        readings=lambda: {"encoder_batch_requests": {str(n): c for n, c in engine.batcher.batch_sizes.items()}},
     )

@@ -379,4 +379,5 @@ def build(settings: Settings) -> Service:
         ["triptych.v1.ImageService"],
         lambda server: image_service_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server),
         readiness=servicer.readiness.start,
+        readings=lambda: {"gateway_admitted": servicer.admission.depths()},
     )

@@ -19,6 +19,12 @@ class BoundedQueue:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
 
+    def depths(self) -> dict[str, int]:
+        """Requests admitted per key now (running + waiting); keys with none are left out (a gateway's keys are the
+        model ids callers send, so only those in flight make a metrics series)."""
+        with self._lock:
+            return {key: count for key, count in self._counts.items() if count > 0}
+
     @contextlib.contextmanager
     def slot(self, key: str):
         with self._lock:

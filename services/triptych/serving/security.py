@@ -14,6 +14,7 @@ import grpc
 from triptych.client.connection import open_channel
 from triptych.client.transport import address_hosts, channel_credentials
 from triptych.serving.errors import Unauthenticated
+from triptych.serving.observe import client_interceptors
 from triptych.serving.settings import ConfigurationError, Security, Settings
 
 log = logging.getLogger("triptych")
@@ -109,9 +110,11 @@ def outgoing_channel(security: Security, address: str, max_message_bytes: int) -
     """A channel to `address` (one service or a replica list) with this process's TLS and token."""
     channel_args = outgoing_channel_args(security, address)
     try:
-        return open_channel(address, max_message_bytes, **channel_args)
+        channel = open_channel(address, max_message_bytes, **channel_args)
     except ValueError as exc:  # a malformed replica list
         raise ConfigurationError(str(exc)) from exc
+    interceptors = client_interceptors()  # tracing's traceparent, when on (serving/observe.py)
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
 
 
 def check_serves_and_calls(security: Security) -> None:

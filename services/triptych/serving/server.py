@@ -20,6 +20,8 @@ from triptych.runtime.components import LoadedComponent
 from triptych.serving import message_limits, shm, timing
 from triptych.serving.drain import Drain
 from triptych.serving.errors import InvalidArgument, ResourceExhausted, TriptychError, status_for
+from triptych.serving.health_port import start_health_port
+from triptych.serving.observe import Observability
 from triptych.serving.probes import ProbeStreams
 from triptych.serving.security import describe, server_credentials, server_interceptors
 from triptych.serving.settings import ConfigurationError, Settings
@@ -68,8 +70,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         probe_streams: ProbeStreams | None = None,
         request_limits: dict[str, int] | None = None,
         write_bound: WriteBound | None = None,
+        observer: Observability | None = None,
     ):
         self.drain = drain or Drain()
+        self.observer = observer  # metrics and traces of each call (serving/observe.py); None when both are off
         self.write_bound = write_bound or WriteBound(0)
         self.probe_streams = probe_streams
         self.request_limits = request_limits or {}
@@ -108,17 +112,28 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def _single(self, inner, method: str, tracked: bool):
         def handle(request, context):
             started = time.perf_counter()
+            watch = self.observer.begin(method, request, context) if tracked and self.observer else None
+            code = grpc.StatusCode.CANCELLED
             if tracked:
                 self.drain.handler_started()
             try:
                 self._enter(request, context, method, tracked)
-                response = inner(request, context)
+                if watch is None:
+                    response = inner(request, context)
+                else:
+                    with watch.attached():
+                        response = inner(request, context)
                 if tracked:
                     timing.append(context, {"total": time.perf_counter() - started})
+                code = grpc.StatusCode.OK
                 return response
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
-                context.abort_with_status(status_for(method, exc))
+                status = status_for(method, exc)
+                code = status.code
+                context.abort_with_status(status)
             finally:
+                if watch is not None:
+                    watch.end(code)
                 if tracked:
                     self.drain.handler_finished()
 
@@ -127,19 +142,28 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def _streaming(self, inner, method: str, tracked: bool):
         def handle(request, context):
             started = time.perf_counter()
+            watch = self.observer.begin(method, request, context) if tracked and self.observer else None
+            code = grpc.StatusCode.CANCELLED  # unless it ends below: the stream was closed, its caller gone
             if tracked:
                 self.drain.handler_started()
             try:
                 self._enter(request, context, method, tracked, streaming=True)
-                if tracked:
+                if watch is not None:
+                    yield from self._bounded(watch.iterate(lambda: inner(request, context)), context, method)
+                elif tracked:
                     yield from self._bounded(iter(inner(request, context)), context, method)
                 else:
                     yield from inner(request, context)
                 if tracked:
                     timing.append(context, {"total": time.perf_counter() - started})
+                code = grpc.StatusCode.OK
             except Exception as exc:  # noqa: BLE001 - this is the one mapping point
-                context.abort_with_status(status_for(method, exc))
+                status = status_for(method, exc)
+                code = status.code
+                context.abort_with_status(status)
             finally:
+                if watch is not None:
+                    watch.end(code)
                 if tracked:
                     self.drain.handler_finished()
 
@@ -234,6 +258,7 @@ class Service:
         counters: Callable[[], dict[str, int]] = dict,
         warm_up: Callable[[str], bool] | None = None,
         readiness: Callable[[health.HealthServicer], None] | None = None,
+        readings: Callable[[], dict[str, dict[str, float]]] = dict,
     ):
         self.role = role
         self.service_names = service_names
@@ -244,6 +269,9 @@ class Service:
         # A role that depends on others sets its own health ("" and its services) from theirs, now and later
         # (the gateway: gateway/readiness.py); the others are SERVING once started.
         self.readiness = readiness
+        # Per-model state read when metrics are scraped, by reading name (serving/metrics.py): queue depth, busy
+        # seconds, steps, batch sizes. Never called when metrics are off.
+        self.readings = readings
 
 
 def preload(service: Service, models: list[str]) -> None:
@@ -264,8 +292,24 @@ def preload(service: Service, models: list[str]) -> None:
             log.info("preload: %s has nothing for the %s", model, service.role)
 
 
+def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
+    """GOAWAY to connections older than max_connection_age_seconds, so that long-lived client channels re-resolve
+    and spread over the replicas there are now (a Kubernetes headless Service); unset keeps gRPC's default (never).
+    The grace (unset: unbounded) lets the calls on the old connection finish, however long a Denoise takes."""
+    if not settings.max_connection_age_seconds:
+        return []
+    options = [("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000))]
+    if settings.max_connection_age_grace_seconds:
+        options.append(("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * 1000)))
+    return options
+
+
 def start(
-    service: Service, settings: Settings, port: int, drain: Drain | None = None
+    service: Service,
+    settings: Settings,
+    port: int,
+    drain: Drain | None = None,
+    observability: Observability | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Builds and starts a server for `service` on host:port (0 = any free port); returns the bound port.
 
@@ -288,13 +332,20 @@ def start(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=service.role),
         # ErrorInterceptor first (outermost): it maps what the token check raises, like any typed error.
         interceptors=[
-            ErrorInterceptor(drain, probe_streams, request_limits, WriteBound(settings.stream_write_timeout_seconds)),
+            ErrorInterceptor(
+                drain,
+                probe_streams,
+                request_limits,
+                WriteBound(settings.stream_write_timeout_seconds),
+                observability.observer if observability is not None else None,
+            ),
             *server_interceptors(settings),
         ],
         options=[
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", receive_limit),
             *SERVER_KEEPALIVE_OPTIONS,
+            *connection_age_options(settings),
         ],
         maximum_concurrent_rpcs=threads,
     )
@@ -339,10 +390,12 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) and libc.mallopt(m_trim_threshold, 1 << 30))
 
 
-def serve_forever(service: Service, settings: Settings, port: int) -> None:
+def serve_forever(service: Service, settings: Settings, port: int, observability: Observability | None = None) -> None:
     """Runs until SIGTERM/SIGINT: then health goes NOT_SERVING, new calls get UNAVAILABLE and the calls in flight
-    get up to the grace period to finish before the server stops."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {service.role} %(levelname)s %(message)s")
+    get up to the grace period to finish before the server stops. `observability`: metrics and traces (observe.py)."""
+    observability = observability or Observability(service.role, settings)
+    logging.basicConfig(level=logging.INFO, format=observability.log_format())
+    observability.install_log_fields()
     if settings.keep_freed_memory and not keep_freed_memory():
         log.info("keep_freed_memory: not glibc, left as it is")
     if "torch" in sys.modules:  # the gateway never imports torch
@@ -352,7 +405,9 @@ def serve_forever(service: Service, settings: Settings, port: int) -> None:
         sys.modules["torch"].set_num_threads(threads)
     preload(service, settings.preload_models)
     drain = Drain(settings.max_workers)
-    server, bound, health_servicer = start(service, settings, port, drain)
+    observability.serve(service, settings, port, VERSION)  # the metrics port, before SERVING is printed
+    server, bound, health_servicer = start(service, settings, port, drain, observability)
+    health_only = start_health_port(health_servicer, settings)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -375,6 +430,15 @@ def serve_forever(service: Service, settings: Settings, port: int) -> None:
         # A handler in work that does not stop at once (one image's VAE decode, one step) would hold the exit, which
         # joins every gRPC thread: the grace is the bound, so the process leaves without it.
         log.warning("stopped, leaving %d handlers still computing", drain.handlers)
+        _close(health_only, observability)
         logging.shutdown()
         os._exit(0)
+    _close(health_only, observability)
     log.info("stopped")
+
+
+def _close(health_only: grpc.Server | None, observability: Observability) -> None:
+    """After the drain: the health-only port stops, buffered spans are exported."""
+    if health_only is not None:
+        health_only.stop(0)
+    observability.close()

@@ -143,6 +143,46 @@ class Settings(BaseSettings):
         "caller does not read, is cancelled and frees its slot; 0 = wait forever",
     )
     shutdown_grace_seconds: float = Field(30.0, description="time in-flight calls get after SIGTERM")
+    max_connection_age_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="a server sends GOAWAY to each connection this old (gRPC adds +-10% jitter), so long-lived "
+        "client channels reconnect and re-resolve (dns:///), spreading over replicas added since; 0 = never",
+    )
+    max_connection_age_grace_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="after that GOAWAY, how long calls still running on the old connection may take before it is "
+        "closed; 0 = as long as they take (a Denoise of minutes is never cut)",
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve Prometheus metrics at http(s)://metrics_host:PORT/metrics; unset = off (prometheus_client "
+        "is then never imported); 0 = any free port (printed at start); HTTPS with tls_cert_file",
+    )
+    metrics_host: str | None = Field(None, description="address the metrics port binds; unset = host")
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="also serve grpc.health.v1 alone, in plaintext, on this port (kubelet gRPC probes speak no TLS); "
+        "unset = off",
+    )
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry spans for every call, W3C traceparent to and from gRPC metadata, trace ids in "
+        "logs; exporter, endpoint, sampler and batching from the standard OTEL_* variables",
+    )
+    otel_traces_exporter: str = Field(
+        "otlp",
+        validation_alias="OTEL_TRACES_EXPORTER",
+        description="with tracing: otlp (OTLP over gRPC, OTEL_EXPORTER_OTLP_ENDPOINT) or console",
+    )
+    otel_service_name: str | None = Field(
+        None, validation_alias="OTEL_SERVICE_NAME", description="with tracing: service.name; unset = triptych-ROLE"
+    )
     max_loaded_models: int = Field(
         4,
         description="models kept in memory per service (LRU); the denoiser keeps ControlNets in an LRU of their "
