@@ -19,6 +19,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from triptych import checkpoint
+from triptych.decoder.image_encoding import EncodeImageJob, ImageLatents, encode_image, image_size
 from triptych.families.base import unscale_latents, vae_scale_factor
 from triptych.model_store import ModelInfo, ModelStore
 from triptych.runtime.admission import BoundedQueue
@@ -115,6 +116,17 @@ class DecoderEngine:
     def _source(self, model: str, vae: str) -> VaeSource:
         """The VAE a decode uses: `vae` when set, else the model's own."""
         return self._vae(vae, "vae", model) if vae else self._vae(model, "model")
+
+    def encode_image(self, job: EncodeImageJob, is_active: Callable[[], bool] = lambda: True) -> ImageLatents:
+        """Encodes one image with the VAE a decode of (model, vae) would use (loaded once), on its compute thread,
+        after a slot of its queue; the size is checked (and an unset one read from the model) before the queue."""
+        source = self._source(job.model, job.vae)
+        scale = _config_scale(source.config_folder)
+        width, height = image_size(self.store, job, scale)
+        with self.queue.slot(source.key):
+            if not is_active():
+                raise Cancelled("the caller went away before the image was encoded")
+            return self.compute.run(source.key, lambda: encode_image(self._loaded(source), job, width, height, scale))
 
     def _loaded(self, source: VaeSource) -> AutoencoderKL:
         """The source's VAE: loaded once, then cached; placed on the device (fp16 VAEs that overflow stay float32)."""

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from triptych.decoder.engine import DecodeJob, DecoderEngine
+from triptych.decoder.image_encoding import EncodeImageJob
 from triptych.decoder.image_io import MIME, encode_image
 from triptych.model_store import ModelStore
-from triptych.runtime.codec import decode_tensor
+from triptych.rules.validation import check_size
+from triptych.runtime.codec import decode_tensor, encode_tensor
 from triptych.runtime.components import ComponentCache
 from triptych.runtime.compute import ComputeThreads
 from triptych.runtime.placement import Placement, compiled_graphs
 from triptych.serving.errors import InvalidArgument
 from triptych.serving.server import Service
 from triptych.serving.settings import Settings
-from triptych.v1 import decoder_service_pb2, decoder_service_pb2_grpc
+from triptych.v1 import common_pb2, decoder_service_pb2, decoder_service_pb2_grpc
 
+MAX_SAMPLES = 2  # rows of one EncodeImage: one per half of a CFG batch (SD3's ControlNet guides)
 _FORMATS = {
     decoder_service_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",
     decoder_service_pb2.OUTPUT_FORMAT_PNG: "png",
@@ -68,6 +71,33 @@ class DecoderServicer(decoder_service_pb2_grpc.DecoderServiceServicer):
                 )
                 for image in images
             ]
+        )
+
+    def EncodeImage(self, request, context):
+        violations = []
+        if not request.image:
+            violations.append(("image", "an image is required"))
+        elif len(request.image) > self.limits.max_guide_image_bytes:
+            violations.append(("image", f"larger than {self.limits.max_guide_image_bytes} bytes"))
+        width = request.width if request.HasField("width") else None
+        height = request.height if request.HasField("height") else None
+        check_size(width, "width", self.limits.max_width, violations)
+        check_size(height, "height", self.limits.max_height, violations)
+        samples = request.samples or 1
+        if samples > MAX_SAMPLES:
+            violations.append(("samples", f"at most {MAX_SAMPLES} (got {samples})"))
+        if violations:
+            raise InvalidArgument(violations)
+        seed = request.seed if request.HasField("seed") else None
+        job = EncodeImageJob(
+            request.model, request.vae, request.image, width, height, samples, seed, request.generator_state
+        )
+        encoded = self.engine.encode_image(job, context.is_active)
+        latents = common_pb2.VaeLatents(latents=encode_tensor(encoded.latents), scaling_factor=encoded.scaling_factor)
+        if encoded.shift_factor is not None:
+            latents.shift_factor = encoded.shift_factor
+        return decoder_service_pb2.EncodeImageResponse(
+            latents=latents, seed=encoded.seed, generator_state=encoded.generator_state
         )
 
 

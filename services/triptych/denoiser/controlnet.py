@@ -1,4 +1,5 @@
-"""ControlNet units: guide-image preparation, per-step windows, control modes and residual merging.
+"""ControlNet units: guide-image preparation, per-step windows, control modes and residual merging (the UNet
+families; the FLUX and SD3 families use the windows and the merge, with their guides as latents: families/).
 
 Mirrors StableDiffusion(XL)ControlNetPipeline and MultiControlNetModel: guide images go through
 VaeImageProcessor(do_convert_rgb=True, do_normalize=False); model call i of T is controlled iff i/T >= start
@@ -10,56 +11,26 @@ with zeros for the unconditional half (diffusers' guess_mode with CFG).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import torch
 from diffusers import ControlNetModel
 from diffusers.image_processor import VaeImageProcessor
-from PIL import Image
 
 from triptych.rules.control_units import CONTROLNET, PROMPT, ControlUnit
-from triptych.serving.errors import InvalidArgument
-
-MAX_GUIDE_PIXELS = 4096 * 4096  # checked from the header, before decoding (decompression bombs)
-# What the proto promises, and all PIL may try: no TIFF, BMP, GIF, PSD, EPS ... decoders reachable from a request.
-GUIDE_FORMATS = ("PNG", "JPEG", "WEBP")
+from triptych.runtime.guide_images import decode_guide_image
 
 
 @dataclass
 class PreparedUnit:
     net: ControlNetModel
-    image: torch.Tensor  # [B, 3, H, W] in [0, 1], B matching the batch the net is called with
+    # What the net takes as controlnet_cond, batch matching its call: UNet families the image [B, 3, H, W] in [0, 1];
+    # FLUX and SD3 the guide's scaled latents (FLUX packed).
+    image: torch.Tensor
     scale: float
     start: float
     end: float
     mode: str
-
-
-def decode_guide_image(data: bytes, field: str) -> Image.Image:
-    """Opens an encoded guide image; INVALID_ARGUMENT if it is not a decodable image or too large."""
-    try:
-        image = Image.open(io.BytesIO(data), formats=GUIDE_FORMATS)
-        width, height = image.size
-        if width * height > MAX_GUIDE_PIXELS:
-            raise InvalidArgument.one(field, f"{width}x{height} exceeds {MAX_GUIDE_PIXELS} pixels")
-        image.load()
-    except InvalidArgument:
-        raise
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise InvalidArgument.one(field, f"not a decodable PNG/JPEG/WEBP image ({type(exc).__name__})") from exc
-    return image
-
-
-def check_family(net: ControlNetModel, unet, field: str, model: str) -> None:
-    """A ControlNet must be built for the base model's UNet (cross-attention width, added conditioning)."""
-    mismatch = (
-        net.config.cross_attention_dim != unet.config.cross_attention_dim
-        or net.config.addition_embed_type != unet.config.addition_embed_type
-        or net.config.in_channels != unet.config.in_channels
-    )
-    if mismatch:
-        raise InvalidArgument.one(field, f"{model!r} was not built for this base model's family")
 
 
 def prepare_units(
@@ -87,6 +58,20 @@ def prepare_units(
     return prepared
 
 
+def kept_scale(unit: PreparedUnit, i: int, total: int) -> float:
+    """The unit's conditioning scale at model call i of `total`: its weight inside its window, 0 outside (the
+    pipelines' controlnet_keep; the ControlNet still runs, as in diffusers)."""
+    keep = 1.0 - float(i / total < unit.start or (i + 1) / total > unit.end)
+    return unit.scale * keep
+
+
+def merged(previous: list | None, current: list | None) -> list | None:
+    """Block residuals of several units summed in order (Multi*ControlNetModel's merge)."""
+    if previous is None or current is None:  # (a ControlNet without blocks of a kind adds nothing to them)
+        return current if previous is None else previous
+    return [before + added for before, added in zip(previous, current, strict=True)]
+
+
 def residuals(
     units: list[PreparedUnit],
     i: int,
@@ -102,7 +87,6 @@ def residuals(
     """Summed (down, mid) residuals of every unit for model call i of `total`, as the pipelines compute them."""
     down_sum, mid_sum = None, None
     for unit in units:
-        keep = 1.0 - float(i / total < unit.start or (i + 1) / total > unit.end)
         soft = unit.mode in (PROMPT, CONTROLNET)
         conditional_only = unit.mode == CONTROLNET and do_cfg
         if conditional_only:
@@ -116,7 +100,7 @@ def residuals(
             t,
             encoder_hidden_states=embeds,
             controlnet_cond=unit.image,
-            conditioning_scale=unit.scale * keep,
+            conditioning_scale=kept_scale(unit, i, total),
             guess_mode=soft,
             added_cond_kwargs=added,
             return_dict=False,
@@ -124,9 +108,6 @@ def residuals(
         if conditional_only:  # add 0 to the unconditional half, as diffusers does
             down = [torch.cat([torch.zeros_like(d), d]) for d in down]
             mid = torch.cat([torch.zeros_like(mid), mid])
-        if down_sum is None:
-            down_sum, mid_sum = down, mid
-        else:  # MultiControlNetModel's merge
-            down_sum = [previous + current for previous, current in zip(down_sum, down, strict=True)]
-            mid_sum = mid_sum + mid
+        mid_sum = mid if mid_sum is None else mid_sum + mid  # MultiControlNetModel's merge
+        down_sum = merged(down_sum, down)
     return down_sum, mid_sum

@@ -11,19 +11,19 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+import diffusers
 import torch
-from diffusers import ControlNetModel
 
-from triptych.denoiser.controlnet import check_family, prepare_units
 from triptych.denoiser.job import Conditioning, DenoiseJob, DenoiseOutcome, StepDone
 from triptych.denoiser.state import output_size, prepare_state
 from triptych.denoiser.step import Stepper
 from triptych.model_store import ModelInfo, ModelStore
-from triptych.rules.control_units import ControlUnit
+from triptych.rules.control_units import ControlUnit, family_violations
 from triptych.rules.scheduler_table import parse_scheduler
 from triptych.runtime.admission import BoundedQueue
 from triptych.runtime.components import ComponentCache, LoadedModel
 from triptych.runtime.compute import ComputeThreads
+from triptych.runtime.generators import generator_state
 from triptych.runtime.lora import LoraAdapters
 from triptych.runtime.placement import CPU_FLOAT32, Placement, compile_in_place
 from triptych.runtime.work_meter import WorkMeter
@@ -124,11 +124,9 @@ class DenoiserEngine:
         network = parts[family.denoiser_folder]
         place = self.placement
         height, width = output_size(network.config, job, family)
-        nets = self._control_nets(job, network)
+        nets = self._control_nets(job, family)
         do_cfg = family.uses_cfg(network.config, job.guidance_scale)
-        control = prepare_units(
-            list(job.control_units), nets, width, height, do_cfg, place.device, place.dtype, family.latent_scale
-        )
+        control = family.prepare_control(job.control_units, nets, do_cfg, height, width, place)
         state = prepare_state(info, network, parts.configs["scheduler"], job, place, control, height, width)
         # CUDA graphs reuse their output memory from one step to the next: the stepper marks each step's start and
         # copies the UNet's output before a scheduler keeps it.
@@ -137,7 +135,7 @@ class DenoiserEngine:
         yield DenoiseOutcome(
             latents=state.wire_latents().to(device="cpu", dtype=torch.float32),  # the wire's latents are float32
             seed=state.seed,
-            generator_state=state.generator.get_state().numpy().tobytes(),
+            generator_state=generator_state(state.generator),
             scheduler_class=type(state.scheduler).__name__,
             scheduler_options=state.scheduler_options,
             model_calls=len(state.timesteps),
@@ -147,22 +145,20 @@ class DenoiserEngine:
         self.counters["denoise_steps"] += 1
         self.meter.step(model)
 
-    def _control_nets(self, job: DenoiseJob, unet) -> list[ControlNetModel]:
-        """Loads each unit's ControlNet (cached, in an LRU apart from the UNets') and checks it fits the base model."""
+    def _control_nets(self, job: DenoiseJob, family) -> list:
+        """Loads each unit's ControlNet (cached, in an LRU apart from the UNets'); check() has seen that it fits."""
         nets = []
+        net_class = getattr(diffusers, family.controlnet_class_name)
         for unit in job.control_units:
-            field = f"{unit.field}.model"
             info = self._control_net_info(unit)
 
             def load(path=info.path) -> LoadedModel:
-                net = self.placement.module(ControlNetModel.from_pretrained(path, use_safetensors=True).eval())
+                net = self.placement.module(net_class.from_pretrained(path, use_safetensors=True).eval())
                 if self.compile_mode is not None:
                     compile_in_place(net, self.compile_mode)
                 return LoadedModel({"controlnet": net})
 
-            net = self.controlnets.get(unit.model, load)["controlnet"]
-            check_family(net, unet, field, unit.model)
-            nets.append(net)
+            nets.append(self.controlnets.get(unit.model, load)["controlnet"])
         return nets
 
     def _control_net_info(self, unit: ControlUnit) -> ModelInfo:
@@ -171,6 +167,28 @@ class DenoiserEngine:
         if info.kind != "controlnet":
             raise InvalidArgument.one(field, f"{unit.model!r} is not a ControlNet folder ({info.kind})")
         return info
+
+    def _control_unit_violations(self, family, config: dict, job: DenoiseJob, height: int, width: int) -> list:
+        """Each unit's ControlNet id, class and config against the base model's family and network config, and its
+        guide (image or latents) against what the family takes; nothing loaded."""
+        violations = []
+        do_cfg = family.uses_cfg(config, job.guidance_scale)
+        for unit in job.control_units:
+            field = f"{unit.field}.model"
+            try:
+                info = self._control_net_info(unit)
+            except InvalidArgument as exc:
+                violations.extend(exc.violations)
+                continue
+            if info.index.get("_class_name") != family.controlnet_class_name:
+                violations.append((field, f"{unit.model!r} was not built for this base model's family"))
+            else:
+                net_class = getattr(diffusers, family.controlnet_class_name)
+                why = family.controlnet_violation(net_class.extract_init_dict(info.index)[0], config)
+                if why is not None:
+                    violations.append((field, f"{unit.model!r} {why}"))
+            violations += family.control_unit_violations(unit, config, height, width, do_cfg)
+        return violations
 
     def check(self, info: ModelInfo, job: DenoiseJob) -> None:
         """Everything about a request that the model's files show without loading it: the conditioning's shapes
@@ -211,11 +229,8 @@ class DenoiserEngine:
                 violations.append(("latents", "a window with start_fraction > 0 needs the previous latents"))
             elif list(job.latents.shape) != shape:
                 violations.append(("latents", f"expected shape {shape}, got {list(job.latents.shape)}"))
-        for unit in job.control_units:
-            try:
-                self._control_net_info(unit)
-            except InvalidArgument as exc:
-                violations.extend(exc.violations)
+        if job.control_units and family.supports_controlnet:
+            violations += self._control_unit_violations(family, config, job, height, width)
         if violations:
             raise InvalidArgument(violations)
 
@@ -232,8 +247,7 @@ class DenoiserEngine:
                 violations.append((name, f"must be a multiple of {family.size_multiple} for {family.name} models"))
         if (job.start_fraction > 0 or job.end_fraction < 1) and not family.supports_windows:
             violations.append(("window", f"{family.name} models run the whole schedule (no refiner hand-off)"))
-        if job.control_units and not family.supports_controlnet:
-            violations.append(("control_net", f"ControlNet units are not supported on {family.name} models yet"))
+        violations += family_violations(job.control_units, family)
         if job.loras and not family.supports_loras:
             violations.append(("loras", f"LoRAs are not supported on {family.name} models yet"))
         return violations

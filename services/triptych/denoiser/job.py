@@ -15,6 +15,16 @@ class Conditioning:
     pooled_prompt_embeds: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class GuideLatents:
+    """A ControlNet guide in its VAE's latent space (ControlNetUnit.guide_latents): unscaled samples [B, C, h, w]
+    and the VAE's factors, which the family applies as its ControlNet pipeline does."""
+
+    latents: torch.Tensor
+    scaling_factor: float
+    shift_factor: float | None
+
+
 @dataclass
 class DenoiseJob:
     """One sampling job, already parsed and range-checked."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from triptych.denoiser.engine import Conditioning, DenoiseJob, DenoiseOutcome, DenoiserEngine
+from triptych.denoiser.job import GuideLatents
 from triptych.denoiser.schedulers import scheduler_rows
 from triptych.families import ALL_SCHEDULERS
 from triptych.model_store import ModelStore
@@ -56,6 +60,26 @@ def _conditioning(
     return Conditioning(embeds, pooled)
 
 
+def _guide_latents(unit, violations: list):
+    """A unit whose guide_latents message (if any) is parsed into GuideLatents; None when it is bad."""
+    message, field = unit.guide_latents, f"{unit.field}.guide_latents"
+    if message is None:
+        return unit
+    bad = len(violations)
+    if not (math.isfinite(message.scaling_factor) and message.scaling_factor > 0):
+        violations.append((f"{field}.scaling_factor", f"must be a positive number (got {message.scaling_factor})"))
+    shift = message.shift_factor if message.HasField("shift_factor") else None
+    if shift is not None and not math.isfinite(shift):
+        violations.append((f"{field}.shift_factor", f"must be finite (got {shift})"))
+    try:
+        latents = _float_tensor(message.latents, f"{field}.latents")
+    except InvalidArgument as exc:
+        violations.extend(exc.violations)
+    if len(violations) > bad:
+        return None
+    return dataclasses.replace(unit, guide_latents=GuideLatents(latents, message.scaling_factor, shift))
+
+
 MAX_AESTHETIC_SCORE = 10.0  # the LAION aesthetic predictor's scale that SDXL refiners were trained on
 TOKENS_PER_CHUNK = 77  # one CLIP chunk (75 tokens + begin and end), as the encoder returns them
 
@@ -83,7 +107,10 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
         if start >= end:
             violations.append(("window", f"start_fraction {start} must be below end_fraction {end}"))
         loras = weighted(request.loras, "loras", self.limits.max_loras, (-10.0, 10.0), violations)
-        control_units = parse_control_units(request.control_net, request.steps, self.limits, violations)
+        control_units = parse_control_units(
+            request.control_net, request.steps, self.limits, violations, latents_allowed=True
+        )
+        control_units = tuple(_guide_latents(unit, violations) for unit in control_units)
         max_tokens = TOKENS_PER_CHUNK * self.limits.max_prompt_chunks
         positive, negative = (
             _conditioning(getattr(request, name), name, max_tokens, violations) if request.HasField(name) else None

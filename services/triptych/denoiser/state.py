@@ -10,7 +10,6 @@ prepare_extra_step_kwargs; the family does the rest (families/).
 from __future__ import annotations
 
 import inspect
-import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +21,7 @@ from triptych.families import Family
 from triptych.families.base import DenoiserConditioning
 from triptych.model_store import ModelInfo
 from triptych.rules.scheduler_table import parse_scheduler
+from triptych.runtime.generators import cpu_generator
 from triptych.runtime.placement import Placement
 from triptych.serving.errors import InvalidArgument
 
@@ -85,17 +85,8 @@ def window_timesteps(scheduler, start_fraction: float, end_fraction: float) -> t
 
 
 def _generator(job: DenoiseJob) -> tuple[torch.Generator, int]:
-    """The CPU generator (diffusers' randn_tensor with a CPU generator) and the seed to report: a continued
-    generator state without a seed draws from that state alone, and there is no seed to report."""
-    random_seed = 0 if job.generator_state else secrets.randbits(64)
-    seed = job.seed if job.seed is not None else random_seed
-    generator = torch.Generator("cpu").manual_seed(seed)
-    if job.generator_state:
-        try:
-            generator.set_state(torch.frombuffer(bytearray(job.generator_state), dtype=torch.uint8))
-        except RuntimeError as exc:
-            raise InvalidArgument.one("generator_state", f"not a CPU generator state ({exc})") from exc
-    return generator, seed
+    """The CPU generator (diffusers' randn_tensor with a CPU generator) and the seed to report."""
+    return cpu_generator(job.seed, job.generator_state)
 
 
 def prepare_state(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from triptych.rules.control_units import BALANCED
 from triptych.rules.scheduler_table import TABLE, SchedulerRow
 
 if TYPE_CHECKING:
@@ -86,6 +87,14 @@ class Family:
     network_class_name: ClassVar[str]  # the diffusers class of the denoising network
     supports_windows: ClassVar[bool] = False  # denoising windows (base -> refiner hand-off)
     supports_controlnet: ClassVar[bool] = False
+    controlnet_class_name: ClassVar[str] = ""  # the diffusers class of the family's ControlNets
+    control_modes: ClassVar[tuple[str, ...]] = (BALANCED,)  # the ControlNet unit modes the family can do
+    # True: ControlNet guides reach the denoiser as VAE latents (ControlNetUnit.guide_latents), which the gateway has
+    # the decoder encode first (the denoiser holds no VAE); False: as the guide image itself.
+    guide_latents: ClassVar[bool] = False
+    # With guide_latents: True where the pipeline samples the guides with the request's generator and then draws the
+    # initial noise from it (FLUX), so the denoiser continues the generator state after the guides.
+    guides_share_generator: ClassVar[bool] = False
     supports_loras: ClassVar[bool] = True
     # True: prompts are CLIP-encoded in A1111-style 75-token chunks with weighting and textual inversion
     # (encoder/engine.py); False: the family encodes a prompt itself (`encode_prompt`), as its diffusers pipeline.
@@ -203,6 +212,28 @@ class Family:
 
     def zero_conditioning(self, info: ModelInfo, network) -> tuple[Any, Any | None]:
         """(prompt_embeds, pooled or None) of zeros that fit `network`: what a warm-up runs on."""
+        raise NotImplementedError
+
+    # ---- ControlNet units ----
+    def guide_samples(self, guidance_scale: float) -> int:
+        """Rows of guide latents a unit takes at this guidance scale (DecoderService.EncodeImage `samples`)."""
+        return 1
+
+    def controlnet_violation(self, net_config: dict, network_config: dict) -> str | None:
+        """Why a ControlNet (its config, defaults filled in) cannot control this family's network, or None."""
+        return None
+
+    def control_unit_violations(self, unit, network_config: dict, height: int, width: int, do_cfg: bool) -> list:
+        """Violations of one unit's guide (the image, or latents of the right shape) for this family."""
+        if unit.guide_latents is not None:
+            return [(f"{unit.field}.guide_latents", f"{self.name} ControlNets take guide_image, not latents")]
+        if not unit.guide_image:
+            return [(f"{unit.field}.guide_image", "a guide image is required")]
+        return []
+
+    def prepare_control(self, units, nets, do_cfg: bool, height: int, width: int, place) -> list:
+        """Each unit's ControlNet input, as the family's ControlNet pipeline prepares its control images
+        (denoiser/controlnet.PreparedUnit)."""
         raise NotImplementedError
 
     # ---- prompts the family encodes itself (chunked_clip_prompts False) ----

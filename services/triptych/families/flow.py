@@ -29,6 +29,10 @@ class FlowFamily(Family):
     size_multiple = 16  # VAE 8 x (packing or patch) 2
     default_max_sequence_length: int = 512
     t5_slot: TextEncoderSlot  # the T5 encoder and its tokenizer
+    supports_controlnet = True
+    guide_latents = True  # their ControlNet pipelines VAE-encode the guide image
+    # Config keys a ControlNet must share with the transformer (its residuals are added to the transformer's tokens).
+    controlnet_matching_keys: tuple[str, ...] = ("in_channels", "patch_size", "pooled_projection_dim")
 
     def uses_cfg(self, config: dict, guidance_scale: float) -> bool:
         return False
@@ -54,6 +58,51 @@ class FlowFamily(Family):
         if expected != got:
             return [("positive.pooled_prompt_embeds", f"{job.model!r} expects {expected} pooled features, got {got}")]
         return []
+
+    # ---- ControlNet units: guides as VAE latents ----
+    def controlnet_violation(self, net_config: dict, network_config: dict) -> str | None:
+        def inner(config):
+            return config["num_attention_heads"] * config["attention_head_dim"]
+
+        keys = self.controlnet_matching_keys
+        if any(net_config.get(key) != network_config.get(key) for key in keys) or inner(net_config) != inner(
+            network_config
+        ):
+            return "was not built for this base model's family"
+        return None
+
+    def latent_channels(self, network_config: dict) -> int:
+        """Channels of the VAE latents the transformer works on."""
+        return network_config["in_channels"]
+
+    def control_unit_violations(self, unit, network_config: dict, height: int, width: int, do_cfg: bool) -> list:
+        field = f"{unit.field}.guide_latents"
+        if unit.guide_latents is None:
+            why = "the guide image's VAE latents (DecoderService.EncodeImage)"
+            return [(field, f"required for {self.name} models: {why}")]
+        rows = (1, 2) if do_cfg and self.guide_samples(2.0) == 2 else (1,)
+        channels, scale = self.latent_channels(network_config), self.latent_scale
+        shape = list(unit.guide_latents.latents.shape)
+        expected = [channels, height // scale, width // scale]
+        if len(shape) != 4 or shape[0] not in rows or shape[1:] != expected:
+            batch = " or ".join(str(row) for row in rows)
+            return [(f"{field}.latents", f"expected [{batch}, {', '.join(map(str, expected))}], got {shape}")]
+        return []
+
+    def scaled_guide(self, net, latents, guide, do_cfg: bool):
+        """The guide's latents (on the network's device) scaled as the family's ControlNet pipeline scales them
+        after `vae.encode`: (latents - shift_factor) * scaling_factor."""
+        return (latents - (guide.shift_factor or 0.0)) * guide.scaling_factor
+
+    def prepare_control(self, units, nets, do_cfg: bool, height: int, width: int, place) -> list:
+        from triptych.denoiser.controlnet import PreparedUnit
+
+        prepared = []
+        for unit, net in zip(units, nets, strict=True):
+            guide = unit.guide_latents
+            condition = self.scaled_guide(net, place.tensor(guide.latents), guide, do_cfg)
+            prepared.append(PreparedUnit(net, condition, unit.scale, unit.start, unit.end, unit.mode))
+        return prepared
 
     # ---- prompts ----
     def clip_input_ids(self, tokenizer, prompt: str, notes: list[str], field: str):

@@ -2,7 +2,9 @@
 (2x2 patches of 16 channels as one 64-wide token) with image and text position ids; no unconditional pass.
 
 Mirrors diffusers' FluxPipeline (encode_prompt, prepare_latents, _pack_latents / _unpack_latents,
-_prepare_latent_image_ids, the timestep preparation with calculate_shift, the denoising loop).
+_prepare_latent_image_ids, the timestep preparation with calculate_shift, the denoising loop) and
+FluxControlNetPipeline (InstantX ControlNets: the guide as packed, scaled VAE latents sampled with the request's
+generator before the initial noise; the block residuals added in the transformer).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from triptych.families.flow import FlowFamily, calculate_shift
 class Flux(FlowFamily):
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
+    controlnet_class_name = "FluxControlNetModel"
+    guides_share_generator = True  # FluxControlNetPipeline samples the guides, then the noise, from one generator
+    controlnet_matching_keys = ("in_channels", "patch_size", "pooled_projection_dim", "joint_attention_dim")
     text_encoders = (TextEncoderSlot("tokenizer", "text_encoder"), TextEncoderSlot("tokenizer_2", "text_encoder_2"))
     t5_slot = text_encoders[-1]
     default_max_sequence_length = 512  # FluxPipeline's default and maximum
@@ -91,6 +96,58 @@ class Flux(FlowFamily):
     def initial_latents(self, shape, generator, place, scheduler):
         return self.pack(super().initial_latents(shape, generator, place, scheduler))
 
+    # ---- ControlNet units (FluxControlNetPipeline) ----
+    def controlnet_violation(self, net_config: dict, network_config: dict) -> str | None:
+        if net_config.get("conditioning_embedding_channels") is not None:
+            return "is an XLabs-style FLUX ControlNet (the guide as pixels): only InstantX-style ones are served"
+        if net_config.get("num_mode") is not None:
+            return "is a union FLUX ControlNet, which needs a control type per unit: not served yet"
+        return super().controlnet_violation(net_config, network_config)
+
+    def latent_channels(self, network_config: dict) -> int:
+        return network_config["in_channels"] // 4  # 2x2 patches of the VAE's channels are packed into one token
+
+    def scaled_guide(self, net, latents, guide, do_cfg: bool):
+        return self.pack(super().scaled_guide(net, latents, guide, do_cfg))
+
+    @staticmethod
+    def network_inputs(state, timestep) -> dict:
+        """What the transformer and its ControlNets both take at a model call, as FluxPipeline passes it."""
+        extra = state.conditioning.extra
+        return dict(
+            hidden_states=state.latents,
+            timestep=timestep / 1000,
+            pooled_projections=extra["pooled_projections"],
+            encoder_hidden_states=state.conditioning.prompt_embeds,
+            txt_ids=extra["txt_ids"],
+            img_ids=extra["img_ids"],
+            joint_attention_kwargs={},
+            return_dict=False,
+        )
+
+    def control_residuals(self, state, timestep):
+        """Summed (block, single-block) residuals of every unit at this model call, as FluxControlNetPipeline's loop
+        (FluxMultiControlNetModel for several units) computes them."""
+        import torch
+
+        from triptych.denoiser.controlnet import kept_scale, merged
+
+        blocks, single_blocks = None, None
+        for unit in state.control:
+            guidance = None
+            if unit.net.config.guidance_embeds:  # the ControlNet's own flag, as the pipeline reads it
+                guidance = torch.tensor([state.job.guidance_scale], device=state.latents.device)
+                guidance = guidance.expand(state.latents.shape[0])
+            block, single = unit.net(
+                **self.network_inputs(state, timestep),
+                controlnet_cond=unit.image,
+                controlnet_mode=None,
+                conditioning_scale=kept_scale(unit, state.first_call + state.index, state.schedule_length),
+                guidance=guidance,
+            )
+            blocks, single_blocks = merged(blocks, block), merged(single_blocks, single)
+        return blocks, single_blocks
+
     def set_timesteps(self, scheduler, steps: int, latent_shape, network_config: dict, device) -> None:
         import numpy as np
 
@@ -132,17 +189,11 @@ class Flux(FlowFamily):
     def predict(self, state, network, t, copy_output: bool = False):
         extra = state.conditioning.extra
         timestep = t.expand(state.latents.shape[0]).to(state.latents.dtype)
-        noise_pred = network(
-            hidden_states=state.latents,
-            timestep=timestep / 1000,
-            guidance=extra["guidance"],
-            pooled_projections=extra["pooled_projections"],
-            encoder_hidden_states=state.conditioning.prompt_embeds,
-            txt_ids=extra["txt_ids"],
-            img_ids=extra["img_ids"],
-            joint_attention_kwargs={},
-            return_dict=False,
-        )[0]
+        control = {}
+        if state.control:  # InstantX ControlNets: their blocks are not repeated (XLabs' would be)
+            blocks, single_blocks = self.control_residuals(state, timestep)
+            control = dict(controlnet_block_samples=blocks, controlnet_single_block_samples=single_blocks)
+        noise_pred = network(**self.network_inputs(state, timestep), guidance=extra["guidance"], **control)[0]
         return noise_pred.clone() if copy_output else noise_pred
 
 

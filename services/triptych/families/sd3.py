@@ -1,7 +1,9 @@
 """Stable Diffusion 3: CLIP-L + CLIP-G penultimate layers (joined, zero-padded to T5's width) followed by T5's
 sequence, pooled outputs of both CLIPs; an `SD3Transformer2DModel` with true classifier-free guidance.
 
-Mirrors diffusers' StableDiffusion3Pipeline (encode_prompt, prepare_latents, the timestep preparation, the loop).
+Mirrors diffusers' StableDiffusion3Pipeline (encode_prompt, prepare_latents, the timestep preparation, the loop) and
+StableDiffusion3ControlNetPipeline (the guide as scaled VAE latents, one sample per half of the CFG batch; the
+ControlNet's block residuals added in the transformer).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from triptych.families.flow import FlowFamily, calculate_shift
 class StableDiffusion3(FlowFamily):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
+    controlnet_class_name = "SD3ControlNetModel"
     text_encoders = (
         TextEncoderSlot("tokenizer", "text_encoder"),
         TextEncoderSlot("tokenizer_2", "text_encoder_2"),
@@ -94,6 +97,50 @@ class StableDiffusion3(FlowFamily):
             )
         scheduler.set_timesteps(steps, device=device, **kwargs)
 
+    # ---- ControlNet units (StableDiffusion3ControlNetPipeline) ----
+    def guide_samples(self, guidance_scale: float) -> int:
+        # The pipeline VAE-encodes the CFG-doubled guide image, so each half gets its own sample.
+        return 2 if self.uses_cfg({}, guidance_scale) else 1
+
+    def controlnet_violation(self, net_config: dict, network_config: dict) -> str | None:
+        if not net_config.get("use_pos_embed", True):
+            return "shares the transformer's position embedding (SD3.5's own ControlNets): not served yet"
+        joint = net_config.get("joint_attention_dim")
+        if joint is not None and joint != network_config.get("joint_attention_dim"):
+            return "was not built for this base model's family"
+        return super().controlnet_violation(net_config, network_config)
+
+    def scaled_guide(self, net, latents, guide, do_cfg: bool):
+        import torch
+
+        shift = 0 if net.config.force_zeros_for_pooled_projection else guide.shift_factor  # InstantX: no shift
+        scaled = (latents - (shift or 0)) * guide.scaling_factor
+        return torch.cat([scaled] * 2) if do_cfg and scaled.shape[0] == 1 else scaled  # one guide for both halves
+
+    def control_residuals(self, state, latent_model_input, timestep):
+        """Summed block residuals of every unit at this model call, as StableDiffusion3ControlNetPipeline's loop
+        (SD3MultiControlNetModel for several units) computes them."""
+        import torch
+
+        from triptych.denoiser.controlnet import kept_scale, merged
+
+        pooled, blocks = state.conditioning.extra["pooled_projections"], None
+        for unit in state.control:
+            config = unit.net.config
+            block = unit.net(
+                hidden_states=latent_model_input,
+                timestep=timestep,
+                # SD3.5's own ControlNets read no prompt tokens; InstantX's read zero pooled projections
+                encoder_hidden_states=state.conditioning.prompt_embeds if config.joint_attention_dim else None,
+                pooled_projections=torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled,
+                joint_attention_kwargs=None,
+                controlnet_cond=unit.image,
+                conditioning_scale=kept_scale(unit, state.first_call + state.index, state.schedule_length),
+                return_dict=False,
+            )[0]
+            blocks = merged(blocks, block)
+        return blocks
+
     def denoiser_conditioning(self, info, network, job, do_cfg: bool, height: int, width: int, place):
         import torch
 
@@ -108,13 +155,18 @@ class StableDiffusion3(FlowFamily):
         import torch
 
         latent_model_input = torch.cat([state.latents] * 2) if state.do_cfg else state.latents
+        timestep = t.expand(latent_model_input.shape[0])
+        control = {}
+        if state.control:
+            control["block_controlnet_hidden_states"] = self.control_residuals(state, latent_model_input, timestep)
         noise_pred = network(
             hidden_states=latent_model_input,
-            timestep=t.expand(latent_model_input.shape[0]),
+            timestep=timestep,
             encoder_hidden_states=state.conditioning.prompt_embeds,
             pooled_projections=state.conditioning.extra["pooled_projections"],
             joint_attention_kwargs=None,
             return_dict=False,
+            **control,
         )[0]
         if copy_output:
             noise_pred = noise_pred.clone()

@@ -8,12 +8,15 @@ variants). torch is imported inside the methods: importing a family loads no tor
 from __future__ import annotations
 
 from triptych.families.base import DenoiserConditioning, Family
+from triptych.rules.control_units import BALANCED, CONTROLNET, PROMPT
 
 
 class UNetFamily(Family):
     network_class_name = "UNet2DConditionModel"
     supports_windows = True
     supports_controlnet = True
+    controlnet_class_name = "ControlNetModel"
+    control_modes = (BALANCED, PROMPT, CONTROLNET)
 
     def text_width(self, config: dict) -> int:
         return config["cross_attention_dim"]
@@ -47,6 +50,18 @@ class UNetFamily(Family):
                 device=place.device, dtype=place.dtype
             )
         return conditioning
+
+    def controlnet_violation(self, net_config: dict, network_config: dict) -> str | None:
+        """A ControlNet must be built for the base model's UNet (cross-attention width, added conditioning)."""
+        keys = ("cross_attention_dim", "addition_embed_type", "in_channels")
+        if any(net_config.get(key) != network_config.get(key) for key in keys):
+            return "was not built for this base model's family"
+        return None
+
+    def prepare_control(self, units, nets, do_cfg: bool, height: int, width: int, place) -> list:
+        from triptych.denoiser.controlnet import prepare_units
+
+        return prepare_units(list(units), nets, width, height, do_cfg, place.device, place.dtype, self.latent_scale)
 
     def predict(self, state, network, t, copy_output: bool = False):
         """The guided noise prediction at timestep t: model input -> ControlNet residuals -> UNet -> guidance."""

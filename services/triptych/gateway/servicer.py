@@ -18,9 +18,10 @@ from triptych.client.streams import RetriedStream
 from triptych.client.task import task_from_request
 from triptych.client.transport import address_hosts
 from triptych.gateway.calls import DOWNSTREAM_FIELDS, Calls, CancelledByCaller, SharedMemory, Transport
+from triptych.gateway.guides import encode_guides
 from triptych.gateway.metadata import a1111_parameters
 from triptych.gateway.readiness import Backend, Readiness
-from triptych.rules.control_units import parse_control_units
+from triptych.rules.control_units import family_violations, parse_control_units
 from triptych.rules.scheduler_table import parse_scheduler
 from triptych.rules.validation import (
     check_guidance,
@@ -223,6 +224,10 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                     f"a refiner needs an SDXL base and an SDXL refiner (got {pairing[0]} -> {pairing[1]})",
                 )
 
+        family = families.for_variant(encoded.model_family)
+        unit_violations = family_violations(parse_control_units(request.control_net, steps, self.limits, []), family)
+        if unit_violations:  # before any guide is encoded
+            raise InvalidArgument(unit_violations)
         refiner_notes = refiner_encoded.notes if refiner_encoded is not None else ()
         notes = [*encoded.notes, *(f"refiner: {note}" for note in refiner_notes)]
         for index in range(count):
@@ -248,6 +253,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             if refiner_encoded is not None:
                 fraction = self.refiner_fraction(request)
                 denoise_request.window.end_fraction = fraction
+            if request.control_net and family.guide_latents:  # FLUX, SD3: guides as latents, from the decoder
+                encode_guides(calls, self.decoder, request, denoise_request, family, seed)
             result = yield from self._denoise(calls, denoise_request, "denoise", index)
             decode_model = request.model
             if refiner_encoded is not None:
@@ -272,7 +279,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             reproduce.seed = seed
             reproduce.ClearField("number_results")
             request_json = _json(task_from_request(reproduce))
-            height, width = families.for_variant(encoded.model_family).image_size(result.latents.shape)
+            height, width = family.image_size(result.latents.shape)
             parameters = a1111_parameters(request, seed, steps, cfg_scale, width, height, VERSION)
             decode_started = time.perf_counter()
             decoded = calls.unary(

@@ -95,12 +95,14 @@ _SEEDS = {
     "flux.transformer": 803,
     "flux.vae": 804,
     "lora-flux": 811,
+    "controlnet-flux": 821,
     "sd3.text_encoder": 901,
     "sd3.text_encoder_2": 902,
     "sd3.text_encoder_3": 903,
     "sd3.transformer": 904,
     "sd3.vae": 905,
     "lora-sd3": 911,
+    "controlnet-sd3": 921,
 }
 
 
@@ -343,6 +345,8 @@ flux/                 FluxPipeline (CLIP-L + T5, guidance-distilled transformer,
 sd3/                  StableDiffusion3Pipeline (CLIP-L + CLIP-G + T5, SD3 transformer, 16-channel VAE)
 controlnet-sd15/      ControlNetModel for sd15
 controlnet-sdxl/      ControlNetModel for sdxl
+controlnet-flux/      FluxControlNetModel for flux (InstantX-shaped: the guide as VAE latents)
+controlnet-sd3/       SD3ControlNetModel for sd3 (InstantX-shaped: zero pooled projection, unshifted latents)
 vae-alt/              AutoencoderKL, drop-in for sd15's VAE
 lora-sd15-kohya.safetensors  kohya/A1111 LoRA for sd15 (UNet + text encoder), rank 4, alpha 4
 lora-sd15-peft.safetensors   diffusers/peft LoRA for sd15 (UNet + text encoder), rank 4
@@ -361,6 +365,8 @@ TINY_IDS = [
     "tiny/sd3",
     "tiny/controlnet-sd15",
     "tiny/controlnet-sdxl",
+    "tiny/controlnet-flux",
+    "tiny/controlnet-sd3",
     "tiny/vae-alt",
     "tiny/lora-sd15-kohya.safetensors",
     "tiny/lora-sd15-peft.safetensors",
@@ -385,10 +391,12 @@ def build_tiny_family(root: Path) -> list[str]:
     sd15 = _build_sd15(_fresh(tiny / "sd15"))
     sdxl = _build_sdxl(_fresh(tiny / "sdxl"))
     _build_refiner(_fresh(tiny / "sdxl-refiner"))
-    from .tiny_flow import build_flux, build_sd3  # here: tiny_flow builds with this module's helpers
+    from .tiny_flow import build_flux, build_flux_controlnet, build_sd3, build_sd3_controlnet  # uses this module
 
-    build_flux(_fresh(tiny / "flux"), _text_config())
-    build_sd3(_fresh(tiny / "sd3"), _text_config())
+    flux = build_flux(_fresh(tiny / "flux"), _text_config())
+    sd3 = build_sd3(_fresh(tiny / "sd3"), _text_config())
+    build_flux_controlnet(_fresh(tiny / "controlnet-flux"), flux.transformer)
+    build_sd3_controlnet(_fresh(tiny / "controlnet-sd3"), sd3.transformer)
     _build_controlnet("controlnet-sd15", sd15.unet, _fresh(tiny / "controlnet-sd15"))
     _build_controlnet("controlnet-sdxl", sdxl.unet, _fresh(tiny / "controlnet-sdxl"))
     _vae("vae-alt").save_pretrained(_fresh(tiny / "vae-alt"), safe_serialization=True)

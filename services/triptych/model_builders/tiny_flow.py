@@ -4,20 +4,24 @@ FLUX.1: CLIP-L (pooled only) + T5, a `FluxTransformer2DModel` with a guidance em
 16-channel latents, a VAE with a shift factor, FLUX.1-dev's scheduler config (dynamic shifting). SD3: CLIP-L +
 CLIP-G + T5, an `SD3Transformer2DModel`, SD3-medium's VAE scaling and scheduler config. The T5 tokenizer is a
 Unigram model built here with the `tokenizers` package (no sentencepiece, no download) and loads with the real
-`T5TokenizerFast` class. Every parameter is non-trivial (`tiny_weights.perturb_`);
+`T5TokenizerFast` class. ControlNets shaped like InstantX's for each (the guide enters as VAE latents). Every
+parameter is non-trivial (`tiny_weights.perturb_`, the zero-initialised ControlNet layers woken);
 deterministic like the rest of the tiny family.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
 import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    SD3ControlNetModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -25,7 +29,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T
 
 from .clip_vocab import EOS_TOKEN
 from .tiny import _SEEDS, _save_pipeline, _seeded, _tokenizer, _vae
-from .tiny_weights import _TE_LORA_RE, _lora_pair, peft_layers
+from .tiny_weights import _TE_LORA_RE, _lora_pair, peft_layers, wake_controlnet_
 
 T5_DIM = 80  # wider than SD3's two CLIPs together (2 x 32), so SD3's zero padding of the CLIP half is exercised
 T5_MAX_LENGTH = 512  # the real FLUX/SD3 T5 tokenizers' model_max_length
@@ -119,7 +123,7 @@ def _t5(key: str, vocab_size: int) -> T5EncoderModel:
 
 
 @torch.no_grad()
-def build_flux(out: Path, text_config) -> None:
+def build_flux(out: Path, text_config) -> FluxPipeline:
     """tiny/flux: FLUX.1-dev-shaped (guidance embedding), 1 double + 1 single transformer block."""
     t5_tokenizer = write_t5_tokenizer(out / "tokenizer_2")
     pipe = FluxPipeline(
@@ -155,10 +159,11 @@ def build_flux(out: Path, text_config) -> None:
         weight_name="lora-flux.safetensors",
         safe_serialization=True,
     )
+    return pipe
 
 
 @torch.no_grad()
-def build_sd3(out: Path, text_config) -> None:
+def build_sd3(out: Path, text_config) -> StableDiffusion3Pipeline:
     """tiny/sd3: SD3-medium-shaped, 2 joint transformer blocks."""
     t5_tokenizer = write_t5_tokenizer(out / "tokenizer_3")
     pipe = StableDiffusion3Pipeline(
@@ -195,3 +200,38 @@ def build_sd3(out: Path, text_config) -> None:
         weight_name="lora-sd3.safetensors",
         safe_serialization=True,
     )
+    return pipe
+
+
+# The layers a fresh FLUX / SD3 ControlNet zero-initialises (diffusers' zero_module): a tiny one must change the image.
+_FLUX_CONTROLNET_ZEROS = ("controlnet_blocks.", "controlnet_single_blocks.", "controlnet_x_embedder.")
+_SD3_CONTROLNET_ZEROS = ("controlnet_blocks.", "pos_embed_input.")
+
+
+@torch.no_grad()
+def _save_controlnet(key: str, factory, zero_layers: tuple[str, ...], out: Path) -> None:
+    """A seeded ControlNet whose zero-initialised layers are woken, saved as safetensors."""
+    net = _seeded(key, factory)
+    wake_controlnet_(net, _SEEDS[key] + 20_000, scale=0.1, targets=zero_layers)
+    net.save_pretrained(out, safe_serialization=True)
+
+
+def build_flux_controlnet(out: Path, transformer: FluxTransformer2DModel) -> None:
+    """tiny/controlnet-flux: InstantX-shaped (the guide as packed VAE latents through `controlnet_x_embedder`; no
+    XLabs hint block, not a union), with the tiny transformer's widths, guidance embedding and position axes."""
+    shared = ("patch_size", "in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim")
+    shared += ("pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
+    config = {name: transformer.config[name] for name in shared}
+    factory = functools.partial(FluxControlNetModel, num_layers=1, num_single_layers=1, **config)
+    _save_controlnet("controlnet-flux", factory, _FLUX_CONTROLNET_ZEROS, out)
+
+
+def build_sd3_controlnet(out: Path, transformer: SD3Transformer2DModel) -> None:
+    """tiny/controlnet-sd3: InstantX-shaped (its own sin-cos position embedding, the prompt's tokens, zero pooled
+    projections and unshifted guide latents: force_zeros_for_pooled_projection), one joint block for the tiny
+    transformer's two, as InstantX's has fewer blocks than SD3's."""
+    shared = ("sample_size", "patch_size", "in_channels", "attention_head_dim", "num_attention_heads")
+    shared += ("joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels")
+    config = {name: transformer.config[name] for name in (*shared, "pos_embed_max_size")}
+    factory = functools.partial(SD3ControlNetModel, num_layers=1, **config)
+    _save_controlnet("controlnet-sd3", factory, _SD3_CONTROLNET_ZEROS, out)

@@ -46,20 +46,21 @@ def perturb_(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+_UNET_CONTROLNET_ZEROS = ("controlnet_down_blocks.", "controlnet_mid_block.", "controlnet_cond_embedding.conv_out.")
+
+
 @torch.no_grad()
-def wake_controlnet_(controlnet: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+def wake_controlnet_(
+    controlnet: nn.Module, seed: int, scale: float = 0.05, targets: tuple[str, ...] = _UNET_CONTROLNET_ZEROS
+) -> nn.Module:
     """Replace the ControlNet zero-convs with seeded noise so the guide has a visible effect.
 
-    ``controlnet_down_blocks``, ``controlnet_mid_block`` and the conditioning
+    A UNet ControlNet's ``controlnet_down_blocks``, ``controlnet_mid_block`` and the conditioning
     embedding's ``conv_out`` are zero-initialised by design (a fresh ControlNet is
-    a no-op); a tiny test model must instead change the image when used.
+    a no-op); a tiny test model must instead change the image when used. `targets`: the
+    parameter-name prefixes to wake (another ControlNet class's zero layers).
     """
     g = torch.Generator().manual_seed(seed)
-    targets = (
-        "controlnet_down_blocks.",
-        "controlnet_mid_block.",
-        "controlnet_cond_embedding.conv_out.",
-    )
     for name, p in controlnet.named_parameters():
         if name.startswith(targets):
             p.copy_(scale * torch.randn(p.shape, generator=g))

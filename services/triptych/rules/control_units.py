@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from triptych.v1 import common_pb2
 
@@ -22,6 +23,9 @@ class ControlUnit:
     end: float
     mode: str
     field: str  # e.g. "control_net[0]", for error messages
+    # The guide in a VAE's latent space (DenoiseRequest only): the VaeLatents message as parsed here; the denoiser
+    # replaces it with its tensor (denoiser/servicer.py).
+    guide_latents: Any = None
 
 
 MODES = {
@@ -53,16 +57,22 @@ def window_edge(unit, group: str, steps: int, field: str, violations: list) -> f
     return value / 100
 
 
-def parse_control_units(units, steps: int, limits, violations: list) -> tuple[ControlUnit, ...]:
-    """ControlNetUnit messages -> ControlUnits, every bad field reported."""
+def parse_control_units(
+    units, steps: int, limits, violations: list, latents_allowed: bool = False
+) -> tuple[ControlUnit, ...]:
+    """ControlNetUnit messages -> ControlUnits, every bad field reported. `latents_allowed`: a unit may carry its
+    guide as guide_latents instead of guide_image (DenoiseRequest; the family decides which one it takes)."""
     if len(units) > limits.max_controlnets:
         violations.append(("control_net", f"at most {limits.max_controlnets} units (got {len(units)})"))
     parsed = []
     for i, unit in enumerate(units):
         field = f"control_net[{i}]"
+        has_latents = unit.HasField("guide_latents")
         if not unit.model:
             violations.append((f"{field}.model", "a ControlNet model id is required"))
-        if not unit.guide_image:
+        if has_latents and not latents_allowed:
+            violations.append((f"{field}.guide_latents", "set by the gateway from guide_image: leave it unset"))
+        if not unit.guide_image and not (has_latents and latents_allowed):
             violations.append((f"{field}.guide_image", "a guide image is required"))
         elif len(unit.guide_image) > limits.max_guide_image_bytes:
             violations.append((f"{field}.guide_image", f"larger than {limits.max_guide_image_bytes} bytes"))
@@ -76,7 +86,26 @@ def parse_control_units(units, steps: int, limits, violations: list) -> tuple[Co
         end = window_edge(unit, "end", steps, field, violations)
         if start is not None and end is not None and start >= end:
             violations.append((field, f"start ({start:g} of the schedule) must come before end ({end:g})"))
+        latents = unit.guide_latents if has_latents and latents_allowed else None
         parsed.append(
-            ControlUnit(unit.model, unit.guide_image, weight, start or 0.0, end or 1.0, mode or BALANCED, field)
+            ControlUnit(
+                unit.model, unit.guide_image, weight, start or 0.0, end or 1.0, mode or BALANCED, field, latents
+            )
         )
     return tuple(parsed)
+
+
+def family_violations(units: tuple[ControlUnit, ...], family) -> list[tuple[str, str]]:
+    """What a model family cannot do with these units: any unit at all, or a unit's mode (FLUX and SD3 take
+    balanced only: their diffusers ControlNet pipelines have no guess mode). The gateway checks this once it knows
+    the model's family, before the guide images are encoded; the denoiser again."""
+    if not units:
+        return []
+    if not family.supports_controlnet:
+        return [("control_net", f"ControlNet units are not supported on {family.name} models")]
+    accepted = ", ".join(family.control_modes)
+    return [
+        (f"{unit.field}.control_mode", f"{family.name} models take the {accepted} mode only (got {unit.mode})")
+        for unit in units
+        if unit.mode not in family.control_modes
+    ]
