@@ -136,6 +136,19 @@ def test_controlnet_has_a_visible_effect(model_root, family):
     assert np.abs(on - off).mean() > 0.005
 
 
+@pytest.mark.parametrize(
+    "name, net_class", [("controlnet-flux", "FluxControlNetModel"), ("controlnet-sd3", "SD3ControlNetModel")]
+)
+def test_flow_controlnets_have_no_trivial_parameter(model_root, name, net_class):
+    """Their zero-initialised layers (diffusers' zero_module) are woken, norms perturbed: nothing is all 0 or all 1.
+    (Their effect on the image is checked against diffusers in tests/e2e/test_flow_controlnet.py.)"""
+    import diffusers
+
+    net = getattr(diffusers, net_class).from_pretrained(model_root / f"tiny/{name}")
+    trivial = [n for n, p in net.named_parameters() if bool((p == 0).all()) or bool((p == 1).all())]
+    assert not trivial, trivial
+
+
 @pytest.mark.parametrize("weight_name", ["lora-sd15-kohya.safetensors", "lora-sd15-peft.safetensors"])
 def test_lora_changes_unet_and_text_encoder(model_root, weight_name):
     pipe = _sd15(model_root)
