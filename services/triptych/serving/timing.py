@@ -2,8 +2,8 @@
 
 Every call a Triptych process answers successfully ends with trailing metadata `server-timing`, e.g.
 `total;dur=12.345`: milliseconds from the handler's start to its last response (request parsing and the
-transport are outside it). The gateway puts its downstream calls in front, per stage (`encode`, `denoise`,
-`refine`, `decode`: summed over the calls of that stage, as the gateway saw them), each followed by its hop
+transport are outside it). The gateway puts its downstream calls in front, per stage (`encode`, `guide`,
+`denoise`, `refine`, `decode`: summed over the calls of that stage, as the gateway saw them), each followed by its hop
 (`encode-hop`: the part of those calls the downstream handler did not account for, that is the network,
 (de)serialisation and gRPC's queueing at both ends), and `gateway` (the time outside any downstream call). The
 denoiser also reports `queue` before its `total`: how long the job waited for its model's compute thread (behind
