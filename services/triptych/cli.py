@@ -318,12 +318,28 @@ def cmd_models(args) -> int:
             print(f"built {model_id}")
         return 0
     if args.action == "build-full-size":
-        from triptych.model_builders.full_size import build_full_size
+        from triptych.model_builders.full_size import ARCHITECTURES, build_full_size
 
-        if (args.name or "sd15") not in ("sd15", "sdxl"):
-            print(f"triptych: build-full-size builds sd15 or sdxl, not {args.name!r}", file=sys.stderr)
+        if (args.name or "sd15") not in ARCHITECTURES:
+            print(
+                f"triptych: build-full-size builds one of {', '.join(ARCHITECTURES)}, not {args.name!r}",
+                file=sys.stderr,
+            )
             return 2
         print(f"built {build_full_size(root, args.name or 'sd15')}")
+        return 0
+    if args.action == "import":
+        from triptych.serving.errors import TriptychError
+
+        if not args.name or not args.id:
+            print("triptych: models import FILE --id ID (e.g. --id civitai:4384@128713)", file=sys.stderr)
+            return 2
+        try:
+            info = ModelStore(root).place(Path(args.name), args.id, replace=args.replace)
+        except TriptychError as exc:
+            print(f"triptych: {exc}", file=sys.stderr)
+            return 1
+        print(f"imported {info.model_id}: {info.note or info.kind}" + (f" ({info.family_name})" * bool(info.family)))
         return 0
     if args.action == "inspect":
         from triptych.model_inspect import describe
@@ -392,13 +408,16 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("-q", "--quiet", action="store_true")
     gen.set_defaults(func=cmd_generate)
 
-    models = sub.add_parser("models", help="list or build models in the store")
-    models.add_argument("action", choices=("list", "inspect", "build-tiny", "build-full-size"))
+    models = sub.add_parser("models", help="list, inspect, import or build models in the store")
+    models.add_argument("action", choices=("list", "inspect", "import", "build-tiny", "build-full-size"))
     models.add_argument(
         "name",
         nargs="?",
-        help="inspect: a model id; build-full-size: sd15 (default) or sdxl (real architecture, random weights)",
+        help="inspect: a model id; import: a .safetensors file; build-full-size: sd15 (default), sd21, sdxl or "
+        "sdxl-refiner (real architecture, random weights)",
     )
+    models.add_argument("--id", help="import: the id to place the file under, e.g. civitai:4384@128713 or my/model")
+    models.add_argument("--replace", action="store_true", help="import: replace a model already under that id")
     models.add_argument("--root", help="model store (default $TRIPTYCH_MODEL_ROOT or ./models)")
     models.set_defaults(func=cmd_models)
     return top

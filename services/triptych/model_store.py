@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,34 @@ class ModelStore:
             if candidate.with_name(candidate.name + suffix).is_file():
                 raise InvalidArgument.one(field, f"{model_id!r} is {_PICKLE}")
         raise NotFound(field, f"model {model_id!r} is not in the model store")  # never the server's path
+
+    def place(self, file: Path, model_id: str, replace: bool = False) -> ModelInfo:
+        """Copies a .safetensors file into the store under `model_id` (an AIR id names <source>/<id>/<version>),
+        as is: a checkpoint, VAE, LoRA or embedding serves from the one file. It is checked first (a pickle, a
+        damaged file or a checkpoint of an architecture we do not serve is refused, INVALID_ARGUMENT saying why),
+        copied beside its place and renamed into it, so a service never reads half a file."""
+        file = Path(file)
+        if file.suffix != ".safetensors":
+            raise InvalidArgument.one(
+                "file", _PICKLE if file.suffix in checkpoint.PICKLE_SUFFIXES else "not a .safetensors file"
+            )
+        try:
+            info = _describe_file(model_id, file.resolve(), file.stat().st_mtime_ns, file.stat().st_size)
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise InvalidArgument.one(
+                "file", f"does not read as .safetensors ({type(exc).__name__}: damaged or truncated)"
+            ) from exc
+        if info.kind == "checkpoint":
+            raise InvalidArgument.one("file", info.what)
+        target = self.path_for(model_id, "id")
+        target = target if target.suffix == ".safetensors" else target.with_name(target.name + ".safetensors")
+        if (target.exists() or target.with_suffix("").exists()) and not replace:
+            raise InvalidArgument.one("id", f"{model_id!r} is in the store already (replace it explicitly)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        shutil.copyfile(file, partial)
+        partial.replace(target)
+        return self.resolve(model_id, "id")
 
     def list(self) -> list[ModelInfo]:
         """Every model in the store, sorted by id."""

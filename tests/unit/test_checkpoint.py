@@ -123,3 +123,28 @@ def _tiny_vae_config(model_root):
     import json
 
     return json.loads((model_root / "tiny" / "vae-alt" / "config.json").read_text())
+
+
+def test_models_import_places_a_checked_file_under_its_air_id(model_root, tmp_path, capsys):
+    from triptych.cli import main
+
+    made = ldm.export_checkpoint(model_root / "tiny" / "sd15", tmp_path / "download.safetensors", embed_configs=True)
+    store = tmp_path / "store"
+    assert main(["models", "--root", str(store), "import", str(made), "--id", "civitai:4384@128713"]) == 0
+    assert "imported civitai:4384@128713: a single-file checkpoint" in capsys.readouterr().out
+    assert (store / "civitai" / "4384" / "128713.safetensors").read_bytes() == made.read_bytes()
+    assert ModelStore(store).resolve("civitai:4384@128713", "model").is_text_to_image
+    # the id is taken: only --replace replaces it
+    assert main(["models", "--root", str(store), "import", str(made), "--id", "civitai:4384@128713"]) == 1
+    assert "already" in capsys.readouterr().err
+    assert main(["models", "--root", str(store), "import", str(made), "--id", "civitai:4384@128713", "--replace"]) == 0
+    # refused, saying why: a pickle, a damaged file, an architecture we do not serve
+    (tmp_path / "old.ckpt").write_bytes(b"x")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(made.read_bytes()[:1000])
+    odd = tmp_path / "odd.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, odd)
+    for bad, words in ((tmp_path / "old.ckpt", "pickle"), (cut, "damaged"), (odd, "unknown architecture")):
+        assert main(["models", "--root", str(store), "import", str(bad), "--id", "x/y"]) == 1
+        assert words in capsys.readouterr().err
+    assert not (store / "x").exists()
