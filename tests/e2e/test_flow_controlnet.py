@@ -24,8 +24,15 @@ from tests.e2e.reference import Oracle, pipeline
 from tests.e2e.test_controlnet import guide, png
 from tests.e2e.test_services import runtime_info
 from triptych.client import field_violations, open_channel
-from triptych.runtime.codec import decode_tensor
-from triptych.v1 import common_pb2, decoder_service_pb2, decoder_service_pb2_grpc, image_service_pb2
+from triptych.runtime.codec import decode_tensor, encode_tensor
+from triptych.v1 import (
+    common_pb2,
+    decoder_service_pb2,
+    decoder_service_pb2_grpc,
+    denoiser_service_pb2,
+    denoiser_service_pb2_grpc,
+    image_service_pb2,
+)
 
 BASE = dict(positive_prompt="a red fox", width=64, height=64, steps=4)
 
@@ -174,3 +181,33 @@ def test_encode_image_rpc(services):
                 encode(**fields)
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert field in dict(field_violations(error.value)), field_violations(error.value)
+
+
+@pytest.mark.parametrize(
+    "model, width, guide, field",
+    [
+        ("tiny/flux", 80, dict(guide_image=png(guide(1))), "control_net[0].guide_latents"),
+        ("tiny/flux", 80, dict(guide_latents=[1, 16, 4, 4]), "control_net[0].guide_latents.latents"),
+        ("tiny/sd3", 80, dict(guide_latents=[3, 16, 8, 8]), "control_net[0].guide_latents.latents"),
+        ("tiny/sd15", 32, dict(guide_latents=[1, 4, 8, 8]), "control_net[0].guide_latents"),
+    ],
+    ids=["flux-image", "flux-shape", "sd3-rows", "sd15-latents"],
+)
+def test_denoiser_checks_the_guide_the_family_takes(services, model, width, guide, field):
+    """A direct DenoiseRequest: FLUX and SD3 units take latents of the output's shape (SD3: 1 or, with CFG, 2 rows),
+    SD1.x/SDXL units the image; refused before the job queues."""
+    if "guide_latents" in guide:
+        latents = encode_tensor(torch.zeros(guide["guide_latents"]))
+        guide = dict(guide_latents=common_pb2.VaeLatents(latents=latents, scaling_factor=1.0))
+    pooled = encode_tensor(torch.zeros(1, 64 if model == "tiny/sd3" else 32))
+    positive = common_pb2.TextConditioning(prompt_embeds=encode_tensor(torch.zeros(1, 8, width)))
+    if model != "tiny/sd15":
+        positive.pooled_prompt_embeds.CopyFrom(pooled)
+    request = denoiser_service_pb2.DenoiseRequest(
+        model=model, positive=positive, negative=positive, steps=2, width=64, height=64, guidance_scale=4.0, seed=1,
+        control_net=[common_pb2.ControlNetUnit(model="tiny/controlnet-" + model.split("/")[1], **guide)],
+    )  # fmt: skip
+    with open_channel(services.addresses["denoiser"]) as channel, pytest.raises(grpc.RpcError) as error:
+        list(denoiser_service_pb2_grpc.DenoiserServiceStub(channel).Denoise(request))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [name for name, _ in field_violations(error.value)] == [field], field_violations(error.value)
