@@ -48,15 +48,26 @@ LIVENESS = "liveness"
 # After a drain, the time calls that raced in get to be refused (serve_forever).
 STOP_GRACE_SECONDS = 1.0
 
-# Accept the keepalive pings our channels send (transport.CHANNEL_OPTIONS: every 20 s, with or without calls; by
-# default a server answers pings more often than every 5 minutes with GOAWAY), and ping callers ourselves so that
-# the calls of one that vanished end within 40 s.
-SERVER_KEEPALIVE_OPTIONS = [
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-]
+
+def server_keepalive_options(min_ping_interval_ms: int = 10_000) -> list[tuple[str, int]]:
+    """Accept the keepalive pings our channels send (transport.CHANNEL_OPTIONS: every 20 s, with or without calls),
+    and ping callers ourselves so that the calls of one that vanished end within 40 s.
+
+    A server counts a ping that comes sooner than `min_ping_interval_ms` after the last one (since it last sent
+    data) as a strike, and two strikes end the connection with GOAWAY "too_many_pings"; its default interval is 5
+    minutes. The key is gRPC's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, whose string is
+    "grpc.http2.min_ping_interval_without_data_ms": the "min_recv_..." spelling used here before is no option gRPC
+    knows, so every stream that went a minute without sending (a Generate without progress events on a slow
+    model, a full-size model loading) was cut there with UNAVAILABLE "Too many pings" (test_keepalive.py)."""
+    return [
+        ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+
+
+SERVER_KEEPALIVE_OPTIONS = server_keepalive_options()
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
