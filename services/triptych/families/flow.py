@@ -31,7 +31,7 @@ class FlowFamily(Family):
     t5_slot: TextEncoderSlot  # the T5 encoder and its tokenizer
     supports_controlnet = True
     guide_latents = True  # their ControlNet pipelines VAE-encode the guide image
-    # Config keys a ControlNet must share with the transformer (its residuals are added to the transformer's tokens).
+    # Config keys a ControlNet must share with the transformer.
     controlnet_matching_keys: tuple[str, ...] = ("in_channels", "patch_size", "pooled_projection_dim")
 
     def uses_cfg(self, config: dict, guidance_scale: float) -> bool:
@@ -61,15 +61,15 @@ class FlowFamily(Family):
 
     # ---- ControlNet units: guides as VAE latents ----
     def controlnet_violation(self, net_config: dict, network_config: dict) -> str | None:
-        def inner(config):
-            return config["num_attention_heads"] * config["attention_head_dim"]
+        def widths(config) -> list:  # its residuals are added to the transformer's tokens: the same widths
+            keys = self.controlnet_matching_keys
+            return [config.get(key) for key in keys] + [config["num_attention_heads"] * config["attention_head_dim"]]
 
-        keys = self.controlnet_matching_keys
-        if any(net_config.get(key) != network_config.get(key) for key in keys) or inner(net_config) != inner(
-            network_config
-        ):
-            return "was not built for this base model's family"
-        return None
+        return None if widths(net_config) == widths(network_config) else "was not built for this base model's family"
+
+    def guide_rows(self, do_cfg: bool) -> tuple[int, ...]:
+        """Rows of guide latents a unit may carry: one sample, or (SD3 under CFG) one per CFG half."""
+        return (1,)
 
     def latent_channels(self, network_config: dict) -> int:
         """Channels of the VAE latents the transformer works on."""
@@ -80,7 +80,7 @@ class FlowFamily(Family):
         if unit.guide_latents is None:
             why = "the guide image's VAE latents (DecoderService.EncodeImage)"
             return [(field, f"required for {self.name} models: {why}")]
-        rows = (1, 2) if do_cfg and self.guide_samples(2.0) == 2 else (1,)
+        rows = self.guide_rows(do_cfg)
         channels, scale = self.latent_channels(network_config), self.latent_scale
         shape = list(unit.guide_latents.latents.shape)
         expected = [channels, height // scale, width // scale]

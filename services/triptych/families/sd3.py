@@ -102,6 +102,9 @@ class StableDiffusion3(FlowFamily):
         # The pipeline VAE-encodes the CFG-doubled guide image, so each half gets its own sample.
         return 2 if self.uses_cfg({}, guidance_scale) else 1
 
+    def guide_rows(self, do_cfg: bool) -> tuple[int, ...]:
+        return (1, 2) if do_cfg else (1,)
+
     def controlnet_violation(self, net_config: dict, network_config: dict) -> str | None:
         if not net_config.get("use_pos_embed", True):
             return "shares the transformer's position embedding (SD3.5's own ControlNets): not served yet"
