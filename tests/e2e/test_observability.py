@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 from concurrent import futures
 
@@ -63,15 +64,13 @@ def value(samples, name: str, **labels) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def test_each_process_counts_a_generate(model_root):
-    base = free_port_run(len(ROLES))
-    urls = {role: f"http://127.0.0.1:{base + index}/metrics" for index, role in enumerate(ROLES)}
-    with serving(None, model_root, env={"TRIPTYCH_METRICS_PORT": str(base)}, isolated=True) as served:
-        before = {role: scrape(url) for role, url in urls.items()}
-        request = image_service_pb2.GenerateRequest(**SMALL, positive_prompt=f"a fox {secrets.token_hex(4)}", seed=3)
-        with ImageClient(served.gateway) as client:
-            assert len(client.generate(request)) == 1
-        after = {role: scrape(url) for role, url in urls.items()}
+def test_each_process_counts_a_generate(observed):
+    served, urls = observed.served, observed.metrics
+    before = {role: scrape(url) for role, url in urls.items()}
+    request = image_service_pb2.GenerateRequest(**SMALL, positive_prompt=f"a fox {secrets.token_hex(4)}", seed=3)
+    with ImageClient(served.gateway) as client:
+        assert len(client.generate(request)) == 1
+    after = {role: scrape(url) for role, url in urls.items()}
 
     def moved(role: str, name: str, **labels) -> float:
         return value(after[role], name, **labels) - value(before[role], name, **labels)
@@ -132,37 +131,44 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
             return [(service, span) for service, span in self.spans if span.trace_id == trace_id]
 
 
-@pytest.fixture
-def collector():
-    receiver = Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    receiver.endpoint = f"http://127.0.0.1:{port}"
-    yield receiver
-    server.stop(0)
-
-
-def test_one_trace_across_the_four_processes(model_root, collector):
+@pytest.fixture(scope="module")
+def observed(model_root):
+    """`triptych serve` with metrics (ports P..P+3) and traces (OTLP to a collector held here) on, once for the
+    tests below: (served, {role: metrics URL}, collector)."""
+    collector = Collector()
+    receiver = grpc.server(futures.ThreadPoolExecutor(4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)
+    port = receiver.add_insecure_port("127.0.0.1:0")
+    receiver.start()
+    base = free_port_run(len(ROLES))
     env = {
+        "TRIPTYCH_METRICS_PORT": str(base),
         "TRIPTYCH_TRACING": "1",
         "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
+    try:
+        with serving(None, model_root, env=env, isolated=True) as served:
+            urls = {role: f"http://127.0.0.1:{base + index}/metrics" for index, role in enumerate(ROLES)}
+            yield types.SimpleNamespace(served=served, metrics=urls, collector=collector)
+    finally:
+        receiver.stop(0)
+
+
+def test_one_trace_across_the_four_processes(observed):
+    collector = observed.collector
     trace_id, caller_span = secrets.token_bytes(16), secrets.token_bytes(8)
     traceparent = f"00-{trace_id.hex()}-{caller_span.hex()}-01"  # the caller's own trace, as W3C sends it
-    with serving(None, model_root, env=env, isolated=True) as served:
-        with grpc.insecure_channel(served.gateway) as channel:
-            stub = image_service_pb2_grpc.ImageServiceStub(channel)
-            request = image_service_pb2.GenerateRequest(**SMALL, positive_prompt="a traced fox", seed=5)
-            events = list(stub.Generate(request, metadata=[("traceparent", traceparent)], timeout=120))
-        assert any(event.HasField("image") for event in events)
-        deadline = time.monotonic() + 30
-        while len({service for service, _ in collector.of_trace(trace_id)}) < 4 and time.monotonic() < deadline:
-            time.sleep(0.2)
+    with grpc.insecure_channel(observed.served.gateway) as channel:
+        stub = image_service_pb2_grpc.ImageServiceStub(channel)
+        request = image_service_pb2.GenerateRequest(**SMALL, positive_prompt="a traced fox", seed=5)
+        events = list(stub.Generate(request, metadata=[("traceparent", traceparent)], timeout=120))
+    assert any(event.HasField("image") for event in events)
+    deadline = time.monotonic() + 30
+    while len({service for service, _ in collector.of_trace(trace_id)}) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
     spans = collector.of_trace(trace_id)
     by_name = {(service, span.name, span.kind): span for service, span in spans}
     assert len(spans) >= 4

@@ -11,7 +11,7 @@ from __future__ import annotations
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from triptych.serving.message_limits import SMALL_REQUEST_BYTES
 from triptych.serving.settings import Settings
@@ -43,3 +43,21 @@ def start_health_port(health_servicer: health.HealthServicer, settings: Settings
         raise ConfigurationError(f"TRIPTYCH_HEALTH_PORT: cannot bind {settings.host}:{settings.health_port}")
     server.start()
     return server
+
+
+def probe(port: int, service: str = "") -> bool:
+    """Whether 127.0.0.1:port answers SERVING for `service` (the image's HEALTHCHECK: `python3 -m
+    triptych.serving.health_port PORT [SERVICE]`)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            request = health_pb2.HealthCheckRequest(service=service)
+            answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=3)
+        except grpc.RpcError:
+            return False
+    return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(0 if probe(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "") else 1)
