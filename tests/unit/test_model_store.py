@@ -1,6 +1,8 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from triptych.model_store import ModelStore
 from triptych.serving.errors import InvalidArgument, NotFound
@@ -11,9 +13,10 @@ def store(tmp_path):
     root = tmp_path / "store"
     (root / "tiny" / "sd15").mkdir(parents=True)
     (root / "tiny" / "sd15" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    (root / "tiny" / "lora.safetensors").write_bytes(b"x")
+    # files are read (their headers say what they are): real safetensors, a LoRA-shaped one and another
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, root / "tiny" / "lora.safetensors")
     (root / "civitai" / "4201").mkdir(parents=True)
-    (root / "civitai" / "4201" / "130072.safetensors").write_bytes(b"x")
+    save_file({"x": torch.zeros(1)}, root / "civitai" / "4201" / "130072.safetensors")
     (tmp_path / "outside").mkdir()
     (root / "escape").symlink_to(tmp_path / "outside")
     return ModelStore(root)
@@ -22,6 +25,7 @@ def store(tmp_path):
 def test_ids_resolve_to_folders_files_and_air_paths(store):
     assert store.resolve("tiny/sd15", "model").family.name == "sd1"
     assert store.resolve("tiny/lora", "lora").kind == "file"
+    assert store.resolve("tiny/lora", "lora").what == "a LoRA file"
     assert store.resolve("civitai:4201@130072", "model").path.name == "130072.safetensors"
 
 
