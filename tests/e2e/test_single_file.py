@@ -7,6 +7,7 @@ The full-size SD1.5 check (the real architecture, configs shipped with Triptych)
 from __future__ import annotations
 
 import json
+import shutil
 
 import diffusers
 import grpc
@@ -27,7 +28,8 @@ REQUEST = dict(positive_prompt="a red fox in the snow", negative_prompt="blurry"
 @pytest.fixture(scope="module")
 def single_files(model_root):
     """Tiny SDXL as a civitai-style file under an AIR id, tiny SD1.5 under a plain id, the alternative VAE as a
-    VAE file in LDM names, and a damaged copy; written into the session's store, which the services read live."""
+    VAE file in LDM names, and a damaged copy; written into the session's store, which the services read live, and
+    removed after this module (other modules list the store's models)."""
     tiny = model_root / "tiny"
     sdxl = ldm.export_checkpoint(tiny / "sdxl", model_root / "civitai" / "4384" / "128713.safetensors", True)
     sd15 = ldm.export_checkpoint(tiny / "sd15", model_root / "single" / "sd15.safetensors", True)
@@ -38,7 +40,9 @@ def single_files(model_root):
         {"first_stage_model." + k: v for k, v in ldm.vae_to_ldm(vae, config).items()},
         model_root / "single" / "vae.safetensors",
     )
-    return {"sdxl": sdxl, "sd15": sd15}
+    yield {"sdxl": sdxl, "sd15": sd15}
+    shutil.rmtree(model_root / "single")
+    shutil.rmtree(model_root / "civitai")
 
 
 def test_an_sdxl_checkpoint_under_its_air_id_equals_the_folder_and_diffusers(client, oracle, single_files):
