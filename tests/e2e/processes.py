@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,14 +55,18 @@ class Served:
         threading.Thread(target=lambda: [None for _ in self.process.stdout], daemon=True).start()
         return self
 
-    def stop(self, timeout: float = 60) -> None:
-        """SIGTERM unless it has exited already; SIGKILL if it is still running after `timeout` seconds."""
+    def stop(self, timeout: float = 60) -> float:
+        """SIGTERM unless it has exited already; SIGKILL if it is still running after `timeout` seconds. Returns the
+        seconds until it exited."""
+        started = time.monotonic()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
+        return time.monotonic() - started
 
 
 def launch(
@@ -90,11 +95,18 @@ def launch(
 @contextlib.contextmanager
 def serving(role: str | None, model_root: Path, env: dict[str, str] | None = None, args=(), isolated: bool = False):
     """Yields the Served process of `launch(...)` once it serves; stops it on exit."""
-    served = launch(role, model_root, env, args, isolated)
+    with all_serving(launch(role, model_root, env, args, isolated)) as (served,):
+        yield served
+
+
+@contextlib.contextmanager
+def all_serving(*launched: Served):
+    """Yields `launched` (from launch(), so their starts overlap) once each serves; stops them all on exit."""
     try:
-        yield served.wait_serving()
+        yield tuple(served.wait_serving() for served in launched)
     finally:
-        served.stop()
+        for served in launched:
+            served.stop()
 
 
 @contextlib.contextmanager
@@ -106,12 +118,10 @@ def serve_role(role: str, model_root: Path, env: dict[str, str] | None = None, a
 
 @contextlib.contextmanager
 def chain_with(services, model_root, env: dict[str, str], roles=("denoiser",)):
-    """A gateway over the session's backends, except `roles`, started anew with `env`; yields the gateway's
-    address and {role: address} of every backend."""
-    with contextlib.ExitStack() as stack:
-        backends = dict(services.addresses)
-        for role in roles:
-            _, backends[role] = stack.enter_context(serve_role(role, model_root, env))
+    """A gateway over the session's backends, except `roles`, started anew (together) with `env`; yields the
+    gateway's address and {role: address} of every backend."""
+    with all_serving(*(launch(role, model_root, env) for role in roles)) as started:
+        backends = {**services.addresses, **{served.role: served.address for served in started}}
         links = tuple(f"--{role}-address={backends[role]}" for role in ("encoder", "denoiser", "decoder"))
-        _, gateway = stack.enter_context(serve_role("gateway", model_root, args=links))
-        yield gateway, backends
+        with serve_role("gateway", model_root, args=links) as (_, gateway):
+            yield gateway, backends

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from tests.e2e.processes import chain_with, serve_role
+from tests.e2e.processes import all_serving, chain_with, launch
 from tests.e2e.test_services import runtime_info
 from triptych.client import ImageClient
 from triptych.v1 import image_service_pb2
@@ -26,11 +26,9 @@ def holds(address: str) -> set[tuple[str, str]]:
 
 def test_each_backend_holds_the_preloaded_models_before_any_request(model_root):
     env = {"TRIPTYCH_PRELOAD_MODELS": PRELOAD}
-    with (
-        serve_role("encoder", model_root, env) as (_, encoder),
-        serve_role("denoiser", model_root, env) as (_, denoiser),
-        serve_role("decoder", model_root, env) as (_, decoder),
-    ):
+    launched = (launch(role, model_root, env) for role in ("encoder", "denoiser", "decoder"))
+    with all_serving(*launched) as served:
+        encoder, denoiser, decoder = (process.address for process in served)
         assert {("tiny/sd15", "text_encoder"), ("tiny/sdxl", "text_encoder_2")} <= holds(encoder)
         assert holds(denoiser) == {("tiny/sd15", "unet"), ("tiny/sdxl", "unet"), ("tiny/sdxl-refiner", "unet")}
         assert runtime_info(denoiser).counters["denoise_steps"] >= 6, "2 steps per model were run (PNDM: 3 calls)"

@@ -21,7 +21,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from tests.e2e.processes import Served, launch
+from tests.e2e.processes import Served, all_serving, launch
 from tests.e2e.stubs import tiny_denoise
 from triptych.client import ImageClient, open_channel
 from triptych.client.transport import channel_target
@@ -60,11 +60,8 @@ def fleet(store):
     procs = {name: _start(role, store) for name, role in [
         ("encoder_a", "encoder"), ("encoder_b", "encoder"), ("denoiser", "denoiser"), ("decoder", "decoder")
     ]}  # fmt: skip
-    try:
-        yield {name: proc.wait_serving() for name, proc in procs.items()}
-    finally:
-        for proc in procs.values():
-            proc.stop()
+    with all_serving(*procs.values()):
+        yield procs
 
 
 def _encode(channel, prompt: str = "a red fox", model: str = "tiny/sd15", **fields):
