@@ -34,7 +34,10 @@ REQUEST = dict(model="tiny/sd15", positive_prompt="a red fox in the snow", width
 
 
 def run(*command: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, check=True, text=True, **kwargs)
+    done = subprocess.run(command, text=True, **kwargs)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}: {(done.stderr or '')[-3000:]}")
+    return done
 
 
 def pixels(png: bytes) -> tuple[tuple[int, int], bytes]:
@@ -80,6 +83,15 @@ class Compose:
 
     def __call__(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         return run(*self.command, *args, env=self.env, **kwargs)
+
+    def clean(self) -> None:
+        """Down, and any container or network of this project that is still there."""
+        subprocess.run([*self.command, "down", "-t", "5"], env=self.env, capture_output=True)
+        label = f"label=com.docker.compose.project={PROJECT}"
+        left = subprocess.run(["podman", "ps", "-aq", "--filter", label], capture_output=True, text=True).stdout.split()
+        if left:
+            subprocess.run(["podman", "rm", "-f", "-t", "5", *left], capture_output=True)
+        subprocess.run(["podman", "network", "rm", "-f", f"{PROJECT}_triptych"], capture_output=True)
 
     def container(self, service: str) -> str:
         """The container of a compose service (its name is the compose tool's business)."""
@@ -153,14 +165,14 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--compose", required=True)
     args = parser.parse_args()
-    models = args.work / "models"
+    models = args.work.resolve() / "models"  # compose reads a relative path as a volume name
     if not (models / "tiny" / "sd15").exists():
         run(sys.executable, "-m", "triptych.cli", "models", "build-tiny", "--root", str(models), capture_output=True)
     # The containers run as uid 10001 and read the store: files the builders wrote 0600 (safetensors does) must be
     # readable by others, as in any shared store (docs/deploy.md).
     run("chmod", "-R", "a+rX", str(models))
     compose = Compose(args.compose, args.image, models)
-    subprocess.run([*compose.command, "down", "-t", "5"], env=compose.env, capture_output=True)  # a previous run's
+    compose.clean()  # what a previous run left
     started = time.monotonic()
     compose("up", "-d", capture_output=True)
     try:
@@ -169,6 +181,18 @@ def main() -> int:
         # only once its encoders, denoisers and decoder serve.
         wait_until_serving(gateway, timeout=240)
         print(f"compose up: gateway ready in {time.monotonic() - started:.1f} s")
+        for service in ("gateway", "denoiser-1"):  # the image's HEALTHCHECK command, and who runs it
+            container = compose.container(service)
+            run("podman", "exec", container, "python3", "-m", "triptych.serving.health_port", "8081", "liveness")
+            user = run("podman", "exec", container, "id", "-u", capture_output=True).stdout.strip()
+            assert user == "10001", f"{service} runs as uid {user}"
+        print("HEALTHCHECK (gRPC health on 8081) answers SERVING; processes run as uid 10001")
+        # Plaintext on all interfaces without TRIPTYCH_ALLOW_INSECURE or TLS: refused at start, with the reason.
+        refused = subprocess.run(
+            ["podman", "run", "--rm", args.image, "gateway"], capture_output=True, text=True, timeout=120
+        )
+        assert refused.returncode == 2 and "refusing to serve plaintext on 0.0.0.0" in refused.stderr, refused.stderr
+        print("a container without TLS or TRIPTYCH_ALLOW_INSECURE refuses to start: exit 2, says why")
 
         from_containers = generate(gateway)
         with triptych_serve(models, 55151) as here:
@@ -182,6 +206,9 @@ def main() -> int:
 
         def stop_denoiser() -> None:
             # Both replicas have served (round-robin over dns:///denoiser) before one of them goes.
+            samples = scrape(compose.container("denoiser-2"))
+            in_flight = dict(service=denoise[0], method=denoise[1])
+            stopped["in_flight"] = samples.get(("triptych_calls_in_flight", frozenset(in_flight.items())), 0)
             stopped["served"] = calls_served(compose.container("denoiser-2"), *denoise)
             stopped["survivor"] = calls_served(compose.container("denoiser-1"), *denoise)
             began = time.monotonic()
@@ -190,7 +217,10 @@ def main() -> int:
 
         completed, failures = under_load(gateway, callers=4, stop_after=8, stop=stop_denoiser)
         print(f"load: {completed} Generates by 4 callers, {len(failures)} failed; denoiser-2 stopped (SIGTERM, drain)")
-        print(f"  in {stopped['seconds']:.1f} s, having served {stopped['served']:.0f} Denoise calls")
+        print(
+            f"  in {stopped['seconds']:.1f} s, having served {stopped['served']:.0f} Denoise calls, "
+            f"{stopped['in_flight']:.0f} in flight just before the stop"
+        )
         assert not failures, failures[:3]
         assert completed >= 8, completed
         assert stopped["served"] > 0, "denoiser-2 served no Denoise before it stopped"
@@ -209,7 +239,7 @@ def main() -> int:
         return 0
     finally:
         if os.environ.get("TRIPTYCH_CI_KEEP") != "1":
-            subprocess.run([*compose.command, "down", "-t", "5"], env=compose.env, capture_output=True)
+            compose.clean()
 
 
 if __name__ == "__main__":
