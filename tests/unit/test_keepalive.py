@@ -1,7 +1,7 @@
 """Keepalive between our channels and our servers: a stream that sends nothing for longer than a few client pings
-survives. Scaled down (pings every second, gRPC's shortest, against a 0.1 s minimum) so that it takes seconds, with the servers' own
-option keys; with a key gRPC does not know, the server's 5-minute default applies and the third ping ends the
-connection with "Too many pings", which is what happened to minute-long Generate streams before."""
+survives. Scaled down (pings every second, gRPC's shortest, against a 0.1 s minimum) so that it takes seconds, with
+the servers' own option keys; with a key gRPC does not know, the server's 5-minute default applies and the third
+ping ends the connection with "Too many pings", which is what happened to minute-long Generate streams before."""
 
 from __future__ import annotations
 
