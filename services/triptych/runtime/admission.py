@@ -39,3 +39,5 @@ class BoundedQueue:
         finally:
             with self._lock:
                 self._counts[key] -= 1
+                if not self._counts[key]:
+                    del self._counts[key]  # keys come from callers (the gateway's model ids): keep only those in use
