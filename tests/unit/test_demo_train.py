@@ -1,0 +1,114 @@
+"""The demo family's training (#20), smoke-sized: every stage runs, a stopped-and-resumed run ends in the weights of
+an unbroken one, and the assembled ``demo/base`` is an SD1.5 folder diffusers loads and runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from triptych.demo.train.configs import TEXT, UNET, VAE
+from triptych.demo.train.loop import CHECKPOINT, step_generator
+
+TINY = {"text": TEXT.with_overrides(steps=3, batch_size=4), "vae": VAE.with_overrides(steps=2, batch_size=2)}
+UNET_TINY = UNET.with_overrides(steps=4, batch_size=2, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # determinism across runs is per thread count; and the machine is shared
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """text and vae trained for a few steps: what the unet stage reads."""
+    from triptych.demo.train.text import train_text
+    from triptych.demo.train.vae import train_vae
+
+    work = tmp_path_factory.mktemp("demo-work")
+    assert train_text(work, TINY["text"], log=lambda _: None)
+    assert train_vae(work, TINY["vae"], log=lambda _: None)
+    return work
+
+
+def _checkpoint(path):
+    return torch.load(path / CHECKPOINT, weights_only=True)
+
+
+def test_step_generators_depend_on_seed_and_step_only():
+    draw = lambda seed, step: torch.rand(3, generator=step_generator(seed, step))  # noqa: E731
+    assert torch.equal(draw(1, 5), draw(1, 5))
+    assert not torch.equal(draw(1, 5), draw(1, 6)) and not torch.equal(draw(1, 5), draw(2, 5))
+
+
+def test_text_and_vae_stages_write_their_parts_and_metrics(work):
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel.from_pretrained(work / "text" / "text_encoder")
+    assert text_encoder.config.vocab_size == 49408 and text_encoder.config.eos_token_id == 49407
+    metrics = json.loads((work / "vae" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["scaling_factor"] > 0
+    assert set(metrics["held_out_round_trip"]) == {"background", "colour", "shape", "size", "position", "style"}
+    config = json.loads((work / "vae" / "vae" / "config.json").read_text())
+    assert config["scaling_factor"] == metrics["scaling_factor"] and config["latent_channels"] == 4
+
+
+def test_a_stopped_and_resumed_unet_run_ends_where_an_unbroken_one_does(work, tmp_path):
+    import shutil
+
+    from triptych.demo.train.unet import train_unet
+
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    for target in (unbroken, broken):
+        shutil.copytree(work, target)
+    assert train_unet(unbroken, UNET_TINY, log=lambda _: None)
+    assert not train_unet(broken, UNET_TINY, max_seconds=0, log=lambda _: None)  # stops after one step
+    assert _checkpoint(broken / "unet")["step"] == 1
+    assert train_unet(broken, UNET_TINY, log=lambda _: None)
+    a, b = _checkpoint(unbroken / "unet"), _checkpoint(broken / "unet")
+    assert a["step"] == b["step"] == 4
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for name in a["ema"]:
+        assert torch.equal(a["ema"][name], b["ema"][name]), name
+    # A longer run continues the same schedule; other settings are refused, with what to do.
+    assert train_unet(broken, UNET_TINY.with_overrides(steps=5), log=lambda _: None)
+    with pytest.raises(ValueError, match="delete .* to start this stage again"):
+        train_unet(broken, UNET_TINY.with_overrides(steps=6, learning_rate=1e-3), log=lambda _: None)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_assembled_base_is_an_sd15_folder_that_diffusers_runs(work, tmp_path, dtype):
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from triptych.demo.evaluate import generate, score
+    from triptych.demo.train.assemble import BASE_ID, assemble
+    from triptych.demo.train.unet import train_unet
+    from triptych.demo.vocabulary import HELD_OUT
+
+    shutil.copytree(work, tmp_path / "work")
+    assert train_unet(tmp_path / "work", UNET_TINY.with_overrides(steps=1), log=lambda _: None)
+    folder = assemble(tmp_path / "work", tmp_path / "store", dtype=dtype, log=lambda _: None)
+    assert folder == tmp_path / "store" / BASE_ID
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["scheduler"][1] == "PNDMScheduler"
+    assert (folder / "tokenizer" / "merges.txt").exists() and not (folder / "tokenizer" / "tokenizer.json").exists()
+    stored = {
+        tensor.dtype
+        for part in ("unet", "vae", "text_encoder")
+        for tensor in load_file(next((folder / part).glob("*.safetensors"))).values()
+    }
+    assert stored == {getattr(torch, dtype)}
+    pipe = StableDiffusionPipeline.from_pretrained(folder)  # diffusers' pipeline loads float16 files as float32
+    assert pipe.unet.dtype == torch.float32 and pipe.vae.config.scaling_factor != 1.0
+    pictures = generate(folder, [s.caption() for s in HELD_OUT[:2]], steps=2)
+    assert pictures.shape == (2, 64, 64, 3) and pictures.dtype == np.uint8
+    assert set(score(list(HELD_OUT[:2]), pictures)["accuracy"]) == {"background", "colour", "shape", "size", "position"}
