@@ -1,5 +1,6 @@
 """The demo family's training (#20), smoke-sized: every stage runs, a stopped-and-resumed run ends in the weights of
-an unbroken one, and the assembled ``demo/base`` is an SD1.5 folder diffusers loads and runs."""
+an unbroken one, and the assembled family is what diffusers loads and runs: an SD1.5 folder, a ControlNet, a kohya
+LoRA and an A1111 embedding."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from triptych.demo.train.configs import TEXT, UNET, VAE
+from triptych.demo.train.configs import CONTROLNET, LORA, TEXT, TI, UNET, VAE
 from triptych.demo.train.loop import CHECKPOINT, step_generator
 
 TINY = {"text": TEXT.with_overrides(steps=3, batch_size=4), "vae": VAE.with_overrides(steps=2, batch_size=2)}
 UNET_TINY = UNET.with_overrides(steps=4, batch_size=2, checkpoint_every=2)
+ADAPTERS_TINY = {
+    name: settings.with_overrides(steps=2, batch_size=2)
+    for name, settings in (("controlnet", CONTROLNET), ("lora", LORA), ("ti", TI))
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,6 +39,26 @@ def work(tmp_path_factory):
     assert train_text(work, TINY["text"], log=lambda _: None)
     assert train_vae(work, TINY["vae"], log=lambda _: None)
     return work
+
+
+@pytest.fixture(scope="module")
+def store(work, tmp_path_factory):
+    """Every stage run for a step or two on a copy of ``work``, then assembled (float16) into a store."""
+    import shutil
+
+    from triptych.demo.train.assemble import assemble
+    from triptych.demo.train.controlnet import train_controlnet
+    from triptych.demo.train.inversion import train_inversion
+    from triptych.demo.train.lora import train_lora
+    from triptych.demo.train.unet import train_unet
+
+    family = tmp_path_factory.mktemp("demo-family")
+    shutil.copytree(work, family / "work")
+    assert train_unet(family / "work", UNET_TINY.with_overrides(steps=1), log=lambda _: None)
+    for train, name in ((train_controlnet, "controlnet"), (train_lora, "lora"), (train_inversion, "ti")):
+        assert train(family / "work", ADAPTERS_TINY[name], log=lambda _: None)
+    assemble(family / "work", family / "store", log=lambda _: None)
+    return family
 
 
 def _checkpoint(path):
@@ -83,20 +108,15 @@ def test_a_stopped_and_resumed_unet_run_ends_where_an_unbroken_one_does(work, tm
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_assembled_base_is_an_sd15_folder_that_diffusers_runs(work, tmp_path, dtype):
-    import shutil
-
+def test_assembled_base_is_an_sd15_folder_that_diffusers_runs(store, tmp_path, dtype):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
     from triptych.demo.evaluate import generate, score
     from triptych.demo.train.assemble import BASE_ID, assemble
-    from triptych.demo.train.unet import train_unet
     from triptych.demo.vocabulary import HELD_OUT
 
-    shutil.copytree(work, tmp_path / "work")
-    assert train_unet(tmp_path / "work", UNET_TINY.with_overrides(steps=1), log=lambda _: None)
-    folder = assemble(tmp_path / "work", tmp_path / "store", dtype=dtype, log=lambda _: None)
+    folder = assemble(store / "work", tmp_path / "store", dtype=dtype, log=lambda _: None)
     assert folder == tmp_path / "store" / BASE_ID
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["scheduler"][1] == "PNDMScheduler"
@@ -107,8 +127,43 @@ def test_assembled_base_is_an_sd15_folder_that_diffusers_runs(work, tmp_path, dt
         for tensor in load_file(next((folder / part).glob("*.safetensors"))).values()
     }
     assert stored == {getattr(torch, dtype)}
-    pipe = StableDiffusionPipeline.from_pretrained(folder)  # diffusers' pipeline loads float16 files as float32
-    assert pipe.unet.dtype == torch.float32 and pipe.vae.config.scaling_factor != 1.0
+    pipe = StableDiffusionPipeline.from_pretrained(folder)  # float16 files load as float32, every part alike
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    assert pipe.vae.config.scaling_factor != 1.0
     pictures = generate(folder, [s.caption() for s in HELD_OUT[:2]], steps=2)
     assert pictures.shape == (2, 64, 64, 3) and pictures.dtype == np.uint8
     assert set(score(list(HELD_OUT[:2]), pictures)["accuracy"]) == {"background", "colour", "shape", "size", "position"}
+
+
+def test_the_adapters_load_the_way_users_load_theirs(store):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from triptych.demo.render import guide_mask
+    from triptych.demo.vocabulary import Scene
+
+    demo = store / "store" / "demo"
+    lora = load_file(demo / "lora-outline.safetensors")
+    assert lora and all(key.startswith("lora_unet_") for key in lora)
+    assert {k.rsplit(".", 2)[-2] if k.endswith(".weight") else "alpha" for k in lora} == {
+        "lora_down",
+        "lora_up",
+        "alpha",
+    }
+    embedding = load_file(demo / "ti-moon.safetensors")
+    assert list(embedding) == ["emb_params"] and embedding["emb_params"].shape == (2, 64)
+
+    run = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
+    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    pipe = StableDiffusionPipeline.from_pretrained(demo / "base")
+    plain = pipe("a large red ti-moon at the left", generator=seed(), **run).images
+    pipe.load_textual_inversion(demo / "ti-moon.safetensors", token="ti-moon")
+    pipe.load_lora_weights(demo, weight_name="lora-outline.safetensors")
+    adapted = pipe("a large red ti-moon at the left", generator=seed(), **run).images
+    assert np.isfinite(adapted).all() and not np.array_equal(plain, adapted)
+
+    controlnet = ControlNetModel.from_pretrained(demo / "controlnet-mask", dtype=torch.float32)
+    control = StableDiffusionControlNetPipeline.from_pretrained(demo / "base", controlnet=controlnet)
+    guide = guide_mask(Scene("star", "red", "blue", "large", "top left"))
+    image = control("a red star", image=torch.from_numpy(guide).permute(2, 0, 1)[None] / 255.0, generator=seed(), **run)
+    assert image.images.shape == (1, 64, 64, 3)

@@ -76,8 +76,19 @@ def _scene(rng: np.random.Generator, shapes: tuple[str, ...]) -> Scene:
             return scene
 
 
-def example(seed: int, index: int, mix: CaptionMix = BASE_MIX, style: str = "filled") -> Example:
-    """Example ``index`` of the stream ``seed``: a pure function of its arguments."""
+def example(
+    seed: int,
+    index: int,
+    mix: CaptionMix = BASE_MIX,
+    style: str = "filled",
+    shapes: tuple[str, ...] | None = None,
+    noun: str | None = None,
+) -> Example:
+    """Example ``index`` of the stream ``seed``: a pure function of its arguments.
+
+    ``shapes``: the shapes drawn (default: the named ones, and all nine where the caption leaves the shape out);
+    ``noun``: the word that names them (textual inversion's token for crescents).
+    """
     if style not in STYLES:
         raise ValueError(f"style must be one of {', '.join(STYLES)} (got {style!r})")
     if index < 0:
@@ -93,19 +104,22 @@ def example(seed: int, index: int, mix: CaptionMix = BASE_MIX, style: str = "fil
         )
     else:
         kind, omit = "full", frozenset()
-    scene = _scene(rng, ALL_SHAPES if "shape" in omit else SHAPES)
+    scene = _scene(rng, shapes or (ALL_SHAPES if "shape" in omit else SHAPES))
     placement = Placement(
         dx=float(rng.uniform(-JITTER_SHIFT, JITTER_SHIFT)),
         dy=float(rng.uniform(-JITTER_SHIFT, JITTER_SHIFT)),
         scale=float(rng.uniform(1 - JITTER_SCALE, 1 + JITTER_SCALE)),
     )
-    caption = "" if kind == "empty" else scene.caption(omit)
+    caption = "" if kind == "empty" else scene.caption(omit, noun)
     return Example(scene=scene, placement=placement, caption=caption, omitted=omit, style=style)
 
 
-def batch(seed: int, start: int, count: int, mix: CaptionMix = BASE_MIX, style: str = "filled") -> list[Example]:
-    """Examples ``start .. start + count - 1``: training step k of batch size b reads ``batch(seed, k * b, b)``."""
-    return [example(seed, start + i, mix, style) for i in range(count)]
+def batch(
+    seed: int, start: int, count: int, mix: CaptionMix = BASE_MIX, style: str = "filled", **kinds
+) -> list[Example]:
+    """Examples ``start .. start + count - 1``: training step k of batch size b reads ``batch(seed, k * b, b)``.
+    ``kinds``: ``example``'s ``shapes`` and ``noun``."""
+    return [example(seed, start + i, mix, style, **kinds) for i in range(count)]
 
 
 def images(examples: list[Example], resolution: int = 64) -> np.ndarray:

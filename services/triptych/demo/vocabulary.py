@@ -77,15 +77,19 @@ class Scene:
         if self.colour == self.background:
             raise ValueError(f"the shape and the background must differ in colour (both {self.colour!r})")
 
-    def caption(self, omit: frozenset[str] = frozenset()) -> str:
+    def caption(self, omit: frozenset[str] = frozenset(), noun: str | None = None) -> str:
         """ "a large red star at the top left on a blue background", less the parts named in ``omit``.
 
-        Without its shape word the noun is "shape"; a crescent has no word, so it is always "shape".
+        Without its shape word the noun is "shape"; a crescent has no word, so it is "shape" unless ``noun`` names
+        it (textual inversion's token: "a large red ti-moon at the left ...").
         """
         unknown = set(omit) - set(CAPTION_PARTS)
         if unknown:
             raise ValueError(f"omit names unknown caption parts {sorted(unknown)}; known: {', '.join(CAPTION_PARTS)}")
-        noun = self.shape if self.shape in SHAPES and "shape" not in omit else GENERIC_SHAPE_WORD
+        if "shape" in omit:
+            noun = GENERIC_SHAPE_WORD
+        elif noun is None:
+            noun = self.shape if self.shape in SHAPES else GENERIC_SHAPE_WORD
         words = []
         if "size" not in omit:
             words.append(self.size)

@@ -1,7 +1,8 @@
 """``python -m triptych.demo.train STAGE``: train, assemble and measure the demo family (docs/demo-model.md).
 
-Stages: text, vae, unet (each resumes from WORK/<stage>/checkpoint.pt), assemble (writes STORE/demo/base),
-evaluate (the held-out measurement, WORK/evaluation.json and a contact sheet), all (the five in order).
+Training stages (each resumes from WORK/<stage>/checkpoint.pt): text, vae, unet, then on the trained base
+controlnet, lora, ti. assemble writes STORE/demo/base and whichever adapters are trained; evaluate is the held-out
+measurement (WORK/evaluation.json and a contact sheet); all runs everything in that order.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from .configs import STAGES
 
-TRAINING = ("text", "vae", "unet")
+TRAINING = ("text", "vae", "unet", "controlnet", "lora", "ti")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(stage: str, args: argparse.Namespace) -> bool:
+    from .controlnet import train_controlnet
+    from .inversion import train_inversion
+    from .lora import train_lora
     from .text import train_text
     from .unet import train_unet
     from .vae import train_vae
@@ -40,7 +44,14 @@ def _train(stage: str, args: argparse.Namespace) -> bool:
     settings = STAGES[stage].with_overrides(
         steps=args.steps, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every
     )
-    train = {"text": train_text, "vae": train_vae, "unet": train_unet}[stage]
+    train = {
+        "text": train_text,
+        "vae": train_vae,
+        "unet": train_unet,
+        "controlnet": train_controlnet,
+        "lora": train_lora,
+        "ti": train_inversion,
+    }[stage]
     max_seconds = args.max_minutes * 60 if args.max_minutes else None
     return train(
         args.work, settings, max_seconds=max_seconds, log=lambda line: print(line, flush=True), device=args.device

@@ -97,4 +97,7 @@ VAE = StageSettings(steps=8000, batch_size=16, learning_rate=5e-4, warmup_steps=
 UNET = StageSettings(
     steps=11000, batch_size=32, learning_rate=3e-4, warmup_steps=500, seed=3, weight_decay=1e-2, ema_decay=0.999
 )
-STAGES = {"text": TEXT, "vae": VAE, "unet": UNET}
+CONTROLNET = StageSettings(steps=8000, batch_size=32, learning_rate=3e-4, warmup_steps=200, seed=4, weight_decay=1e-2)
+LORA = StageSettings(steps=3000, batch_size=32, learning_rate=1e-3, warmup_steps=100, seed=5)
+TI = StageSettings(steps=2000, batch_size=32, learning_rate=5e-3, warmup_steps=50, seed=6)
+STAGES = {"text": TEXT, "vae": VAE, "unet": UNET, "controlnet": CONTROLNET, "lora": LORA, "ti": TI}

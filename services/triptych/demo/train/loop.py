@@ -127,13 +127,17 @@ class Trainer:
 
     def export(self, network: nn.Module, part: str, metrics: dict) -> Path:
         """Write ``network`` (its EMA weights where the stage keeps an EMA) as ``<stage>/<part>``, a diffusers or
-        transformers folder, and ``<stage>/metrics.json`` (``metrics`` plus steps and time spent)."""
+        transformers folder, and the stage's metrics."""
         if self.ema is not None:
             self.ema.copy_to(network)
         network.save_pretrained(self.directory / part, safe_serialization=True)
+        self.write_metrics(metrics)
+        return self.directory / part
+
+    def write_metrics(self, metrics: dict) -> None:
+        """``<stage>/metrics.json``: ``metrics`` plus the steps and the time spent."""
         metrics = {**metrics, "steps": self.step, "wall_seconds": self.wall_seconds, "cpu_seconds": self.cpu_seconds}
         (self.directory / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        return self.directory / part
 
     def _learning_rate(self, step: int) -> float:
         """Linear warmup, then constant: a run extended with more steps continues the same schedule."""

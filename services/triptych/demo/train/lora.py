@@ -1,0 +1,65 @@
+"""Stage ``lora``: a style LoRA, shapes drawn as outlines, written in the kohya/A1111 format users bring.
+
+The trained base UNet is frozen; rank-4 adapters (alpha 4, so scale 1) on its attention projections (to_q, to_k,
+to_v, to_out.0 of self- and cross-attention: the modules kohya's and ``model_builders/tiny_weights.py``'s LoRAs
+adapt) learn the base stream's captions with every picture drawn as an outline. Same noising and loss as the UNet
+(``denoising.py``). The file, ``lora/lora-outline.safetensors``, has ``lora_unet_*`` keys with per-module alpha;
+it carries no text-encoder half (a style needs none).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from ...model_builders.tiny_weights import save_kohya_lora
+from ..data import BASE_MIX, batch
+from .configs import LORA, StageSettings
+from .denoising import FrozenParts
+from .loop import Trainer
+from .unet import load_unet
+
+STAGE = "lora"
+FILE = "lora-outline.safetensors"
+RANK = 4
+ALPHA = 4.0
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def kohya_pairs(unet) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (down, up)} of the UNet's adapter (peft's lora_A is kohya's down, lora_B its up)."""
+    state = get_peft_model_state_dict(unet)
+    modules = sorted({key.rsplit(".lora_", 1)[0] for key in state})
+    return {
+        m: (state[f"{m}.lora_A.weight"].float().contiguous(), state[f"{m}.lora_B.weight"].float().contiguous())
+        for m in modules
+    }
+
+
+def train_lora(
+    work: Path, settings: StageSettings = LORA, max_seconds: float | None = None, log=print, device: str = "cpu"
+) -> bool:
+    """Run (or resume) the stage on ``device``; when it completes, write ``work/lora/lora-outline.safetensors``."""
+    frozen = FrozenParts(work, device)
+    unet = load_unet(work).to(device)
+    torch.manual_seed(settings.seed)  # lora_A's initialisation draws from the global generator
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS))
+    trainer = Trainer(work, STAGE, settings, unet, log=log)
+
+    def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+        examples = batch(settings.seed, step * settings.batch_size, settings.batch_size, BASE_MIX, style="outline")
+        noisy = frozen.noisy_batch(examples, generator)
+        context = frozen.context([e.caption for e in examples], noisy.clip_skip)
+        return noisy.loss(unet(noisy.noisy, noisy.timesteps, context).sample)
+
+    if not trainer.run(loss_fn, max_seconds):
+        return False
+    path = trainer.directory / FILE
+    pairs = kohya_pairs(unet)
+    save_kohya_lora(path, pairs, {}, ALPHA)
+    trainer.write_metrics({"modules": len(pairs), "rank": RANK, "alpha": ALPHA})
+    log(f"lora: wrote {path} ({len(pairs)} modules)")
+    return True
