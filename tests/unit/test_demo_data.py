@@ -38,10 +38,11 @@ def test_captions_read_as_the_issue_writes_them():
     assert scene.caption(frozenset({"size"})) == "an orange heart at the bottom on a gray background"
     assert scene.caption(frozenset({"shape", "position", "background"})) == "a large orange shape"
     assert scene.caption(frozenset({"size", "colour", "position"})) == "a heart on a gray background"
-    # A crescent has no word: it is always "shape".
-    assert Scene("crescent", "white", "black", "small", "left").caption() == (
-        "a small white shape at the left on a black background"
-    )
+    # A crescent has no word: it is "shape", unless textual inversion's token names it.
+    moon = Scene("crescent", "white", "black", "small", "left")
+    assert moon.caption() == "a small white shape at the left on a black background"
+    assert moon.caption(noun="ti-moon") == "a small white ti-moon at the left on a black background"
+    assert moon.caption(frozenset({"shape"}), noun="ti-moon") == "a small white shape at the left on a black background"
 
 
 @pytest.mark.parametrize(
@@ -101,6 +102,8 @@ def test_the_stream_never_draws_a_held_out_scene_and_mixes_captions_as_documente
     crescents = [e for e in examples if e.scene.shape == "crescent"]
     assert crescents and all(e.caption == "" or " shape" in e.caption for e in crescents)
     assert all(e.scene.shape in SHAPES for e in (example(11, i, FULL_CAPTIONS) for i in range(500)))
+    moons = [example(11, i, FULL_CAPTIONS, shapes=("crescent",), noun="ti-moon") for i in range(50)]
+    assert all(e.scene.shape == "crescent" and " ti-moon " in e.caption for e in moons)
     with pytest.raises(ValueError, match="partial \\+ empty"):
         CaptionMix(partial=0.8, empty=0.5)
 

@@ -167,3 +167,24 @@ def test_the_adapters_load_the_way_users_load_theirs(store):
     guide = guide_mask(Scene("star", "red", "blue", "large", "top left"))
     image = control("a red star", image=torch.from_numpy(guide).permute(2, 0, 1)[None] / 255.0, generator=seed(), **run)
     assert image.images.shape == (1, 64, 64, 3)
+
+
+def test_ti_training_places_its_vectors_where_the_encoder_service_does(tmp_path):
+    from triptych.demo.data import CaptionMix, batch
+    from triptych.demo.train.inversion import TOKEN, VECTORS, placed_ids
+    from triptych.demo.train.text import tokenizer
+    from triptych.encoder.chunks import split_into_chunks
+    from triptych.encoder.prompt_syntax import Fragment
+    from triptych.encoder.textual_inversion import Embedding
+
+    tok = tokenizer(tmp_path)
+    mix = CaptionMix(partial=0.5, empty=0.0, omit_shape=0.0)
+    captions = [e.caption for e in batch(0, 0, 12, mix, shapes=("crescent",), noun=TOKEN)]
+    assert all(TOKEN in c for c in captions)
+    captions.append(f"a {TOKEN}")  # the token first after the article, nothing after it
+    ids, places = placed_ids(tok, captions)
+    embedding = Embedding(TOKEN, {"text_encoder": torch.zeros(VECTORS, 64)})
+    for row, caption in enumerate(captions):
+        (chunk,) = split_into_chunks(tok, [Fragment(caption, 1.0)], [(embedding, 1.0)], "text_encoder").chunks
+        assert tuple(ids[row].tolist()) == chunk.input_ids, caption
+        assert [p for r, p, _ in places if r == row] == [p for p, _ in chunk.substitutions], caption

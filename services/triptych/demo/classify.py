@@ -2,14 +2,17 @@
 
 ``read(image)`` finds, in order:
 1. the background: the median colour of the border, then the nearest named colour;
-2. the shape colour: the median of the pixels farthest from the background (a shape's inside, not its blended
-   edge, which between red and yellow would read orange), then the nearest named colour other than the background;
-3. the shape's coverage: each pixel's position on the line from the background to the shape colour (0 = background,
-   1 = shape), kept where it is over one half and in a component of at least a tenth of the largest one (specks out);
-4. position and size from the coverage's bounding box (the generator places shapes by their box: ``render.py``):
-   the centre's third of the picture in each direction, and the longer side against the midpoint of the two extents;
+2. the shape colour: among the pixels that differ from the background, the named colour whose blend line from the
+   background passes nearest them (a blended edge between red and yellow lies on red's line, though it looks
+   orange), plus a quarter of its distance from the shape's inside (gray on white also lies on black's line);
+3. the shape's coverage: each pixel's position on the line from the background to the shape's inside colour
+   (0 = background, 1 = shape), kept where it is over one half and in a component of at least a tenth of the
+   largest one (specks out);
+4. position from the coverage's bounding box (the generator places shapes by their box: ``render.py``): the
+   centre's third of the picture in each direction;
 5. shape and style by template matching: the box cropped and stretched to 32×32, compared (soft IoU) with every
-   shape, filled and outlined, drawn by the generator itself at the same resolution and size.
+   shape, filled and outlined, drawn by the generator itself at the same resolution;
+6. size from the coverage's mass against that template's fill (blur keeps mass; a blurred star's box shrinks).
 
 Numpy, Pillow and scipy only: tests read generated images without loading a model.
 """

@@ -42,12 +42,12 @@ class Inversion(nn.Module):
         self.vectors = nn.Parameter(initial.clone())
 
 
-def placed_ids(frozen: FrozenParts, captions: list[str]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+def placed_ids(tok, captions: list[str]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """(n, 77) ids with ``VECTORS`` placeholders where ``TOKEN`` stands, and (row, position, vector index) of each.
 
-    The text around the token is tokenized piece by piece, as the encoder service tokenizes around an embedding.
+    The text around the token is tokenized piece by piece, as the encoder service tokenizes around an embedding
+    (``encoder/chunks.py``; a test compares the two).
     """
-    tok = frozen.tokenizer
     rows, places = [], []
     for row, caption in enumerate(captions):
         before, _, after = caption.partition(TOKEN)
@@ -56,7 +56,7 @@ def placed_ids(frozen: FrozenParts, captions: list[str]) -> tuple[torch.Tensor, 
         ids += [PLACEHOLDER_ID] * VECTORS + tok(after.strip(), add_special_tokens=False).input_ids
         ids = [*ids[:76], tok.eos_token_id]
         rows.append(ids + [tok.pad_token_id] * (77 - len(ids)))
-    return torch.tensor(rows, device=frozen.device), places
+    return torch.tensor(rows), places
 
 
 def train_inversion(
@@ -75,7 +75,8 @@ def train_inversion(
             settings.seed, step * settings.batch_size, settings.batch_size, MOON_MIX, shapes=("crescent",), noun=TOKEN
         )
         noisy = frozen.noisy_batch(examples, generator)
-        ids, places = placed_ids(frozen, [e.caption for e in examples])
+        ids, places = placed_ids(frozen.tokenizer, [e.caption for e in examples])
+        ids = ids.to(device)
 
         def place(module, inputs, output):
             output = output.clone()
