@@ -147,8 +147,8 @@ class ModelStore:
 
 
 _PICKLE = (
-    "a pickle file (.ckpt/.pt/.bin): Triptych reads only .safetensors, since loading a pickle can run code; "
-    "convert it to .safetensors where you trust it"
+    "a pickle file (.ckpt/.pt/.bin): models are read only from .safetensors, since loading a pickle can run code "
+    "(textual-inversion .pt embeddings excepted: torch.load(weights_only=True)); convert it where you trust it"
 )
 
 

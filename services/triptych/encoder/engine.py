@@ -29,7 +29,7 @@ from triptych.model_store import ModelInfo, ModelStore
 from triptych.rules.limits import Limits
 from triptych.runtime.codec import all_finite
 from triptych.runtime.components import ComponentCache, LoadedModel
-from triptych.runtime.lora import LoraAdapters
+from triptych.runtime.lora import LoraAdapters, resolve_lora
 from triptych.runtime.placement import CPU_FLOAT32, Placement
 from triptych.serving.errors import InvalidArgument
 
@@ -330,7 +330,7 @@ class TextEncoderEngine:
         """Everything a result depends on, files by identity (path, mtime, size) so a replaced file misses."""
         loras = []
         for i, (model_id, weight) in enumerate(job.loras):
-            path = self.store.resolve(model_id, f"loras[{i}].model").path
+            path = resolve_lora(self.store, model_id, f"loras[{i}].model")
             stat = path.stat()
             loras.append((model_id, weight, str(path), stat.st_mtime_ns, stat.st_size))
         return (

@@ -29,7 +29,7 @@ from peft.tuners.lora import LoraLayer
 
 from triptych.families import Family
 from triptych.model_store import ModelStore
-from triptych.serving.errors import InvalidArgument
+from triptych.serving.errors import InvalidArgument, ModelLoadFailed
 
 log = logging.getLogger("triptych")
 
@@ -40,6 +40,20 @@ def adapter_name(model_id: str, path: Path) -> str:
     stat = path.stat()
     digest = hashlib.sha1(f"{model_id}\0{stat.st_mtime_ns}\0{stat.st_size}".encode()).hexdigest()[:12]
     return re.sub(r"[^A-Za-z0-9_]", "_", model_id) + "_" + digest
+
+
+def resolve_lora(store: ModelStore, model_id: str, field: str) -> Path:
+    """The .safetensors file a LoRA id names. A file that does not read is INVALID_ARGUMENT on its field (it may be
+    damaged or in a format we do not read, docs/security.md), not the store's FAILED_PRECONDITION."""
+    try:
+        info = store.resolve(model_id, field)
+    except ModelLoadFailed as exc:
+        raise InvalidArgument.one(
+            field, f"cannot read LoRA {model_id!r}: the file is damaged or not a LoRA in a format diffusers reads"
+        ) from exc
+    if info.kind != "file" or info.path.suffix != ".safetensors":
+        raise InvalidArgument.one(field, f"{model_id!r} is not a .safetensors LoRA file ({info.what})")
+    return info.path
 
 
 class LoraAdapters:
@@ -74,10 +88,8 @@ class LoraAdapters:
         """(adapter name, file path, weight, field) per requested LoRA, each resolved in the model store."""
         wanted = []
         for i, (model_id, weight) in enumerate(loras):
-            info = self.store.resolve(model_id, f"{field}[{i}].model")
-            if info.kind != "file" or info.path.suffix != ".safetensors":
-                raise InvalidArgument.one(f"{field}[{i}].model", f"{model_id!r} is not a .safetensors LoRA file")
-            wanted.append((adapter_name(model_id, info.path), info.path, weight, f"{field}[{i}].model"))
+            path = resolve_lora(self.store, model_id, f"{field}[{i}].model")
+            wanted.append((adapter_name(model_id, path), path, weight, f"{field}[{i}].model"))
         return wanted
 
     def _inject(self, family: Family, targets, name: str, path, field_name: str) -> list[bool]:
