@@ -10,6 +10,11 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Idle OpenMP threads sleep instead of spinning, here and in every process the tests start (they inherit this): the
+# test process and the services share two cores, and threads spinning in one starved the others (a tiny 64x64
+# pipeline call took 4 to 11 s instead of 0.1 to 0.7 s while the cores were busy). Results do not change: the
+# threads and how work is split among them stay the same.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
