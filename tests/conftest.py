@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # pipeline call took 4 to 11 s instead of 0.1 to 0.7 s while the cores were busy). Results do not change: the
 # threads and how work is split among them stay the same.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+TINY_BASE_MODELS = "flux-dev=tiny/flux,sd3=tiny/sd3,flux-schnell=tiny/missing-schnell"
 
 
 @pytest.fixture(scope="session")
@@ -30,10 +31,11 @@ def model_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def services(model_root):
     """`triptych serve --port 0` exactly as a user starts it: four OS processes on loopback (a Served: the
-    address and pid of each role)."""
+    address and pid of each role), with one setting: the tiny folders are the bases of SD3/FLUX transformer files
+    (tests/e2e/test_transformer_files.py; flux-schnell's base is absent on purpose)."""
     from tests.e2e.processes import serving
 
-    with serving(None, model_root) as served:
+    with serving(None, model_root, env={"TRIPTYCH_BASE_MODELS": TINY_BASE_MODELS}) as served:
         yield served
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 from safetensors import safe_open
 
+from triptych import transformer_files
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("first_stage_model.", "vae.")  # diffusers' LDM_VAE_KEYS
 CONFIGS_METADATA_KEY = "triptych.configs"
@@ -60,22 +62,39 @@ class Unservable(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A single-file pipeline checkpoint: its file, architecture and key layout, and its configs (a JSON string
-    from the file's metadata, or None for the real architecture's)."""
+    """A single file served as a pipeline (or a VAE): its file, architecture and key layout, and its configs (a
+    JSON string from the file's metadata, or None for the real architecture's). An SD3/FLUX transformer file
+    (`transformer` set) holds the transformer and perhaps a VAE; its other parts are its base folder's."""
 
     path: Path
-    # "sd15", "sd21", "sdxl", "sdxl-refiner", "embedded" (configs from the file), or "vae" (a standalone VAE file)
+    # "sd15", "sd21", "sdxl", "sdxl-refiner", "embedded" (configs from the file), "vae" (a standalone VAE file), or
+    # a transformer file's diffusers model type ("flux-dev", "flux-schnell", "sd3", "sd35_medium", "sd35_large")
     architecture: str
-    layout: str  # "sd1", "sd2", "sdxl", "sdxl-refiner": where the text encoders' tensors are ("" for a VAE file)
+    # where the text encoders' tensors are: "sd1", "sd2", "sdxl", "sdxl-refiner"; "" for a VAE or transformer file
+    layout: str
     embedded_configs: str | None = None
-    vae_prefix: str = VAE_PREFIXES[0]
+    vae_prefix: str | None = VAE_PREFIXES[0]  # None: the file has no VAE
+    transformer: transformer_files.TransformerFile | None = None
+    base: str = ""  # the store id of the folder a transformer file's other parts come from
+
+    def holds(self, component: str) -> bool:
+        """Whether the file has this component's tensors (else they are the folder's at ModelInfo.path)."""
+        if self.transformer is not None:
+            return component == "transformer" or (component == "vae" and self.vae_prefix is not None)
+        if self.architecture == "vae":
+            return component == "vae"
+        return component in ("unet", "vae", *TEXT_ENCODER_PREFIXES[self.layout])
 
     def prefix(self, component: str) -> tuple[str, str]:
-        """(key prefix, layout) of a component's tensors in the file: layout "unet", "vae", "clip", "open_clip"."""
+        """(key prefix, layout) of a component's tensors in the file: layout "unet", "vae", "clip", "open_clip",
+        or a transformer's "flux" / "sd3" (original names) or "diffusers"."""
         if component == "unet":
             return UNET_PREFIX, "unet"
         if component == "vae":
-            return self.vae_prefix, "vae"
+            return self.vae_prefix or "", "vae"
+        if component == "transformer" and self.transformer is not None:
+            naming = self.transformer.naming
+            return self.transformer.prefix, self.transformer.family if naming == "original" else "diffusers"
         return TEXT_ENCODER_PREFIXES[self.layout][component]
 
 
@@ -123,6 +142,17 @@ def layout_of(model_index: dict, text_config: dict | None) -> str:
         raise Unservable(f"its configs name a {name}; single files are served for SD1.x, SD2.x and SDXL")
     # SD2's OpenCLIP encoder uses gelu; OpenAI's CLIP (SD1.x) quick_gelu.
     return "sd2" if (text_config or {}).get("hidden_act") == "gelu" else "sd1"
+
+
+def transformer_file(path: Path, header: _Header) -> Checkpoint | None:
+    """An SD3/FLUX transformer file (transformer_files.py), else None; Unservable for one we do not serve."""
+    try:
+        found = transformer_files.detect(header.shapes)
+    except ValueError as exc:
+        raise Unservable(str(exc)) from exc
+    if found is None:
+        return None
+    return Checkpoint(path, found.architecture, "", vae_prefix=found.vae_prefix, transformer=found)
 
 
 def is_pipeline_checkpoint(header: _Header) -> bool:
@@ -245,9 +275,10 @@ def _write_embedded(configs: dict, out: Path) -> None:
 # ---- loading one component's tensors ----
 
 
-def _read(path: Path, prefixes: tuple[str, ...]) -> dict[str, Any]:
+def _read(path: Path, prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     with safe_open(str(path), "pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefixes)}  # noqa: SIM118
+        keys = [key for key in handle.keys() if key.startswith(prefixes) and not key.startswith(exclude)]  # noqa: SIM118
+        return {key: handle.get_tensor(key) for key in keys}
 
 
 def load_component(model_class, config_folder: Path, weights: Path, prefix: str, layout: str):
@@ -257,7 +288,8 @@ def load_component(model_class, config_folder: Path, weights: Path, prefix: str,
     import torch
 
     model = empty_component(model_class, config_folder)
-    state = to_diffusers(model, _read(weights, (prefix,)), prefix, layout)
+    others = (*VAE_PREFIXES, "text_encoders.", "cond_stage_model.", "conditioner.") if not prefix else ()
+    state = to_diffusers(model, _read(weights, (prefix,), others), prefix, layout)
     state = {key: tensor.to(torch.float32) for key, tensor in state.items()}
     model.load_state_dict(state, strict=False, assign=True)  # (to_diffusers checked that the names are all there)
     return model.eval()
@@ -284,6 +316,15 @@ def to_diffusers(model, tensors: dict, prefix: str, layout: str) -> dict:
         state = {key.removeprefix(prefix): tensor for key, tensor in tensors.items()}  # a VAE file in diffusers names
     elif layout == "vae":
         state = sf.convert_ldm_vae_checkpoint(tensors, dict(model.config))
+    elif layout == "flux":
+        named = {key.removeprefix(prefix): tensor for key, tensor in tensors.items()}
+        state = transformer_files.flux_to_diffusers(named, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    elif layout == "sd3":
+        state = sf.convert_sd3_transformer_checkpoint_to_diffusers(
+            {key.removeprefix(prefix): tensor for key, tensor in tensors.items()}
+        )
+    elif layout == "diffusers":
+        state = {key.removeprefix(prefix): tensor for key, tensor in tensors.items()}
     elif layout == "clip":
         state = sf.convert_ldm_clip_checkpoint(tensors, remove_prefix=prefix)
     else:
@@ -306,8 +347,8 @@ def to_diffusers(model, tensors: dict, prefix: str, layout: str) -> dict:
 
 def load(model_class, info, component: str):
     """A model's component, in eval mode: from its diffusers folder (safetensors only), or from the single file the
-    model is (`info.weights`)."""
-    if info.weights is None:
+    model is (`info.weights`) where that file holds it."""
+    if info.weights is None or not info.weights.holds(component):
         return model_class.from_pretrained(info.path / component, use_safetensors=True).eval()
     prefix, layout = info.weights.prefix(component)
     return load_component(model_class, info.path / component, info.weights.path, prefix, layout)

@@ -63,10 +63,10 @@ def parts(info: ModelInfo) -> list[Part]:
             if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
                 continue
             folder = info.path / name
-            if info.weights is not None:  # a single file: each component's tensors under its prefix
-                has_tensors = entry[0] in ("diffusers", "transformers") and not name.startswith(("tok", "sch"))
-                prefix = info.weights.prefix(name)[0] if has_tensors else None
-                count, dtypes, disk = _tensors([info.weights.path], prefix) if prefix else (0, set(), 0)
+            if info.weights is not None and info.weights.holds(name):  # in the file, under its prefix
+                count, dtypes, disk = _tensors([info.weights.path], info.weights.prefix(name)[0])
+            elif info.weights is not None and info.weights.transformer is None:  # a checkpoint's configs
+                count, dtypes, disk = 0, set(), 0
             else:
                 count, dtypes, _ = _tensors(sorted(folder.glob("*.safetensors"))) if folder.is_dir() else (0, set(), 0)
                 disk = _size(folder) if folder.exists() else 0

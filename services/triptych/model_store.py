@@ -4,7 +4,9 @@ Ids are paths relative to the root ("tiny/sd15", "tiny/lora-sd15-kohya" for tiny
 or Runware/AIR-style "source:id@version", which maps to <root>/<source>/<id>/<version>(.safetensors). Nothing is
 fetched from a network, and an id that resolves outside the root (.., absolute paths, symlinks out) is refused.
 A single-file checkpoint (checkpoint.py) is a pipeline like a folder: its `path` is the folder of configs it is
-served with, its `weights` the file.
+served with, its `weights` the file. An SD3/FLUX transformer file (transformer_files.py) is a pipeline too: its
+`path` is its base, the diffusers folder of the same architecture in the store (`base_models`), which gives the
+text encoders, tokenizers, scheduler, configs and (unless the file has its own) the VAE.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import functools
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safetensors import SafetensorError
 
-from triptych import checkpoint, families
+from triptych import checkpoint, families, transformer_files
 from triptych.checkpoint import Checkpoint
 from triptych.families import Family
 from triptych.serving.errors import InvalidArgument, ModelLoadFailed, NotFound
@@ -33,7 +35,9 @@ class ModelInfo:
 
     model_id: str
     path: Path
-    kind: str  # "pipeline", "vae", "controlnet", "unet", "component", "checkpoint" (one we cannot serve), "file"
+    # "pipeline", "vae", "controlnet", "unet", "component", "checkpoint" (one we cannot serve), "file", or
+    # "transformer" (an SD3/FLUX transformer file before its base is found: ModelStore never returns it)
+    kind: str
     family: Family | None  # for a pipeline of a family we serve, else None
     index: dict  # model_index.json (pipelines) or config.json (single components); {} for files
     weights: Checkpoint | None = None  # the single file whose tensors the components are (None: a folder's own)
@@ -62,8 +66,10 @@ class ModelInfo:
 class ModelStore:
     """Resolves model ids to folders/files under one root."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, base_models: dict[str, str] | None = None):
         self.root = Path(root).resolve()
+        # architecture -> store id of the folder its transformer files are served with (transformer_files.py)
+        self.base_models = {**transformer_files.DEFAULT_BASES, **(base_models or {})}
 
     def path_for(self, model_id: str, field: str) -> Path:
         """Maps an id to a path inside the root (without checking it exists); INVALID_ARGUMENT if it escapes."""
@@ -89,13 +95,56 @@ class ModelStore:
             if not real.is_relative_to(self.root):
                 raise InvalidArgument.one(field, f"{model_id!r} resolves outside the model store")
             try:
-                return _describe(model_id, real)
+                info = _describe(model_id, real)
             except (OSError, ValueError, SafetensorError) as exc:  # a config that does not parse, a truncated file
                 raise ModelLoadFailed(model_id, exc) from exc
+            return self._with_base(info, field) if info.kind == "transformer" else info
         for suffix in checkpoint.PICKLE_SUFFIXES:
             if candidate.with_name(candidate.name + suffix).is_file():
                 raise InvalidArgument.one(field, f"{model_id!r} is {_PICKLE}")
         raise NotFound(field, f"model {model_id!r} is not in the model store")  # never the server's path
+
+    def _with_base(self, info: ModelInfo, field: str) -> ModelInfo:
+        """A transformer file served with its base folder; NOT_FOUND naming the base when the store lacks it, and
+        a "checkpoint" we cannot serve when the base is no folder of the file's family or of another structure."""
+        file = info.weights
+        base_id = self.base_models.get(file.architecture, "")
+        what = f"{_article(file.architecture)} {file.architecture} transformer file"
+        if not base_id or base_id == info.model_id:
+            return replace(info, kind="checkpoint", note=f"{what}, and no base folder is set for {file.architecture}")
+        try:
+            base = self.resolve(base_id, field)
+        except NotFound as exc:
+            raise NotFound(
+                field,
+                f"model {info.model_id!r} is {what}, served with the text encoders and VAE of its base "
+                f"{base_id!r}, which is not in the model store (base_models names each architecture's base)",
+            ) from exc
+        family = transformer_files.FAMILY_OF[file.architecture]
+        if not base.is_text_to_image or base.weights is not None or base.family.name != family:
+            note = f"{what}; its base {base_id!r} is not a {family} diffusers folder (it is {base.what})"
+            return replace(info, kind="checkpoint", note=note)
+        config = json.loads((base.path / base.family.denoiser_folder / "config.json").read_text())
+        differs = transformer_files.mismatch(file.transformer, config)
+        if differs:
+            note = f"{what} of another structure than its base {base_id!r}: {differs}"
+            return replace(info, kind="checkpoint", note=note)
+        note = f"{what}, served with the text encoders and VAE of {base_id!r}"
+        if file.vae_prefix is not None:
+            note = f"{what} with its VAE, served with the text encoders of {base_id!r}"
+        if file.transformer.has_text_encoders:
+            note += " (the text encoders in the file are not read)"
+        return replace(base, model_id=info.model_id, weights=replace(file, base=base_id), note=note)
+
+    def _listed(self, info: ModelInfo) -> ModelInfo:
+        """`info` as a listing shows it: a transformer file with its base, or noted as not served without one."""
+        if info.kind != "transformer":
+            return info
+        try:
+            return self._with_base(info, "model")
+        except NotFound:
+            base = self.base_models.get(info.weights.architecture)
+            return replace(info, kind="checkpoint", note=f"{info.what}; its base {base!r} is not in the store")
 
     def place(self, file: Path, model_id: str, replace: bool = False) -> ModelInfo:
         """Copies a .safetensors file into the store under `model_id` (an AIR id names <source>/<id>/<version>),
@@ -123,7 +172,7 @@ class ModelStore:
         partial = target.with_name(f".{target.name}.partial")
         shutil.copyfile(file, partial)
         partial.replace(target)
-        return self.resolve(model_id, "id")
+        return self._listed(_describe(model_id, target.resolve()))
 
     def list(self) -> list[ModelInfo]:
         """Every model in the store, sorted by id."""
@@ -139,7 +188,7 @@ class ModelStore:
                 (p / "model_index.json").exists() or (p / "config.json").exists() for p in marker.parents
             ):
                 try:
-                    found.append(_describe(rel.with_suffix("").as_posix(), marker))
+                    found.append(self._listed(_describe(rel.with_suffix("").as_posix(), marker)))
                 except (OSError, ValueError, SafetensorError) as exc:
                     note = f"a damaged .safetensors file ({type(exc).__name__})"
                     found.append(ModelInfo(rel.with_suffix("").as_posix(), marker, "file", None, {}, note=note))
@@ -150,6 +199,10 @@ _PICKLE = (
     "a pickle file (.ckpt/.pt/.bin): models are read only from .safetensors, since loading a pickle can run code "
     "(textual-inversion .pt embeddings excepted: torch.load(weights_only=True)); convert it where you trust it"
 )
+
+
+def _article(word: str) -> str:
+    return "an" if word.startswith("sd") else "a"  # "an sd3", "a flux-dev"
 
 
 def _describe(model_id: str, path: Path) -> ModelInfo:
@@ -177,6 +230,13 @@ def _describe_file(model_id: str, path: Path, mtime_ns: int, size: int) -> Model
     if path.suffix != ".safetensors":
         return ModelInfo(model_id, path, "file", None, {})
     header = checkpoint.read_header(path)
+    try:
+        transformer = checkpoint.transformer_file(path, header)
+    except checkpoint.Unservable as exc:
+        return ModelInfo(model_id, path, "checkpoint", None, {}, note=f"a single file: {exc}")
+    if transformer is not None:
+        note = f"{_article(transformer.architecture)} {transformer.architecture} transformer file"
+        return ModelInfo(model_id, path, "transformer", None, {}, weights=transformer, note=note)
     if checkpoint.is_pipeline_checkpoint(header):
         try:
             found = checkpoint.detect(path, header)

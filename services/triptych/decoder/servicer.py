@@ -106,7 +106,7 @@ def build(settings: Settings) -> Service:
     cache = ComponentCache(settings.max_loaded_models)
     compute = ComputeThreads("decoder", settings.max_loaded_models)
     engine = DecoderEngine(
-        ModelStore(settings.model_root),
+        ModelStore(settings.model_root, settings.base_models),
         cache,
         compute,
         Placement.from_settings(settings),

@@ -217,7 +217,7 @@ class DenoiserServicer(denoiser_service_pb2_grpc.DenoiserServiceServicer):
 def build(settings: Settings) -> Service:
     """The denoiser role for the server bootstrap."""
     cache = ComponentCache(settings.max_loaded_models)
-    store = ModelStore(settings.model_root)
+    store = ModelStore(settings.model_root, settings.base_models)
     merged = settings.lora_mode == "merged" or (settings.lora_mode == "auto" and settings.compile)
     loras = (MergedLoras if merged else LoraAdapters)(store, settings.lora_cache_bytes)
     compute = ComputeThreads("denoiser", settings.max_loaded_models)

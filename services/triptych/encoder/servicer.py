@@ -93,7 +93,7 @@ class TextEncoderServicer(encoder_service_pb2_grpc.TextEncoderServiceServicer):
 def build(settings: Settings) -> Service:
     """The encoder role for the server bootstrap."""
     cache = ComponentCache(settings.max_loaded_models)
-    store = ModelStore(settings.model_root)
+    store = ModelStore(settings.model_root, settings.base_models)
     loras = LoraAdapters(store, settings.lora_cache_bytes)
     engine = TextEncoderEngine(
         store,

@@ -217,3 +217,34 @@ def export_checkpoint(folder: Path, out: Path, embed_configs: bool = False, dtyp
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(out), metadata=metadata)
     return out
+
+
+def export_transformer_file(
+    folder: Path,
+    out: Path,
+    naming: str = "original",
+    prefix: str = "",
+    vae_prefix: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Writes an SD3/FLUX pipeline folder's transformer as one .safetensors file `out`, as such fine-tunes are
+    shared: in the original key layout (`naming="original"`, transformer_files.to_original; BFL's FLUX files have no
+    prefix, ComfyUI's and Stability's `model.diffusion_model.`) or in diffusers' names; with the VAE in the LDM
+    layout under `vae_prefix` (Stability's SD3 files: `first_stage_model.`) or without one."""
+    from triptych.transformer_files import to_original
+
+    folder, out = Path(folder), Path(out)
+    family = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}[
+        json.loads((folder / "model_index.json").read_text())["_class_name"]
+    ]
+    weights = _weights(folder / "transformer")
+    converted = to_original(weights, family) if naming == "original" else weights
+    state = {prefix + key: tensor for key, tensor in converted.items()}
+    if vae_prefix is not None:
+        vae_config = json.loads((folder / "vae" / "config.json").read_text())
+        state.update({vae_prefix + k: v for k, v in vae_to_ldm(_weights(folder / "vae"), vae_config).items()})
+    if dtype is not None:
+        state = {key: tensor.to(dtype) for key, tensor in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(out), metadata={"format": "pt"})
+    return out

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from triptych.rules.limits import Limits
+from triptych.transformer_files import DEFAULT_BASES
 
 DEFAULT_PORTS = {"gateway": 50051, "encoder": 50061, "denoiser": 50062, "decoder": 50063}
 
@@ -188,6 +189,12 @@ class Settings(BaseSettings):
         description="models kept in memory per service (LRU); the denoiser keeps ControlNets in an LRU of their "
         "own, of at least limits.max_controlnets",
     )
+    base_models: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="the diffusers folder (store id) SD3/FLUX transformer files of each architecture are served with, "
+        'as "flux-dev=black-forest-labs/FLUX.1-dev,sd3=my/sd3-medium"; architectures: flux-dev, flux-schnell, sd3, '
+        "sd35_medium, sd35_large; unset ones default to the repo ids diffusers' from_single_file uses",
+    )
     preload_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="model ids, comma-separated, each backend loads and runs once before it serves (the denoiser "
@@ -238,6 +245,21 @@ class Settings(BaseSettings):
     gateway_address: str = Field(f"127.0.0.1:{DEFAULT_PORTS['gateway']}", description="`triptych generate` → gateway")
     limits: Limits = Field(default_factory=Limits)
     security: Security = Field(default_factory=Security)
+
+    @field_validator("base_models", mode="before")
+    @classmethod
+    def _split_bases(cls, value):
+        if not isinstance(value, str):
+            return value
+        bases = {}
+        for item in (part.strip() for part in value.split(",")):
+            architecture, sep, model_id = item.partition("=")
+            if item and (not sep or architecture.strip() not in DEFAULT_BASES or not model_id.strip()):
+                known = ", ".join(DEFAULT_BASES)
+                raise ValueError(f"{item!r}: want ARCHITECTURE=MODEL_ID, ARCHITECTURE one of {known}")
+            if item:
+                bases[architecture.strip()] = model_id.strip()
+        return bases
 
     @field_validator("preload_models", mode="before")
     @classmethod
