@@ -174,6 +174,7 @@ def _serve_all(args) -> int:
 _REQUEST_FLAGS = ("negative_prompt", "seed", "steps", "width", "height", "cfg_scale", "scheduler", "clip_skip")
 _REQUEST_FLAGS += ("number_results", "vae")
 _DEFAULT_MODEL = "tiny/sd15"
+_DEMO_MODEL = "demo/base"  # the demo family (#20): draws what the prompt says; installed by `models install-demo`
 _SUFFIXES = {"image/png": (".png",), "image/jpeg": (".jpg", ".jpeg"), "image/webp": (".webp",)}
 
 
@@ -184,6 +185,12 @@ def _output_path(base: Path, task_index: int, tasks: int, image_index: int, mime
     suffixes = _SUFFIXES.get(mime_type, (base.suffix,))
     suffix = base.suffix if base.suffix.lower() in suffixes else suffixes[0]
     return base.with_name(f"{base.stem}{'-' if parts else ''}{'-'.join(parts)}{suffix}")
+
+
+def default_model(model_root: Path) -> str:
+    """The model `generate` asks for without --model: demo/base when the local store (the one `triptych serve`
+    serves on this host) holds it, else tiny/sd15."""
+    return _DEMO_MODEL if (Path(model_root) / _DEMO_MODEL / "model_index.json").is_file() else _DEFAULT_MODEL
 
 
 def cmd_generate(args) -> int:
@@ -197,7 +204,7 @@ def cmd_generate(args) -> int:
     from triptych.v1 import image_service_pb2
 
     flags = [f"--{name.replace('_', '-')}" for name in _REQUEST_FLAGS if getattr(args, name) is not None]
-    flags += ["--model"] if args.model != _DEFAULT_MODEL else []
+    flags += ["--model"] if args.model is not None else []
     if args.request and (args.prompt or flags):
         given = ", ".join(["a prompt"] * bool(args.prompt) + flags)
         print(f"--request takes the whole request from its file; drop {given} or put it in the file", file=sys.stderr)
@@ -219,7 +226,8 @@ def cmd_generate(args) -> int:
             if not args.prompt:
                 print("give a prompt or --request FILE", file=sys.stderr)
                 return 2
-            request = image_service_pb2.GenerateRequest(positive_prompt=args.prompt, model=args.model)
+            model = args.model or default_model(settings.model_root)
+            request = image_service_pb2.GenerateRequest(positive_prompt=args.prompt, model=model)
             for name in ("seed", "steps", "width", "height", "cfg_scale", "clip_skip", "number_results"):
                 if getattr(args, name) is not None:
                     try:
@@ -310,13 +318,23 @@ def _client_security(args) -> dict:
 def cmd_models(args) -> int:
     from triptych.model_store import ModelStore
 
-    settings = _settings(args)
-    root = Path(args.root or settings.model_root)
+    root = Path(args.root or _settings(args).model_root)
     if args.action == "build-tiny":
         from triptych.model_builders.tiny import build_tiny_family
 
         for model_id in build_tiny_family(root):
             print(f"built {model_id}")
+        return 0
+    if args.action == "install-demo":
+        from triptych.demo.assets import AssetsError, default_source, install
+
+        try:
+            installed = install(Path(args.source) if args.source else default_source(), root)
+        except AssetsError as exc:
+            print(f"triptych: {exc}", file=sys.stderr)
+            return 1
+        for model_id in installed:
+            print(f"installed {model_id}")
         return 0
     if args.action == "build-full-size":
         from triptych.model_builders.full_size import ARCHITECTURES, build_full_size
@@ -336,7 +354,7 @@ def cmd_models(args) -> int:
             print("triptych: models import FILE --id ID (e.g. --id civitai:4384@128713)", file=sys.stderr)
             return 2
         try:
-            info = ModelStore(root, settings.base_models).place(Path(args.name), args.id, replace=args.replace)
+            info = ModelStore(root).place(Path(args.name), args.id, replace=args.replace)
         except TriptychError as exc:
             print(f"triptych: {exc}", file=sys.stderr)
             return 1
@@ -352,12 +370,12 @@ def cmd_models(args) -> int:
             )
             return 2
         try:
-            print(describe(ModelStore(root, settings.base_models).resolve(args.name, "model")))
+            print(describe(ModelStore(root).resolve(args.name, "model")))
         except TriptychError as exc:
             print(f"triptych: {exc}", file=sys.stderr)
             return 1
         return 0
-    for info in ModelStore(root, settings.base_models).list():
+    for info in ModelStore(root).list():
         where = info.weights.path if info.weights is not None else info.path  # a checkpoint: its file
         print(
             f"{info.model_id:40s} {info.kind:10s} {info.family_name:12s} {where}"
@@ -386,7 +404,7 @@ def parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images through a gateway")
     gen.add_argument("prompt", nargs="?")
     gen.add_argument("--request", help="Runware imageInference task JSON file (object or array)")
-    gen.add_argument("--model", default=_DEFAULT_MODEL)
+    gen.add_argument("--model", help=f"model id (default: {_DEMO_MODEL} when the store has it, else {_DEFAULT_MODEL})")
     gen.add_argument("--negative-prompt")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--steps", type=int)
@@ -410,7 +428,8 @@ def parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     models = sub.add_parser("models", help="list, inspect, import or build models in the store")
-    models.add_argument("action", choices=("list", "inspect", "import", "build-tiny", "build-full-size"))
+    actions = ("list", "inspect", "import", "build-tiny", "install-demo", "build-full-size")
+    models.add_argument("action", choices=actions)
     models.add_argument(
         "name",
         nargs="?",
@@ -419,6 +438,9 @@ def parser() -> argparse.ArgumentParser:
     )
     models.add_argument("--id", help="import: the id to place the file under, e.g. civitai:4384@128713 or my/model")
     models.add_argument("--replace", action="store_true", help="import: replace a model already under that id")
+    models.add_argument(
+        "--from", dest="source", help="install-demo: the demo family's folder (default: the checkout's assets/demo)"
+    )
     models.add_argument("--root", help="model store (default $TRIPTYCH_MODEL_ROOT or ./models)")
     models.set_defaults(func=cmd_models)
     return top

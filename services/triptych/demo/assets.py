@@ -1,0 +1,189 @@
+"""The demo family's committed weights, ``assets/demo/`` in the repository, and their way into a model store.
+
+``assets/demo`` is laid out as the store's ``demo/`` folder (``base/``, ``controlnet-mask/``,
+``lora-outline.safetensors``, ``ti-moon.safetensors``) plus ``manifest.json``: every file's size and sha256, written
+by ``pack``. The manifest is the marker that the family is committed: ``install`` (``triptych models install-demo``)
+and the tests refuse a folder whose files differ from it (a truncated copy, a Git LFS pointer, a file left out of a
+commit) instead of serving or skipping it. No torch here except in ``pack``: installing is copying files.
+
+``python -m triptych.demo.assets pack --work .cache/demo-train`` assembles the trained stages into ``assets/demo``;
+``python -m triptych.demo.assets verify`` checks a folder against its manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+FAMILY = "demo"  # the store folder the family lives in: demo/base, demo/controlnet-mask, ...
+MANIFEST = "manifest.json"
+MAX_BYTES = 25 * 10**6  # issue #20: the whole family in at most 25 MB
+BASE = "base"  # the one part an install cannot do without
+FILE_MODE, DIR_MODE = 0o644, 0o755  # model files are read by service processes that may run as another user
+
+
+class AssetsError(Exception):
+    """The demo assets are absent or do not match their manifest; the message says what to do."""
+
+
+def default_source() -> Path:
+    """``assets/demo`` of the source checkout this package runs from (``scripts/setup`` installs it editable)."""
+    return Path(__file__).resolve().parents[3] / "assets" / FAMILY
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` but the manifest, as sorted relative paths."""
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> dict:
+    """Writes ``folder/manifest.json`` (each file's bytes and sha256, and their total) and returns it."""
+    folder = Path(folder)
+    files = {
+        path.as_posix(): {"bytes": (folder / path).stat().st_size, "sha256": _sha256(folder / path)}
+        for path in _files(folder)
+    }
+    manifest = {"total_bytes": sum(f["bytes"] for f in files.values()), "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest
+
+
+def problems(folder: Path) -> list[str]:
+    """What is wrong with ``folder`` as committed demo assets (empty: nothing): no manifest, a file missing, extra,
+    of another size or digest, no base, over the size budget."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return [f"{folder / MANIFEST} is missing: write it with `python -m triptych.demo.assets pack`"]
+    try:
+        listed = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return [f"{folder / MANIFEST} does not read as a manifest ({exc!r})"]
+    found = {path.as_posix() for path in _files(folder)}
+    issues = [f"{name}: listed in {MANIFEST} but missing" for name in sorted(set(listed) - found)]
+    issues += [f"{name}: present but not in {MANIFEST}" for name in sorted(found - set(listed))]
+    for name in sorted(set(listed) & found):
+        path, expected = folder / name, listed[name]
+        if path.stat().st_size != expected["bytes"]:
+            issues.append(f"{name}: {path.stat().st_size} bytes, {MANIFEST} says {expected['bytes']}")
+        elif _sha256(path) != expected["sha256"]:
+            issues.append(f"{name}: sha256 differs from {MANIFEST}")
+    if not any(name.startswith(f"{BASE}/") for name in listed):
+        issues.append(f"{MANIFEST} lists no {BASE}/ folder: the family needs demo/{BASE}")
+    total = sum(entry["bytes"] for entry in listed.values())
+    if total > MAX_BYTES:
+        issues.append(f"the family is {total / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget (issue #20)")
+    return issues
+
+
+def model_ids(folder: Path) -> list[str]:
+    """The store ids the assets in ``folder`` install as: demo/base, demo/controlnet-mask, demo/lora-outline, ..."""
+    entries = sorted(p for p in Path(folder).iterdir() if p.name != MANIFEST)
+    return [f"{FAMILY}/{p.name.removesuffix('.safetensors')}" for p in entries]
+
+
+def install(source: Path, root: Path) -> list[str]:
+    """Copies the assets in ``source`` into the store ``root`` as ``demo/...`` (each part replacing an older copy;
+    other models under ``demo/`` are left alone), files 0644 and folders 0755; returns the installed ids.
+    AssetsError if ``source`` is absent or differs from its manifest."""
+    source, root = Path(source), Path(root)
+    if not source.is_dir():
+        raise AssetsError(
+            f"no demo family at {source}: its trained weights are committed there once trained (docs/demo-model.md, "
+            "'Committed weights'); a store without it serves the tiny family (`triptych models build-tiny`)"
+        )
+    issues = problems(source)
+    if issues:
+        raise AssetsError(f"the demo family at {source} is not usable:\n  " + "\n  ".join(issues))
+    target = root / FAMILY
+    target.mkdir(parents=True, exist_ok=True)
+    # Stage the copy beside its target, then swap each part in: a failed copy never leaves a half-written model.
+    with tempfile.TemporaryDirectory(prefix=".install-", dir=target) as staging:
+        staged = Path(staging)
+        for entry in source.iterdir():
+            if entry.name == MANIFEST:
+                continue
+            copy = staged / entry.name
+            if entry.is_dir():
+                shutil.copytree(entry, copy)
+            else:
+                shutil.copyfile(entry, copy)
+        for path in [staged, *staged.rglob("*")]:
+            os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
+        for copy in sorted(staged.iterdir()):
+            old = target / copy.name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
+            copy.rename(old)
+    return model_ids(source)
+
+
+def pack(work: Path, out: Path, dtype: str = "float16") -> dict:
+    """Assembles the trained stages in ``work`` (``demo/train/assemble.py``) into ``out`` (replacing what is there)
+    with its manifest; AssetsError, leaving ``out`` as it was, when the result breaks the budget or lacks a part."""
+    from .train.assemble import assemble
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".pack-", dir=out.parent) as staging:
+        assemble(Path(work), Path(staging), dtype=dtype)
+        built = Path(staging) / FAMILY
+        for path in [built, *built.rglob("*")]:
+            os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
+        manifest = write_manifest(built)
+        issues = problems(built)
+        wanted = {f"{FAMILY}/{BASE}", f"{FAMILY}/controlnet-mask", f"{FAMILY}/lora-outline", f"{FAMILY}/ti-moon"}
+        issues += [
+            f"{part} was not assembled: is its stage trained?" for part in sorted(wanted - set(model_ids(built)))
+        ]
+        if issues:
+            raise AssetsError(f"not packed into {out}:\n  " + "\n  ".join(issues))
+        if out.exists():
+            shutil.rmtree(out)
+        built.rename(out)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m triptych.demo.assets", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    pack_parser = sub.add_parser("pack", help="assemble the trained stages into the assets folder, with its manifest")
+    pack_parser.add_argument("--work", type=Path, default=Path(".cache/demo-train"), help="the training's WORK folder")
+    pack_parser.add_argument("--out", type=Path, default=default_source(), help="default: the checkout's assets/demo")
+    pack_parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    verify_parser = sub.add_parser("verify", help="check an assets folder against its manifest")
+    verify_parser.add_argument("folder", type=Path, nargs="?", default=default_source())
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "pack":
+            manifest = pack(args.work, args.out, args.dtype)
+            print(f"packed {', '.join(model_ids(args.out))} into {args.out} ({manifest['total_bytes'] / 1e6:.1f} MB)")
+            return 0
+        issues = problems(args.folder) if args.folder.is_dir() else [f"{args.folder} does not exist"]
+    except AssetsError as exc:
+        print(f"triptych.demo.assets: {exc}", file=sys.stderr)
+        return 1
+    for issue in issues:
+        print(f"{args.folder}: {issue}", file=sys.stderr)
+    if not issues:
+        print(f"{args.folder}: matches its manifest ({', '.join(model_ids(args.folder))})")
+    return 1 if issues else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
