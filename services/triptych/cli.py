@@ -318,7 +318,8 @@ def _client_security(args) -> dict:
 def cmd_models(args) -> int:
     from triptych.model_store import ModelStore
 
-    root = Path(args.root or _settings(args).model_root)
+    settings = _settings(args)
+    root = Path(args.root or settings.model_root)
     if args.action == "build-tiny":
         from triptych.model_builders.tiny import build_tiny_family
 
@@ -354,7 +355,7 @@ def cmd_models(args) -> int:
             print("triptych: models import FILE --id ID (e.g. --id civitai:4384@128713)", file=sys.stderr)
             return 2
         try:
-            info = ModelStore(root).place(Path(args.name), args.id, replace=args.replace)
+            info = ModelStore(root, settings.base_models).place(Path(args.name), args.id, replace=args.replace)
         except TriptychError as exc:
             print(f"triptych: {exc}", file=sys.stderr)
             return 1
@@ -370,12 +371,12 @@ def cmd_models(args) -> int:
             )
             return 2
         try:
-            print(describe(ModelStore(root).resolve(args.name, "model")))
+            print(describe(ModelStore(root, settings.base_models).resolve(args.name, "model")))
         except TriptychError as exc:
             print(f"triptych: {exc}", file=sys.stderr)
             return 1
         return 0
-    for info in ModelStore(root).list():
+    for info in ModelStore(root, settings.base_models).list():
         where = info.weights.path if info.weights is not None else info.path  # a checkpoint: its file
         print(
             f"{info.model_id:40s} {info.kind:10s} {info.family_name:12s} {where}"
