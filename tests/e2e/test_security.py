@@ -154,7 +154,8 @@ def test_cli_generates_over_mtls_with_a_token(secure, pki, tmp_path):
     (tmp_path / "token").write_text(CALLER_TOKEN)
     out = tmp_path / "fox.png"
     done = _run_cli(
-        "generate", "a red fox", "--steps", "2", "--seed", "7", "-o", str(out), "--address", secure["gateway"],
+        "generate", "a red fox", "--model", "tiny/sd15", "--steps", "2", "--seed", "7", "-o", str(out),
+        "--address", secure["gateway"],
         "--tls-ca-file", str(pki.ca), "--tls-client-cert-file", str(pki.client_cert),
         "--tls-client-key-file", str(pki.client_key), "--auth-token-file", str(tmp_path / "token"),
         env=isolated_env(TRIPTYCH_CLIENT_AUTH_TOKEN="not-a-token"),  # the flag's file wins over the environment
