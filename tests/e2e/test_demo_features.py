@@ -28,7 +28,7 @@ def png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def test_controlnet_draws_the_shape_inside_the_guide_mask(client, demo_root):
+def test_controlnet_draws_the_shape_inside_the_guide_mask(demo_root, client):
     # The captions leave out where and how large: only the guide mask says it.
     scenes = held_out(COUNT)
     guides = [guide_mask(scene) for scene in scenes]
@@ -49,7 +49,7 @@ def test_controlnet_draws_the_shape_inside_the_guide_mask(client, demo_root):
     assert inside > 0.5, f"IoU with the guide mask >= 0.5 in {inside:.0%} of pictures (must be most); IoU {figures}"
 
 
-def test_lora_at_weight_one_draws_outlines_and_at_zero_filled_shapes(client, demo_root):
+def test_lora_at_weight_one_draws_outlines_and_at_zero_filled_shapes(demo_root, client):
     scenes = held_out(COUNT)
     styles = {}
     for weight in (1.0, 0.0):
@@ -62,7 +62,7 @@ def test_lora_at_weight_one_draws_outlines_and_at_zero_filled_shapes(client, dem
     )
 
 
-def test_textual_inversion_word_draws_crescents(client, demo_root):
+def test_textual_inversion_word_draws_crescents(demo_root, client):
     # The held-out scenes with a crescent: named by the embedding's token, and by "shape" (the base's only way to
     # draw one; its rate is what the word must beat).
     scenes = [dataclasses.replace(scene, shape="crescent") for scene in held_out(COUNT)]
@@ -81,7 +81,7 @@ def test_textual_inversion_word_draws_crescents(client, demo_root):
     )
 
 
-def test_negative_prompt_naming_a_colour_lowers_its_share(client, demo_root):
+def test_negative_prompt_naming_a_colour_lowers_its_share(demo_root, client):
     scenes = held_out(COUNT)
     plain = generate(client, captions(scenes))
     negated = generate(

@@ -14,7 +14,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=["default", "dpm-negative"])
-def test_demo_chain_equals_diffusers(client, oracle, demo_root, case):
+def test_demo_chain_equals_diffusers(demo_root, client, oracle, case):
     request = dict(model="demo/base", width=64, height=64, **dict(zip(FIELDS, case, strict=True)))
     chained = oracle.compare(client, request)
     assert (chained.image.image.width, chained.image.image.height) == (64, 64)

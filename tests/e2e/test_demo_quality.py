@@ -9,7 +9,7 @@ import pytest
 from tests.e2e.demo_pictures import BARS, assert_bars, captions, generate, held_out
 
 
-def test_held_out_captions_meet_the_bars(client, demo_root):
+def test_held_out_captions_meet_the_bars(demo_root, client):
     scenes = held_out()
     pictures = generate(client, captions(scenes))
     assert {p.shape for p in pictures} == {(64, 64, 3)}, "demo/base's default size is 64x64 (unet.sample_size x 8)"
@@ -28,7 +28,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_variant_still_draws_the_asked_shape(client, demo_root, variant):
+def test_variant_still_draws_the_asked_shape(demo_root, client, variant):
     scenes = held_out(36)
     pictures = generate(client, captions(scenes, **VARIANTS[variant]))
     assert_bars(variant, scenes, pictures, {"shape": BARS["shape"]})
