@@ -8,6 +8,7 @@ bad ranges get clear errors.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -29,6 +30,17 @@ REQUEST = dict(model="tiny/sdxl", width=64, height=64, steps=3, seed=5)
 
 def regions_on_host() -> set[str]:
     return {name for name in os.listdir(shm.SHM_DIR) if name.startswith("triptych-")}
+
+
+def regions_held_by(pid: int) -> set[str]:
+    """The shared-memory objects process `pid` has open (its file descriptors into /dev/shm)."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith(shm.SHM_DIR + "/triptych-"):
+                held.add(target.removeprefix(shm.SHM_DIR + "/"))
+    return held
 
 
 @pytest.fixture(scope="module")
@@ -77,20 +89,22 @@ def test_a_backend_without_shared_memory_costs_one_retry_then_bytes(services, mo
     """A denoiser that refuses shared memory: the gateway sends that call again in bytes, then stops offering it.
     Its pooled regions are removed when it stops."""
     addresses = services.addresses
-    before = regions_on_host()
     with serve_role("denoiser", model_root, {"TRIPTYCH_SHARED_MEMORY": "0"}) as (_, denoiser):
         backends = (
             f"--encoder-address={addresses['encoder']}",
             f"--denoiser-address={denoiser}",
             f"--decoder-address={addresses['decoder']}",
         )
-        with serve_role("gateway", model_root, args=backends) as (_, address), ImageClient(address) as gateway:
+        with serve_role("gateway", model_root, args=backends) as (process, address), ImageClient(address) as gateway:
             expected = client.generate(tiny_generate(**REQUEST))[0].image.data
             assert gateway.generate(tiny_generate(**REQUEST))[0].image.data == expected
             assert runtime_info(address).counters["shared_memory_refused"] == 1
             assert gateway.generate(tiny_generate(**REQUEST))[0].image.data == expected
             assert runtime_info(address).counters["shared_memory_refused"] == 1, "it stopped offering shared memory"
-    assert regions_on_host() <= before
+            held = regions_held_by(process.pid)
+    assert held, "the gateway pooled regions for the encoder, which takes shared memory"
+    # Only this gateway's own regions: other gateways on the host (another test run) may hold theirs.
+    assert not held & regions_on_host()
 
 
 def test_encode_into_a_range_matches_the_bytes_answer(stubs, region):
