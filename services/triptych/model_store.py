@@ -52,6 +52,13 @@ class ModelInfo:
         """A flag registered in model_index.json, e.g. force_zeros_for_empty_prompt."""
         return self.index.get(name, default)
 
+    def cache_id(self, component: str) -> str:
+        """The id a loaded component is cached (and held) under: a transformer file's text encoders and, unless it
+        has its own, VAE are its base's, so a fine-tune and its base share one copy of them."""
+        if self.weights is not None and self.weights.base and not self.weights.holds(component):
+            return self.weights.base
+        return self.model_id
+
     @property
     def is_text_to_image(self) -> bool:
         """A diffusers pipeline folder of a family we serve: what the encoder and denoiser take."""

@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.e2e.reference import Oracle
-from triptych.client import field_violations
+from triptych.client import field_violations, open_channel
 from triptych.model_builders import ldm
+from triptych.v1 import runtime_service_pb2, runtime_service_pb2_grpc
 
 AIR = "civitai:618692@691639"  # -> <store>/civitai/618692/691639.safetensors
 FLUX = dict(positive_prompt="a boat", seed=8, width=64, height=64, steps=3, cfg_scale=3.5)
@@ -105,3 +106,18 @@ def test_a_file_without_its_base_or_of_another_structure_is_a_clear_error(
     else:
         assert failed.value.details().startswith("model: ")
     Oracle.chain(client, dict(FLUX, model=AIR))  # still serving
+
+
+def test_a_fine_tune_shares_its_bases_text_encoders_and_vae(services, client, files):
+    for model in (AIR, "tiny/flux"):
+        Oracle.chain(client, dict(FLUX, model=model))
+    held = {}
+    for role in ("encoder", "denoiser", "decoder"):
+        with open_channel(services.addresses[role]) as channel:
+            info = runtime_service_pb2_grpc.RuntimeServiceStub(channel).GetRuntimeInfo(
+                runtime_service_pb2.GetRuntimeInfoRequest(), timeout=30
+            )
+        held[role] = {(c.model, c.component) for c in info.loaded_components if c.model in (AIR, "tiny/flux")}
+    assert not any(model == AIR for model, _ in held["encoder"] | held["decoder"])  # one copy: the base's
+    assert ("tiny/flux", "text_encoder_2") in held["encoder"] and ("tiny/flux", "vae") in held["decoder"]
+    assert (AIR, "transformer") in held["denoiser"] and ("tiny/flux", "transformer") in held["denoiser"]

@@ -88,7 +88,7 @@ class DecoderEngine:
         folder = _vae_folder(info)
         if folder is None:
             raise InvalidArgument.one(field, f"{model_id!r} has no VAE (it is {info.what})")
-        return VaeSource(model_id, folder, info)
+        return VaeSource(info.cache_id("vae"), folder, info)
 
     def warm_up(self, model_id: str) -> bool:
         """Loads a model's VAE (or a VAE folder) and decodes zeros at its default size. False if it has no VAE."""

@@ -152,7 +152,7 @@ class TextEncoderEngine:
                     make_rows_independent(parts[slot.encoder])  # so a row's bits never depend on its batch
             return LoadedModel(parts)
 
-        return self.cache.get(info.model_id, load)
+        return self.cache.get(info.cache_id("text_encoder"), load)
 
     def warm_up(self, model_id: str) -> bool:
         """Loads a model's tokenizers and text encoders and encodes an empty prompt. False for a non-pipeline."""
