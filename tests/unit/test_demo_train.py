@@ -107,6 +107,19 @@ def test_a_stopped_and_resumed_unet_run_ends_where_an_unbroken_one_does(work, tm
         train_unet(broken, UNET_TINY.with_overrides(steps=6, learning_rate=1e-3), log=lambda _: None)
 
 
+def test_a_unet_snapshot_is_the_ema_of_the_last_checkpoint_beside_the_same_text_and_vae(store, tmp_path):
+    from safetensors.torch import load_file
+
+    from triptych.demo.train.unet import snapshot
+
+    written = snapshot(store / "work", tmp_path / "snapshot")
+    exported = store / "work" / "unet" / "unet" / "diffusion_pytorch_model.safetensors"
+    a, b = load_file(written / "diffusion_pytorch_model.safetensors"), load_file(exported)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # a finished stage: its export
+    assert (tmp_path / "snapshot" / "vae").resolve() == (store / "work" / "vae").resolve()
+    assert json.loads((tmp_path / "snapshot" / "unet" / "snapshot.json").read_text()) == {"unet_step": 1}
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_assembled_base_is_an_sd15_folder_that_diffusers_runs(store, tmp_path, dtype):
     from diffusers import StableDiffusionPipeline

@@ -20,7 +20,7 @@ TRAINING = ("text", "vae", "unet", "controlnet", "lora", "ti")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m triptych.demo.train", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=(*TRAINING, "assemble", "evaluate", "all"))
+    parser.add_argument("stage", choices=(*TRAINING, "assemble", "evaluate", "all", "unet-snapshot"))
     parser.add_argument("--work", type=Path, default=Path(".cache/demo-train"), help="checkpoints and stage outputs")
     parser.add_argument("--store", type=Path, default=Path("models"), help="model store root for assemble/evaluate")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (docs/demo-model.md: why 1)")
@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="batch size of a training stage (default: configs.py)")
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 250)")
     parser.add_argument("--max-minutes", type=float, help="stop a training stage after this long (checkpointed)")
+    parser.add_argument("--to", type=Path, help="unet-snapshot: the work folder to write the UNet's EMA into")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="assemble's weights")
     return parser
 
@@ -85,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "all" and (args.steps or args.batch_size):
         print("--steps and --batch-size apply to one stage; name it instead of 'all'", file=sys.stderr)
         return 2
+    if args.stage == "unet-snapshot":
+        from .unet import snapshot
+
+        print(f"unet-snapshot: wrote {snapshot(args.work, args.to)}")
+        return 0
     for stage in stages:
         if stage in TRAINING and not _train(stage, args):
             return 3  # stopped by --max-minutes: run the same command again to resume

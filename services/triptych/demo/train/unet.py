@@ -49,3 +49,22 @@ def train_unet(
 def load_unet(work: Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """The trained UNet (EMA weights) of a completed ``unet`` stage."""
     return load_part(work, STAGE, "unet", UNet2DConditionModel, dtype)
+
+
+def snapshot(work: Path, out: Path) -> Path:
+    """A work folder ``out`` whose ``unet`` stage is the running ``unet`` stage's EMA as of its last checkpoint
+    (and whose ``text`` and ``vae`` are ``work``'s, linked): the ControlNet can start training against it while the
+    UNet goes on, as ControlNets trained on a base model serve its fine-tunes (docs/demo-model.md, "Schedule")."""
+    from .loop import CHECKPOINT
+
+    state = torch.load(Path(work) / STAGE / CHECKPOINT, map_location="cpu", weights_only=True)
+    unet = new_unet(0)
+    unet.load_state_dict({**unet.state_dict(), **state["ema"]})
+    out = Path(out)
+    (out / STAGE).mkdir(parents=True, exist_ok=True)
+    for stage in ("text", "vae"):
+        if not (out / stage).exists():
+            (out / stage).symlink_to((Path(work) / stage).resolve())
+    unet.save_pretrained(out / STAGE / "unet", safe_serialization=True)
+    (out / STAGE / "snapshot.json").write_text(f'{{"unet_step": {state["step"]}}}\n')
+    return out / STAGE / "unet"
