@@ -133,16 +133,43 @@ def install(source: Path, root: Path) -> list[str]:
     return model_ids(source)
 
 
-def pack(work: Path, out: Path, dtype: str = "float16") -> dict:
-    """Assembles the trained stages in ``work`` (``demo/train/assemble.py``) into ``out`` (replacing what is there)
-    with its manifest; AssetsError, leaving ``out`` as it was, when the result breaks the budget or lacks a part."""
+def _merged_work(work: Path, stages_from: dict[str, Path], into: Path) -> Path:
+    """A work folder of links: each stage from ``stages_from`` where it names one, else from ``work`` (the ControlNet
+    may train in a folder of its own, beside a UNet snapshot: ``unet-snapshot``)."""
+    into.mkdir()
+    for stage in Path(work).iterdir():
+        (into / stage.name).symlink_to(stage.resolve())
+    for stage, folder in stages_from.items():
+        link = into / stage
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to((Path(folder) / stage).resolve())
+    return into
+
+
+def _forget_sources(folder: Path) -> None:
+    """Drops ``_name_or_path`` (the folder each part was loaded from, a path on the packing machine) from every
+    config: diffusers ignores it on load, and the same weights then pack to the same bytes wherever they were."""
+    for config in folder.rglob("config.json"):
+        values = json.loads(config.read_text(encoding="utf-8"))
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def pack(work: Path, out: Path, dtype: str = "float16", stages_from: dict[str, Path] | None = None) -> dict:
+    """Assembles the trained stages in ``work`` (``demo/train/assemble.py``; a stage named in ``stages_from`` from that
+    work folder instead) into ``out`` (replacing what is there) with its manifest; AssetsError, leaving ``out`` as it
+    was, when the result breaks the budget or lacks a part."""
     from .train.assemble import assemble
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pack-", dir=out.parent) as staging:
+        if stages_from:
+            work = _merged_work(work, stages_from, Path(staging) / "work")
         assemble(Path(work), Path(staging), dtype=dtype)
         built = Path(staging) / FAMILY
+        _forget_sources(built)
         for path in [built, *built.rglob("*")]:
             os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
         manifest = write_manifest(built)
@@ -166,12 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     pack_parser.add_argument("--work", type=Path, default=Path(".cache/demo-train"), help="the training's WORK folder")
     pack_parser.add_argument("--out", type=Path, default=default_source(), help="default: the checkout's assets/demo")
     pack_parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    pack_parser.add_argument(
+        "--controlnet-work", type=Path, help="the work folder the controlnet stage ran in, if not --work's"
+    )
     verify_parser = sub.add_parser("verify", help="check an assets folder against its manifest")
     verify_parser.add_argument("folder", type=Path, nargs="?", default=default_source())
     args = parser.parse_args(argv)
     try:
         if args.action == "pack":
-            manifest = pack(args.work, args.out, args.dtype)
+            stages_from = {"controlnet": args.controlnet_work} if args.controlnet_work else None
+            manifest = pack(args.work, args.out, args.dtype, stages_from)
             print(f"packed {', '.join(model_ids(args.out))} into {args.out} ({manifest['total_bytes'] / 1e6:.1f} MB)")
             return 0
         issues = problems(args.folder) if args.folder.is_dir() else [f"{args.folder} does not exist"]
