@@ -124,8 +124,23 @@ def _architecture(family: str, dims: dict[str, object]) -> str:
     return "sd35_large" if dims["num_layers"] == 38 else "sd3"
 
 
+# diffusers' defaults (FluxTransformer2DModel, SD3Transformer2DModel) for fields an older config leaves out
+_CONFIG_DEFAULTS = {
+    "flux": dict(patch_size=1, in_channels=64, joint_attention_dim=4096, pooled_projection_dim=768),
+    "sd3": dict(
+        patch_size=2,
+        in_channels=16,
+        joint_attention_dim=4096,
+        caption_projection_dim=1152,
+        pooled_projection_dim=2048,
+        pos_embed_max_size=96,
+    ),
+}
+
+
 def config_dims(family: str, config: dict) -> dict[str, object]:
     """The structure a transformer config describes, in the terms `_dims` reads from a file."""
+    config = {**_CONFIG_DEFAULTS[family], **config}
     dims: dict[str, object] = {"num_layers": config["num_layers"]}
     dims["width"] = config["num_attention_heads"] * config["attention_head_dim"]
     dims["in_channels"] = config["in_channels"]
