@@ -201,3 +201,23 @@ def test_ti_training_places_its_vectors_where_the_encoder_service_does(tmp_path)
         (chunk,) = split_into_chunks(tok, [Fragment(caption, 1.0)], [(embedding, 1.0)], "text_encoder").chunks
         assert tuple(ids[row].tolist()) == chunk.input_ids, caption
         assert [p for r, p, _ in places if r == row] == [p for p, _ in chunk.substitutions], caption
+
+
+def test_foreground_weights_give_shape_and_background_half_the_loss_each():
+    from triptych.demo.data import Example
+    from triptych.demo.render import Placement
+    from triptych.demo.train.vae import foreground_weights, to_pixels
+    from triptych.demo.vocabulary import HELD_OUT
+
+    small = HELD_OUT[0]  # a small white circle on pink: the shape is ~6% of the picture
+    x = to_pixels(np.stack([Example(small, Placement(), "").image(64)]))
+    weights = foreground_weights(x)[0, 0]
+    shape = (x[0] - x[0, :, :1, :1]).abs().amax(0) > 0.05
+    assert 0.03 < shape.float().mean() < 0.15
+    assert torch.isclose(weights[shape].sum(), weights[~shape].sum(), rtol=1e-4)
+    assert torch.isclose(weights.mean(), torch.tensor(1.0), rtol=1e-4)
+    flat = torch.full((1, 3, 64, 64), 0.3)
+    assert torch.equal(foreground_weights(flat), torch.ones(1, 1, 64, 64))
+    cornered = x.clone()
+    cornered[..., :4, :4] = x[0, :, 32, 17][:, None, None]  # a shape pixel in the corner: the border's median decides
+    assert torch.equal(foreground_weights(cornered)[..., 20:, 20:] > 1, foreground_weights(x)[..., 20:, 20:] > 1)

@@ -41,7 +41,9 @@ def vae_config() -> dict:
         "block_out_channels": (16, 32, 64, 64),
         "layers_per_block": 1,
         "latent_channels": 4,
-        "norm_num_groups": 16,
+        # 4 channels a group: with 16 groups of the first block's 16 channels, each GroupNorm normalised every
+        # channel alone and removed its mean, the flat colour itself (docs/demo-model.md, "Status")
+        "norm_num_groups": 4,
         "sample_size": RESOLUTION,
         "scaling_factor": 1.0,  # measured after training, as SD's 0.18215 was (vae.py)
     }
@@ -77,6 +79,8 @@ class StageSettings:
     weight_decay: float = 0.0
     ema_decay: float = 0.0  # 0: no EMA
     grad_clip: float = 1.0
+    # Raised when a stage's loss or network changes: a checkpoint of an older recipe is not resumed.
+    recipe: int = 1
 
     def fingerprint(self) -> dict:
         """The fields a resumed run must share with the checkpoint."""
@@ -93,7 +97,7 @@ class StageSettings:
 # Budgets (docs/demo-model.md, "Budgets"): each default's steps x measured CPU seconds per step on one thread fit in
 # 60 minutes, so a stage fits 60 minutes on 2 cores even when the second core gives nothing.
 TEXT = StageSettings(steps=800, batch_size=64, learning_rate=1e-3, warmup_steps=100, seed=1, weight_decay=0.0)
-VAE = StageSettings(steps=8000, batch_size=16, learning_rate=5e-4, warmup_steps=200, seed=2)
+VAE = StageSettings(steps=8000, batch_size=16, learning_rate=5e-4, warmup_steps=200, seed=2, recipe=2)
 UNET = StageSettings(
     steps=11000, batch_size=32, learning_rate=3e-4, warmup_steps=500, seed=3, weight_decay=1e-2, ema_decay=0.999
 )
