@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 from triptych.gateway.calls import Calls
 
 
@@ -37,3 +39,27 @@ def test_a_call_started_after_the_caller_went_away_is_cancelled_at_once():
     assert running.cancelled
     late = calls.track(Call())  # e.g. the Decode the handler thread was about to start
     assert late.cancelled
+
+
+class Failed(grpc.RpcError):
+    def __init__(self, code):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return "Cancelled"
+
+
+def test_a_backend_that_cancels_under_a_live_caller_is_unavailable_so_callers_retry():
+    # A denoiser stopped past its drain grace cancels the calls still running: the caller, still there, gets
+    # UNAVAILABLE (retried by clients, like a backend gone before the call), never a CANCELLED it did not ask for.
+    context = Context()
+    calls = Calls(context, transport=None)
+    relayed = calls.relayed(Failed(grpc.StatusCode.CANCELLED))
+    assert relayed.code == grpc.StatusCode.UNAVAILABLE and "stopped during the call" in relayed.message
+    assert calls.relayed(Failed(grpc.StatusCode.INVALID_ARGUMENT)).code == grpc.StatusCode.INVALID_ARGUMENT
+    for callback in context.callbacks:  # the caller went away: its own cancel stays CANCELLED
+        callback()
+    assert calls.relayed(Failed(grpc.StatusCode.CANCELLED)).code == grpc.StatusCode.CANCELLED

@@ -46,6 +46,14 @@ class Calls:
                 call.cancel()
         return call
 
+    def relayed(self, exc: grpc.RpcError, renames: dict[str, str] = DOWNSTREAM_FIELDS) -> Relayed:
+        """A downstream error as the caller gets it. CANCELLED that the gateway did not cause (its caller is still
+        there) means the backend stopped under the call, a drain past its grace: UNAVAILABLE, which callers retry,
+        as for a backend that was gone before the call."""
+        if exc.code() == grpc.StatusCode.CANCELLED and not self._cancelled:
+            return Relayed(BackendStopped(exc.details()))
+        return Relayed(exc, renames)
+
     def cancel_all(self) -> None:
         with self._lock:
             self._cancelled = True
@@ -74,7 +82,7 @@ class Calls:
             self.clock.record(stage, time.perf_counter() - started, call.trailing_metadata())
             return response
         except grpc.RpcError as exc:
-            raise Relayed(exc, renames) from exc
+            raise self.relayed(exc, renames) from exc
         except grpc.FutureCancelledError as exc:
             raise Relayed(CancelledByCaller()) from exc
 
@@ -136,6 +144,20 @@ class Transport:
     def close(self) -> None:
         if self.region is not None:
             self._shared.regions.give_back(self.region, self.clean)
+
+
+class BackendStopped(grpc.RpcError):
+    """A downstream call its server cancelled while the gateway's caller was still there (the backend stopped)."""
+
+    def __init__(self, details: str | None):
+        super().__init__()
+        self._details = details
+
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return f"a backend stopped during the call ({self._details or 'cancelled'}); retry"
 
 
 class CancelledByCaller(grpc.RpcError):

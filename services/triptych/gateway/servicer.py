@@ -17,7 +17,7 @@ from triptych import families
 from triptych.client.streams import RetriedStream
 from triptych.client.task import task_from_request
 from triptych.client.transport import address_hosts
-from triptych.gateway.calls import DOWNSTREAM_FIELDS, Calls, CancelledByCaller, SharedMemory, Transport
+from triptych.gateway.calls import Calls, CancelledByCaller, SharedMemory, Transport
 from triptych.gateway.guides import encode_guides
 from triptych.gateway.metadata import a1111_parameters
 from triptych.gateway.readiness import Backend, Readiness
@@ -342,7 +342,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                     calls.clock.record(stage, time.perf_counter() - started, _trailer_after_result(call))
                     return event.result
         except grpc.RpcError as exc:
-            raise Relayed(exc, DOWNSTREAM_FIELDS) from exc
+            raise calls.relayed(exc) from exc
         raise Relayed(CancelledByCaller())
 
 
