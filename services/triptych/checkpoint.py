@@ -147,12 +147,13 @@ def layout_of(model_index: dict, text_config: dict | None) -> str:
 def transformer_file(path: Path, header: _Header) -> Checkpoint | None:
     """An SD3/FLUX transformer file (transformer_files.py), else None; Unservable for one we do not serve."""
     try:
-        found = transformer_files.detect(header.shapes)
+        found = transformer_files.detect(header.shapes, ("", UNET_PREFIX))  # BFL's files have no prefix
     except ValueError as exc:
         raise Unservable(str(exc)) from exc
     if found is None:
         return None
-    return Checkpoint(path, found.architecture, "", vae_prefix=found.vae_prefix, transformer=found)
+    vae = next((p for p in VAE_PREFIXES if any(key.startswith(p + "decoder.") for key in header.shapes)), None)
+    return Checkpoint(path, found.architecture, "", vae_prefix=vae, transformer=found)
 
 
 def is_pipeline_checkpoint(header: _Header) -> bool:
@@ -345,10 +346,12 @@ def to_diffusers(model, tensors: dict, prefix: str, layout: str) -> dict:
     return state
 
 
-def load(model_class, info, component: str):
+def load(model_class, info, component: str, config_folder: Path | None = None):
     """A model's component, in eval mode: from its diffusers folder (safetensors only), or from the single file the
-    model is (`info.weights`) where that file holds it."""
+    model is (`info.weights`) where that file holds it. `config_folder` (default: the model's own folder of the
+    component) holds its config, and its weights when the file does not."""
+    folder = config_folder or info.path / component
     if info.weights is None or not info.weights.holds(component):
-        return model_class.from_pretrained(info.path / component, use_safetensors=True).eval()
+        return model_class.from_pretrained(folder, use_safetensors=True).eval()
     prefix, layout = info.weights.prefix(component)
-    return load_component(model_class, info.path / component, info.weights.path, prefix, layout)
+    return load_component(model_class, folder, info.weights.path, prefix, layout)

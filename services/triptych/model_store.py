@@ -115,10 +115,10 @@ class ModelStore:
         """A transformer file served with its base folder; NOT_FOUND naming the base when the store lacks it, and
         a "checkpoint" we cannot serve when the base is no folder of the file's family or of another structure."""
         file = info.weights
-        base_id = self.base_models.get(file.architecture, "")
+        base_id = self.base_models[file.architecture]  # every architecture has one (DEFAULT_BASES)
         what = f"{_article(file.architecture)} {file.architecture} transformer file"
-        if not base_id or base_id == info.model_id:
-            return replace(info, kind="checkpoint", note=f"{what}, and no base folder is set for {file.architecture}")
+        if base_id == info.model_id:
+            return replace(info, kind="checkpoint", note=f"{what} named as its own base ({file.architecture})")
         try:
             base = self.resolve(base_id, field)
         except NotFound as exc:
@@ -150,7 +150,7 @@ class ModelStore:
         try:
             return self._with_base(info, "model")
         except NotFound:
-            base = self.base_models.get(info.weights.architecture)
+            base = self.base_models[info.weights.architecture]
             return replace(info, kind="checkpoint", note=f"{info.what}; its base {base!r} is not in the store")
 
     def place(self, file: Path, model_id: str, replace: bool = False) -> ModelInfo:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-COMFY_PREFIX = "model.diffusion_model."
-VAE_PREFIXES = ("first_stage_model.", "vae.")
 # The store ids of the diffusers folders diffusers' from_single_file would fetch for each model type (its
 # DIFFUSERS_DEFAULT_PIPELINE_PATHS): the default base of each architecture.
 DEFAULT_BASES = {
@@ -54,30 +52,28 @@ _BLOCKS = {
 @dataclass(frozen=True)
 class TransformerFile:
     """What a transformer file is, from its header: diffusers' model type (`flux-dev`, `sd3`, ...), the family,
-    the key naming and prefix of its transformer, the prefix of its VAE (None: it has none), whether it carries text
-    encoders (never read: the base's serve), and its structure (compared with the base's config)."""
+    the key naming and prefix of its transformer, whether it carries text encoders (never read: the base's serve),
+    and its structure (compared with the base's config)."""
 
     architecture: str
     family: str
     naming: str  # "original" or "diffusers"
-    prefix: str  # "" or COMFY_PREFIX
-    vae_prefix: str | None
+    prefix: str  # one of detect()'s `prefixes`: "" (BFL's files) or LDM's `model.diffusion_model.` (ComfyUI's)
     has_text_encoders: bool
     dims: tuple[tuple[str, object], ...]
 
 
-def detect(shapes: dict[str, tuple[int, ...]]) -> TransformerFile | None:
-    """The transformer file these tensors make, or None if they are not one. ValueError for a FLUX Fill/Depth
-    or other transformer Triptych does not serve."""
+def detect(shapes: dict[str, tuple[int, ...]], prefixes: tuple[str, ...]) -> TransformerFile | None:
+    """The transformer file these tensors make, its transformer under one of `prefixes`, or None if they are not
+    one. ValueError for a FLUX Fill/Depth or other transformer Triptych does not serve."""
     for (family, naming), mark in _MARKS.items():
-        for prefix in ("", COMFY_PREFIX):
+        for prefix in prefixes:
             if prefix + mark in shapes:
                 names = {key[len(prefix) :]: shape for key, shape in shapes.items() if key.startswith(prefix)}
                 dims = _dims(family, naming, names)
-                vae = next((p for p in VAE_PREFIXES if any(k.startswith(p + "decoder.") for k in shapes)), None)
                 text = any(key.startswith(_TEXT_ENCODER_PREFIX) for key in shapes)
                 return TransformerFile(
-                    _architecture(family, dims), family, naming, prefix, vae, text, tuple(sorted(dims.items()))
+                    _architecture(family, dims), family, naming, prefix, text, tuple(sorted(dims.items()))
                 )
     return None
 

@@ -45,6 +45,15 @@ def single_files(model_root):
     shutil.rmtree(model_root / "civitai")
 
 
+def refused(client, request: dict, code: grpc.StatusCode, words: str, model_root) -> grpc.RpcError:
+    """The error a request through the chain fails with: `code`, a message with `words` and no server path."""
+    with pytest.raises(grpc.RpcError) as failed:
+        Oracle.chain(client, request)
+    assert failed.value.code() == code, failed.value.details()
+    assert words in failed.value.details() and str(model_root) not in failed.value.details()
+    return failed.value
+
+
 def test_an_sdxl_checkpoint_under_its_air_id_equals_the_folder_and_diffusers(client, oracle, single_files):
     # diffusers' own from_single_file cannot be the oracle here: it tells SDXL's two text encoders apart by width,
     # which the tiny ones share, and loads CLIP-L into both. The folder is compared with diffusers instead.
@@ -114,12 +123,9 @@ def test_each_role_holds_only_its_own_part_of_the_file(services, client, single_
 def test_files_that_cannot_serve_are_clear_errors_and_the_service_goes_on(
     client, single_files, model_root, model, code, words
 ):
-    with pytest.raises(grpc.RpcError) as failed:
-        Oracle.chain(client, dict(REQUEST, model=model))
-    assert failed.value.code() == code, failed.value.details()
-    assert words in failed.value.details() and str(model_root) not in failed.value.details()
+    failed = refused(client, dict(REQUEST, model=model), code, words, model_root)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        assert "model" in dict(field_violations(failed.value))
+        assert "model" in dict(field_violations(failed))
     Oracle.chain(client, dict(REQUEST, model="single/sd15"))  # still serving
 
 

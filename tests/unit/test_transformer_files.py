@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +20,18 @@ from diffusers.loaders import single_file_utils as sf
 from safetensors.torch import load_file
 
 from bench.family_weights import FLUX_DEV, SD3_MEDIUM
+from triptych import checkpoint
 from triptych import transformer_files as tf
 from triptych.model_store import ModelStore
 from triptych.serving.settings import Settings
 
 SD35_LARGE = dict(SD3_MEDIUM, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm")
 SD35_MEDIUM = dict(SD3_MEDIUM, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm", pos_embed_max_size=384)
+
+
+def _detect(shapes):
+    """What checkpoint.py asks: the transformer without a prefix (BFL's files) or under LDM's (ComfyUI's)."""
+    return tf.detect(shapes, ("", checkpoint.UNET_PREFIX))
 
 
 def _meta(model_class, config):
@@ -42,8 +49,8 @@ def test_flux_on_the_real_architecture_converts_to_the_names_and_shapes_diffuser
     theirs = sf.convert_flux_transformer_checkpoint_to_diffusers(dict(original))
     ours = tf.flux_to_diffusers(dict(original), _shapes(state))
     assert _shapes(ours) == _shapes(theirs) == _shapes(state)
-    found = tf.detect({tf.COMFY_PREFIX + key: shape for key, shape in _shapes(original).items()})
-    assert (found.architecture, found.prefix) == ("flux-dev", tf.COMFY_PREFIX)
+    found = _detect({checkpoint.UNET_PREFIX + key: shape for key, shape in _shapes(original).items()})
+    assert (found.architecture, found.prefix) == ("flux-dev", checkpoint.UNET_PREFIX)
     assert sf.infer_diffusers_model_type(original) == "flux-dev"
     assert tf.mismatch(found, FLUX_DEV) == ""
 
@@ -80,7 +87,7 @@ def test_sd3_export_is_the_inverse_of_diffusers_import_on_the_real_shapes(config
     state = _meta(SD3Transformer2DModel, config).state_dict()
     original = tf.to_original(state, "sd3")
     assert _shapes(sf.convert_sd3_transformer_checkpoint_to_diffusers(dict(original))) == _shapes(state)
-    found = tf.detect(_shapes(original))
+    found = _detect(_shapes(original))
     assert found.architecture == architecture == sf.infer_diffusers_model_type(original)
     assert tf.mismatch(found, config) == ""
 
@@ -94,16 +101,17 @@ def test_sd3_export_is_the_inverse_of_diffusers_import_on_the_tiny_weights(model
 def test_detection_names_what_a_file_is_and_refuses_fill_and_depth():
     state = _meta(FluxTransformer2DModel, dict(FLUX_DEV, num_layers=1, num_single_layers=1)).state_dict()
     original = _shapes(tf.to_original(state, "flux"))
-    assert tf.detect(original).architecture == "flux-dev"
-    assert tf.detect(_shapes(state)).naming == "diffusers"
+    assert _detect(original).architecture == "flux-dev"
+    assert _detect(_shapes(state)).naming == "diffusers"
     schnell = {key: shape for key, shape in original.items() if not key.startswith("guidance_in.")}
-    assert tf.detect(schnell).architecture == "flux-schnell"
+    assert _detect(schnell).architecture == "flux-schnell"
     with pytest.raises(ValueError, match="FLUX.1 Fill"):
-        tf.detect({**original, "img_in.weight": (3072, 384)})
-    assert tf.detect({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}) is None
-    with_vae = tf.detect({**original, "vae.decoder.conv_in.weight": (1,), "text_encoders.clip_l.x": (1,)})
-    assert with_vae.vae_prefix == "vae." and with_vae.has_text_encoders
-    assert tf.mismatch(tf.detect(schnell), FLUX_DEV) == "num_layers 1 (base: 19), num_single_layers 1 (base: 38), " + (
+        _detect({**original, "img_in.weight": (3072, 384)})
+    assert _detect({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}) is None
+    shapes = {**original, "vae.decoder.conv_in.weight": (1,), "text_encoders.clip_l.x": (1,)}
+    with_vae = checkpoint.transformer_file(Path("f.safetensors"), checkpoint._Header(shapes, {}))
+    assert with_vae.vae_prefix == "vae." and with_vae.transformer.has_text_encoders
+    assert tf.mismatch(_detect(schnell), FLUX_DEV) == "num_layers 1 (base: 19), num_single_layers 1 (base: 38), " + (
         "guidance_embeds False (base: True)"
     )
 

@@ -39,10 +39,7 @@ class VaeSource:
     info: ModelInfo
 
     def load(self) -> AutoencoderKL:
-        if self.info.weights is None or not self.info.weights.holds("vae"):
-            return AutoencoderKL.from_pretrained(self.config_folder, use_safetensors=True).eval()
-        prefix, layout = self.info.weights.prefix("vae")
-        return checkpoint.load_component(AutoencoderKL, self.config_folder, self.info.weights.path, prefix, layout)
+        return checkpoint.load(AutoencoderKL, self.info, "vae", self.config_folder)
 
 
 @dataclass(frozen=True)

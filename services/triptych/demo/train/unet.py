@@ -8,6 +8,7 @@ dropout for classifier-free guidance is the stream's 10% of empty captions. Each
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -66,5 +67,5 @@ def snapshot(work: Path, out: Path) -> Path:
         if not (out / stage).exists():
             (out / stage).symlink_to((Path(work) / stage).resolve())
     unet.save_pretrained(out / STAGE / "unet", safe_serialization=True)
-    (out / STAGE / "snapshot.json").write_text(f'{{"unet_step": {state["step"]}}}\n')
+    (out / STAGE / "snapshot.json").write_text(json.dumps({"unet_step": state["step"]}) + "\n")
     return out / STAGE / "unet"
