@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -38,10 +39,17 @@ def test_the_channel_retries_unary_methods_and_no_stream():
 
 
 class _Server:
-    """An in-process server whose stream fails UNAVAILABLE for its first `refusals` calls, then sends 3 messages;
-    with `fail_after_first`, every call sends one message and then fails UNAVAILABLE."""
+    """An in-process server whose stream fails `refusal` (UNAVAILABLE) for its first `refusals` calls, then sends 3
+    messages, each after `pause` seconds; with `fail_after_first`, every call sends one message and then fails
+    UNAVAILABLE."""
 
-    def __init__(self, refusals: int = 0, fail_after_first: bool = False):
+    def __init__(
+        self,
+        refusals: int = 0,
+        fail_after_first: bool = False,
+        refusal: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+        pause: float = 0.0,
+    ):
         self.calls = 0
         self._lock = threading.Lock()
 
@@ -50,8 +58,9 @@ class _Server:
                 self.calls += 1
                 call = self.calls
             if call <= refusals:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+                context.abort(refusal, "draining")
             for i in range(3):
+                time.sleep(pause)
                 yield bytes([i])
                 if fail_after_first:
                     context.abort(grpc.StatusCode.UNAVAILABLE, "gone after a message")
@@ -109,3 +118,22 @@ def test_retries_stop_after_max_attempts(channel_to):
         list(server.stream(channel_to(server)))
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert server.calls == 5
+
+
+def test_a_stream_the_server_cancelled_before_its_first_message_is_opened_again(channel_to):
+    """A stopping gRPC server cancels the calls it has not handed to a handler yet, and their callers see CANCELLED
+    (grpc/grpc#41785): nothing ran, so it is retried as UNAVAILABLE is."""
+    server = _Server(refusals=2, refusal=grpc.StatusCode.CANCELLED)
+    call = server.stream(channel_to(server))
+    assert list(call) == [b"\x00", b"\x01", b"\x02"]
+    assert server.calls == 3
+
+
+def test_a_stream_its_caller_cancelled_is_not_opened_again(channel_to):
+    server = _Server(pause=5.0)
+    call = server.stream(channel_to(server))
+    threading.Timer(0.2, call.cancel).start()
+    with pytest.raises(grpc.RpcError) as raised:
+        next(call)
+    assert raised.value.code() == grpc.StatusCode.CANCELLED
+    assert server.calls == 1

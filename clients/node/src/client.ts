@@ -140,7 +140,9 @@ export class ImageClient {
    * violations decoded). A progress `step` counts model calls, not steps: second-order schedulers (Heun, DPM2)
    * make 2N-1 calls for N steps and PNDM N+1. A call that fails UNAVAILABLE before its first event (a replica
    * gone or draining) is opened again, on the next replica, up to 5 attempts within the deadline: every
-   * Triptych request is deterministic, so another replica gives the same answer.
+   * Triptych request is deterministic, so another replica gives the same answer. So is one that ends CANCELLED
+   * before its first event without this caller aborting: a stopping gRPC server cancels the calls it has not yet
+   * handed to a handler (grpc/grpc#41785), so nothing ran for them.
    */
   async *stream(request: GenerateRequest, options: CallOptions = {}): AsyncGenerator<GenerateResponse__Output> {
     const deadline =
@@ -166,7 +168,7 @@ export class ImageClient {
       } catch (error) {
         const retry =
           error instanceof TriptychError &&
-          error.code === grpc.status.UNAVAILABLE &&
+          (error.code === grpc.status.UNAVAILABLE || error.code === grpc.status.CANCELLED) &&
           !received &&
           attempt < RETRY.maxAttempts &&
           !options.signal?.aborted;
