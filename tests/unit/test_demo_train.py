@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from triptych.demo.train.configs import CONTROLNET, LORA, TEXT, TI, UNET, VAE
+from triptych.demo.train.configs import CONTROLNET, LORA, TEXT, TI, UNET, VAE, VAE_DECODER
 from triptych.demo.train.loop import CHECKPOINT, step_generator
 
 TINY = {"text": TEXT.with_overrides(steps=3, batch_size=4), "vae": VAE.with_overrides(steps=2, batch_size=2)}
@@ -81,6 +81,30 @@ def test_text_and_vae_stages_write_their_parts_and_metrics(work):
     assert set(metrics["held_out_round_trip"]) == {"background", "colour", "shape", "size", "position", "style"}
     config = json.loads((work / "vae" / "vae" / "config.json").read_text())
     assert config["scaling_factor"] == metrics["scaling_factor"] and config["latent_channels"] == 4
+
+
+def test_the_decoder_stage_keeps_the_encoder_bit_for_bit_and_assemble_ships_its_vae(work, tmp_path):
+    """vae-decoder trains the decoder alone, so the latents every later stage trained on do not move."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from triptych.demo.train.vae import load_shipped_vae, load_vae, train_vae_decoder
+
+    shutil.copytree(work, tmp_path / "work")
+    assert load_shipped_vae(tmp_path / "work").config == load_vae(tmp_path / "work").config  # not yet trained
+    assert train_vae_decoder(tmp_path / "work", VAE_DECODER.with_overrides(steps=2, batch_size=2), log=lambda _: None)
+    before = load_file(tmp_path / "work" / "vae" / "vae" / "diffusion_pytorch_model.safetensors")
+    after = load_file(tmp_path / "work" / "vae-decoder" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        same = torch.equal(before[name], after[name])
+        assert same == name.startswith(("encoder.", "quant_conv.")), name
+    shipped = load_shipped_vae(tmp_path / "work")
+    assert torch.equal(shipped.decoder.conv_out.weight, after["decoder.conv_out.weight"])
+    assert shipped.config.scaling_factor == load_vae(tmp_path / "work").config.scaling_factor != 1.0
+    metrics = json.loads((tmp_path / "work" / "vae-decoder" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and "held_out_round_trip" in metrics
 
 
 def test_a_stopped_and_resumed_unet_run_ends_where_an_unbroken_one_does(work, tmp_path):

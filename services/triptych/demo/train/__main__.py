@@ -1,8 +1,8 @@
 """``python -m triptych.demo.train STAGE``: train, assemble and measure the demo family (docs/demo-model.md).
 
-Training stages (each resumes from WORK/<stage>/checkpoint.pt): text, vae, unet, then on the trained base
-controlnet, lora, ti. assemble writes STORE/demo/base and whichever adapters are trained; evaluate is the held-out
-measurement (WORK/evaluation.json and a contact sheet); all runs everything in that order.
+Training stages (each resumes from WORK/<stage>/checkpoint.pt): text, vae, vae-decoder (may run beside unet), unet,
+then on the trained base controlnet, lora, ti. assemble writes STORE/demo/base and whichever adapters are trained;
+evaluate is the held-out measurement (WORK/evaluation.json and a contact sheet); all runs everything in that order.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .configs import STAGES
 
-TRAINING = ("text", "vae", "unet", "controlnet", "lora", "ti")
+TRAINING = ("text", "vae", "vae-decoder", "unet", "controlnet", "lora", "ti")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def _train(stage: str, args: argparse.Namespace) -> bool:
     from .lora import train_lora
     from .text import train_text
     from .unet import train_unet
-    from .vae import train_vae
+    from .vae import train_vae, train_vae_decoder
 
     settings = STAGES[stage].with_overrides(
         steps=args.steps, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every
@@ -48,6 +48,7 @@ def _train(stage: str, args: argparse.Namespace) -> bool:
     train = {
         "text": train_text,
         "vae": train_vae,
+        "vae-decoder": train_vae_decoder,
         "unet": train_unet,
         "controlnet": train_controlnet,
         "lora": train_lora,

@@ -22,7 +22,7 @@ from ...model_builders.clip_vocab import write_clip_tokenizer
 from ...model_builders.tiny import SD15_SCHEDULER
 from .text import load_text_encoder, tokenizer
 from .unet import load_unet
-from .vae import load_vae
+from .vae import load_shipped_vae
 
 BASE_ID = "demo/base"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -33,7 +33,7 @@ def assemble(work: Path, store: Path, dtype: str = "float16", log=print) -> Path
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     pipe = StableDiffusionPipeline(
-        vae=load_vae(work, DTYPES[dtype]),
+        vae=load_shipped_vae(work, DTYPES[dtype]),
         text_encoder=load_text_encoder(work, DTYPES[dtype]),
         tokenizer=tokenizer(work),
         unet=load_unet(work, DTYPES[dtype]),

@@ -20,10 +20,11 @@ from ..classify import read
 from ..data import BASE_MIX, Example, example
 from ..render import Placement
 from ..vocabulary import HELD_OUT
-from .configs import RESOLUTION, VAE, StageSettings, vae_config
+from .configs import RESOLUTION, VAE, VAE_DECODER, StageSettings, vae_config
 from .loop import Trainer, load_part
 
 STAGE = "vae"
+DECODER_STAGE = "vae-decoder"
 KL_WEIGHT = 1e-6
 OUTLINE_EVERY = 5  # one stream picture in five is drawn as an outline
 
@@ -73,6 +74,21 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
 
+def _loss_fn(vae: AutoencoderKL, settings: StageSettings, device: str):
+    """The loss of step k: the stage's stream pictures k*b ... through ``vae``, posterior sampled."""
+
+    def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+        start = step * settings.batch_size
+        x = to_pixels(_pictures(stream_examples(settings.seed, start, settings.batch_size))).to(device)
+        posterior = vae.encode(x).latent_dist
+        y = vae.decode(posterior.sample(generator)).sample
+        edges = sum((a - b).abs().mean() for a, b in zip(_edges(y), _edges(x), strict=True))
+        pixels = (foreground_weights(x) * (y - x).abs()).mean()
+        return pixels + edges + KL_WEIGHT * posterior.kl().mean()
+
+    return loss_fn
+
+
 @torch.no_grad()
 def reconstruction_accuracy(vae: AutoencoderKL, style: str = "filled") -> dict[str, float]:
     """The classifier on the VAE's round trip of the held-out scenes (posterior mode): share right per field."""
@@ -106,30 +122,51 @@ def train_vae(
     vae = new_vae(settings.seed).to(device)
     trainer = Trainer(work, STAGE, settings, vae, log=log)
 
-    def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
-        start = step * settings.batch_size
-        x = to_pixels(_pictures(stream_examples(settings.seed, start, settings.batch_size))).to(device)
-        posterior = vae.encode(x).latent_dist
-        y = vae.decode(posterior.sample(generator)).sample
-        edges = sum((a - b).abs().mean() for a, b in zip(_edges(y), _edges(x), strict=True))
-        pixels = (foreground_weights(x) * (y - x).abs()).mean()
-        return pixels + edges + KL_WEIGHT * posterior.kl().mean()
-
-    if not trainer.run(loss_fn, max_seconds):
+    if not trainer.run(_loss_fn(vae, settings, device), max_seconds):
         return False
     vae.eval()
     scaling_factor = measure_scaling_factor(vae, settings.seed + 1000)
     vae.register_to_config(scaling_factor=scaling_factor)
-    metrics = {
-        "scaling_factor": scaling_factor,
-        "held_out_round_trip": reconstruction_accuracy(vae),
-        "held_out_round_trip_outline": reconstruction_accuracy(vae, style="outline"),
-    }
+    metrics = {"scaling_factor": scaling_factor, **_round_trips(vae)}
     trainer.export(vae, "vae", metrics)
     log(f"vae: scaling factor {scaling_factor:.4f}; round trip {metrics['held_out_round_trip']}")
     return True
 
 
+def _round_trips(vae: AutoencoderKL) -> dict:
+    return {
+        "held_out_round_trip": reconstruction_accuracy(vae),
+        "held_out_round_trip_outline": reconstruction_accuracy(vae, style="outline"),
+    }
+
+
+def train_vae_decoder(
+    work: Path, settings: StageSettings = VAE_DECODER, max_seconds: float | None = None, log=print, device: str = "cpu"
+) -> bool:
+    """Stage ``vae-decoder``: the completed VAE's decoder trained on with the same loss, its encoder frozen, as
+    Stability trained SD's ft-EMA/ft-MSE VAEs: the latents stay bit for bit what they were, so the UNet, ControlNet,
+    LoRA and TI (trained on the ``vae`` stage's encoder) need nothing redone, and the stage can train beside them on
+    another core. Writes ``work/vae-decoder/vae`` (same config and scaling factor), which ``assemble`` ships."""
+    vae = load_part(work, STAGE, "vae", AutoencoderKL).to(device)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    trainer = Trainer(work, DECODER_STAGE, settings, vae, log=log)
+    if not trainer.run(_loss_fn(vae, settings, device), max_seconds):
+        return False
+    vae.eval()
+    trainer.export(vae, "vae", _round_trips(vae))
+    log(f"vae-decoder: round trip {reconstruction_accuracy(vae)}")
+    return True
+
+
 def load_vae(work: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """The trained, frozen VAE of a completed ``vae`` stage."""
+    """The trained, frozen VAE of a completed ``vae`` stage: what the later stages encode their pictures with."""
     return load_part(work, STAGE, "vae", AutoencoderKL, dtype)
+
+
+def load_shipped_vae(work: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """The VAE ``assemble`` ships: the ``vae-decoder`` stage's when it has completed (the same encoder, a decoder
+    trained longer), else the ``vae`` stage's."""
+    if (Path(work) / DECODER_STAGE / "vae").exists():
+        return load_part(work, DECODER_STAGE, "vae", AutoencoderKL, dtype)
+    return load_vae(work, dtype)
