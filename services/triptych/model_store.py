@@ -29,6 +29,18 @@ _AIR = re.compile(r"^(?P<source>[A-Za-z0-9_.-]+):(?P<id>[A-Za-z0-9_.-]+)@(?P<ver
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.@:+-]+(/[A-Za-z0-9_.@:+-]+)*$")
 
 
+FILE_MODE, DIR_MODE = 0o644, 0o755
+
+
+def readable_by_all(root: Path) -> None:
+    """Sets ``root`` and everything under it to 0644 files and 0755 folders. Model files are read by service processes
+    that may run as another user (a container's), and ``save_pretrained`` writes its safetensors 0600."""
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a model id points at."""

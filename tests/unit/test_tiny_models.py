@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,10 @@ def test_build_is_byte_for_byte_deterministic(model_root, tmp_path):
     first, second = _tree_digest(model_root / "tiny"), _tree_digest(tmp_path / "tiny")
     assert first == second
     assert all((tmp_path / i).exists() for i in TINY_IDS)
+    # Served by processes that may run as another user: save_pretrained's safetensors are 0600 until the build ends.
+    modes = {path: stat.S_IMODE(path.stat().st_mode) for path in [tmp_path / "tiny", *(tmp_path / "tiny").rglob("*")]}
+    assert {mode for path, mode in modes.items() if path.is_file()} == {0o644}
+    assert {mode for path, mode in modes.items() if path.is_dir()} == {0o755}
 
 
 def test_model_index_flags(model_root):

@@ -15,17 +15,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from triptych.model_store import readable_by_all
+
 FAMILY = "demo"  # the store folder the family lives in: demo/base, demo/controlnet-mask, ...
 MANIFEST = "manifest.json"
 MAX_BYTES = 25 * 10**6  # issue #20: the whole family in at most 25 MB
 BASE = "base"  # the one part an install cannot do without
-FILE_MODE, DIR_MODE = 0o644, 0o755  # model files are read by service processes that may run as another user
 
 
 class AssetsError(Exception):
@@ -121,8 +121,7 @@ def install(source: Path, root: Path) -> list[str]:
                 shutil.copytree(entry, copy)
             else:
                 shutil.copyfile(entry, copy)
-        for path in [staged, *staged.rglob("*")]:
-            os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
+        readable_by_all(staged)
         for copy in sorted(staged.iterdir()):
             old = target / copy.name
             if old.is_dir() and not old.is_symlink():
@@ -170,8 +169,7 @@ def pack(work: Path, out: Path, dtype: str = "float16", stages_from: dict[str, P
         assemble(Path(work), Path(staging), dtype=dtype)
         built = Path(staging) / FAMILY
         _forget_sources(built)
-        for path in [built, *built.rglob("*")]:
-            os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
+        readable_by_all(built)
         manifest = write_manifest(built)
         issues = problems(built)
         wanted = {f"{FAMILY}/{BASE}", f"{FAMILY}/controlnet-mask", f"{FAMILY}/lora-outline", f"{FAMILY}/ti-moon"}

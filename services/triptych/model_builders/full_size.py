@@ -27,6 +27,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from triptych.model_store import readable_by_all
+
 from .clip_vocab import EOS_TOKEN, write_clip_tokenizer
 from .tiny import SD15_SCHEDULER, SDXL_SCHEDULER, _fresh, _save_pipeline, _tokenizer
 
@@ -224,4 +226,5 @@ def build_full_size(
     if dtype != torch.float32:  # (the networks are built in float32)
         pipe.to(dtype=dtype)
     _save_pipeline(pipe, out, TOKENIZER_PADS[family])
+    readable_by_all(out)
     return out

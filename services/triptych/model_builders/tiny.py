@@ -28,6 +28,8 @@ from diffusers import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from triptych.model_store import readable_by_all
+
 from .clip_vocab import EOS_TOKEN, write_clip_tokenizer
 from .tiny_weights import (
     make_lora_pairs,
@@ -403,4 +405,5 @@ def build_tiny_family(root: Path) -> list[str]:
     _build_loras(sd15, tiny)
     _build_tis(tiny)
     (tiny / "README.txt").write_text(_README, encoding="utf-8")
+    readable_by_all(tiny)
     return list(TINY_IDS)
