@@ -61,7 +61,10 @@ def unet_config() -> dict:
         "layers_per_block": 1,
         "cross_attention_dim": TEXT_DIM,
         "attention_head_dim": 8,  # SD1.5's value, which diffusers reads as the number of heads
-        "norm_num_groups": 32,
+        # 4 or more channels a group at every level (32, 64, 128 channels): with SD1.5's 32 groups, the first level's
+        # 32 channels were each normalised alone, which removes a channel's mean, the flat colour (the VAE's lesson;
+        # docs/demo-model.md, "Status")
+        "norm_num_groups": 8,
     }
 
 
@@ -101,7 +104,14 @@ VAE = StageSettings(steps=8000, batch_size=16, learning_rate=5e-4, warmup_steps=
 # Decoder only, from the finished VAE (vae.train_vae_decoder): 0.38 CPU-s a step, so 3,000 steps take ~19 min.
 VAE_DECODER = StageSettings(steps=3000, batch_size=16, learning_rate=5e-4, warmup_steps=100, seed=7)
 UNET = StageSettings(
-    steps=11000, batch_size=32, learning_rate=3e-4, warmup_steps=500, seed=3, weight_decay=1e-2, ema_decay=0.999
+    steps=11000,
+    batch_size=32,
+    learning_rate=3e-4,
+    warmup_steps=500,
+    seed=3,
+    weight_decay=1e-2,
+    ema_decay=0.999,
+    recipe=2,  # norm_num_groups 8
 )
 CONTROLNET = StageSettings(steps=8000, batch_size=32, learning_rate=3e-4, warmup_steps=200, seed=4, weight_decay=1e-2)
 LORA = StageSettings(steps=3000, batch_size=32, learning_rate=1e-3, warmup_steps=100, seed=5)
