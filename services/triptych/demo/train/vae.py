@@ -6,6 +6,9 @@ and adversarial losses, which need networks we cannot download), plus SD's KL we
 ``scaling_factor`` is measured as SD's 0.18215 was: 1 / std of the latents of 512 stream pictures; and the
 classifier reads its reconstructions of the held-out scenes (metrics.json): the UNet cannot draw what the VAE
 cannot.
+
+Stage ``vae-decoder`` then trains the decoder alone, the encoder frozen (``train_vae_decoder``); ``assemble`` ships its
+VAE.
 """
 
 from __future__ import annotations
@@ -154,8 +157,9 @@ def train_vae_decoder(
     if not trainer.run(_loss_fn(vae, settings, device), max_seconds):
         return False
     vae.eval()
-    trainer.export(vae, "vae", _round_trips(vae))
-    log(f"vae-decoder: round trip {reconstruction_accuracy(vae)}")
+    metrics = _round_trips(vae)
+    trainer.export(vae, "vae", metrics)
+    log(f"vae-decoder: round trip {metrics['held_out_round_trip']}")
     return True
 
 
