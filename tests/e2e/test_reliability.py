@@ -281,7 +281,7 @@ def test_a_rolling_restart_of_two_replicas_fails_no_call(model_root):
     failed = [outcome for outcome in outcomes if outcome != "ok"]
     # gRPC's own bug, not ours: a stopping server kills the calls it has received but not yet handed to a handler,
     # with CANCELLED "CANCELLED" (grpc/grpc#41785, open), and the channel's retry policy does not retry them. Seen
-    # here about once in a few hundred replica stops; a direct unary caller must retry it itself (docs/reliability.md).
+    # here once (1 of 1,996 calls) in about six runs; a direct unary caller must retry it itself (docs/security.md).
     # At most one such call per replica stop is gRPC's; any other failure, or more of them, is ours.
     grpc_bug = [outcome for outcome in failed if outcome == "CANCELLED: CANCELLED"]
     print(f"\nrolling restart: {len(outcomes)} calls, {len(failed)} failed ({len(grpc_bug)} grpc/grpc#41785)")
