@@ -156,7 +156,7 @@ def test_assembled_base_is_an_sd15_folder_that_diffusers_runs(store, tmp_path, d
     folder = assemble(store / "work", tmp_path / "store", dtype=dtype, log=lambda _: None)
     assert folder == tmp_path / "store" / BASE_ID
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusionPipeline" and index["scheduler"][1] == "PNDMScheduler"
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["scheduler"][1] == "EulerDiscreteScheduler"
     assert (folder / "tokenizer" / "merges.txt").exists() and not (folder / "tokenizer" / "tokenizer.json").exists()
     stored = {
         tensor.dtype

@@ -2,7 +2,8 @@
 adapters whose stages have completed: ``demo/controlnet-mask`` (a ControlNetModel folder),
 ``demo/lora-outline.safetensors`` (kohya) and ``demo/ti-moon.safetensors`` (A1111).
 
-The folder is what ``StableDiffusionPipeline.save_pretrained`` writes, with SD1.5's PNDM scheduler config and the
+The folder is what ``StableDiffusionPipeline.save_pretrained`` writes, with SD1.5's betas in an Euler scheduler (SD1.5's
+own PNDM at 20 steps draws this UNet's pictures wrong: docs/demo-model.md, "The UNet") and the
 real tokenizer in the classic vocab.json + merges.txt layout (as ``model_builders/tiny.py`` writes it). Weights are
 stored as float16 by default: the whole family must fit in 25 MB (docs/demo-model.md, "Size"), most SD1.5 files users
 bring are float16, and the services cast every network to their configured dtype when they load it. A plain
@@ -16,7 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, PNDMScheduler, StableDiffusionPipeline
+from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionPipeline
 
 from ...model_builders.clip_vocab import write_clip_tokenizer
 from ...model_builders.tiny import SD15_SCHEDULER
@@ -37,7 +38,7 @@ def assemble(work: Path, store: Path, dtype: str = "float16", log=print) -> Path
         text_encoder=load_text_encoder(work, DTYPES[dtype]),
         tokenizer=tokenizer(work),
         unet=load_unet(work, DTYPES[dtype]),
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        scheduler=EulerDiscreteScheduler.from_config(SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
