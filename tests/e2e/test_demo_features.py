@@ -7,13 +7,12 @@ textual-inversion word draws crescents, a negative prompt naming a colour lowers
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import numpy as np
-from PIL import Image
 
 from tests.e2e.demo_pictures import captions, generate, held_out
 from triptych.demo.classify import colour_share, iou, read
+from triptych.demo.gallery import controlnet_request
 from triptych.demo.render import guide_mask
 from triptych.demo.vocabulary import ALL_SHAPES
 from triptych.v1 import common_pb2
@@ -22,24 +21,11 @@ COUNT = 24
 TI_TOKEN = "ti-moon"  # an A1111 embedding's token is its file's stem
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_controlnet_draws_the_shape_inside_the_guide_mask(demo_root, client):
     # The captions leave out where and how large: only the guide mask says it.
     scenes = held_out(COUNT)
     guides = [guide_mask(scene) for scene in scenes]
-    requests = [
-        dict(
-            positive_prompt=scene.caption(omit=frozenset({"position", "size"})),
-            seed=i,
-            control_net=[common_pb2.ControlNetUnit(model="demo/controlnet-mask", guide_image=png(guide))],
-        )
-        for i, (scene, guide) in enumerate(zip(scenes, guides, strict=True))
-    ]
+    requests = [controlnet_request(scene, i) for i, scene in enumerate(scenes)]
     overlaps = [
         iou(read(picture).mask, guide[..., 0] > 127)
         for picture, guide in zip(generate(client, requests), guides, strict=True)

@@ -3,7 +3,6 @@ each part against the caption asked."""
 
 from __future__ import annotations
 
-import numpy as np
 from PIL import Image
 
 from triptych.demo.readback import main, scene_of
@@ -28,13 +27,3 @@ def test_readback_prints_the_reading_and_each_part(tmp_path, capsys):
     assert second == "against what was asked: size MISSED, colour ok, shape ok, position ok, background ok"
     assert main([str(picture), "a fox"]) == 0
     assert "not a full demo caption" in capsys.readouterr().out
-
-
-def test_the_gallery_sheet_tiles_rows_of_pictures_enlarged_with_gaps():
-    from triptych.demo.gallery import COLUMNS, sheet
-
-    rows = [[np.full((64, 64, 3), 10 * (r * COLUMNS + c), np.uint8) for c in range(COLUMNS)] for r in range(4)]
-    out = np.asarray(sheet(rows, scale=3, gap=4))
-    assert out.shape == (4 * 192 + 3 * 4, COLUMNS * 192 + (COLUMNS - 1) * 4, 3)
-    assert (out[0, 0] == 0).all() and (out[196, 196] == 10 * (COLUMNS + 1)).all()  # row 1, column 1
-    assert (out[192:196] == 255).all()  # the white gap between rows

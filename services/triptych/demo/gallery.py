@@ -25,16 +25,27 @@ from triptych.client import ImageClient
 from triptych.v1 import common_pb2, image_service_pb2
 
 from .render import guide_mask
-from .vocabulary import HELD_OUT
+from .vocabulary import HELD_OUT, Scene
 
 COLUMNS = 6
 SETTINGS = dict(model="demo/base", steps=20, cfg_scale=7.5)
 
 
-def _png(array: np.ndarray) -> bytes:
+def png(array: np.ndarray) -> bytes:
+    """A uint8 RGB array as PNG bytes, as a request's guide image carries it."""
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def controlnet_request(scene: Scene, seed: int) -> dict:
+    """GenerateRequest fields asking ``demo/controlnet-mask`` for ``scene``: the caption leaves out where and how
+    large, so only the guide mask (``render.guide_mask``) says it."""
+    return dict(
+        positive_prompt=scene.caption(omit=frozenset({"position", "size"})),
+        seed=seed,
+        control_net=[common_pb2.ControlNetUnit(model="demo/controlnet-mask", guide_image=png(guide_mask(scene)))],
+    )
 
 
 def rows(client: ImageClient) -> list[list[np.ndarray]]:
@@ -49,14 +60,7 @@ def rows(client: ImageClient) -> list[list[np.ndarray]]:
         *[dict(positive_prompt=s.caption(), seed=i) for i, s in enumerate(scenes)],
         *[dict(positive_prompt=s.caption(), seed=i, lora=lora) for i, s in enumerate(scenes)],
         *[dict(positive_prompt=s.caption(noun="ti-moon"), seed=i, embeddings=moon) for i, s in enumerate(crescents)],
-        *[
-            dict(
-                positive_prompt=s.caption(omit=frozenset({"position", "size"})),
-                seed=i,
-                control_net=[common_pb2.ControlNetUnit(model="demo/controlnet-mask", guide_image=_png(g))],
-            )
-            for i, (s, g) in enumerate(zip(guided, guides, strict=True))
-        ],
+        *[controlnet_request(s, i) for i, s in enumerate(guided)],
     ]
 
     def one(fields: dict) -> np.ndarray:
