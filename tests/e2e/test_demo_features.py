@@ -1,7 +1,8 @@
 """Every feature has a visible, checkable effect on the demo family (issue #20, "Must show"), through the gateway and
 read back by demo/classify.py: the ControlNet puts the shape inside its guide mask, the LoRA draws outlines, the
 textual-inversion word draws crescents, a negative prompt naming a colour lowers that colour's share. Each check on
-24 held-out scenes (every shape three times, every position at least twice); skipped only while assets/demo is absent.
+24 held-out scenes (every shape three times, every position at least twice); skipped while assets/demo is absent, and
+an adapter's check while the committed family ships without that adapter.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from tests.e2e.demo_pictures import captions, generate, held_out
+from tests.e2e.demo_pictures import captions, generate, held_out, require
 from triptych.demo.classify import colour_share, iou, read
 from triptych.demo.gallery import controlnet_request
 from triptych.demo.render import guide_mask
@@ -22,6 +23,7 @@ TI_TOKEN = "ti-moon"  # an A1111 embedding's token is its file's stem
 
 
 def test_controlnet_draws_the_shape_inside_the_guide_mask(demo_root, client):
+    require(demo_root, "controlnet-mask")
     # The captions leave out where and how large: only the guide mask says it.
     scenes = held_out(COUNT)
     guides = [guide_mask(scene) for scene in scenes]
@@ -36,6 +38,7 @@ def test_controlnet_draws_the_shape_inside_the_guide_mask(demo_root, client):
 
 
 def test_lora_at_weight_one_draws_outlines_and_at_zero_filled_shapes(demo_root, client):
+    require(demo_root, "lora-outline")
     scenes = held_out(COUNT)
     styles = {}
     for weight in (1.0, 0.0):
@@ -49,6 +52,7 @@ def test_lora_at_weight_one_draws_outlines_and_at_zero_filled_shapes(demo_root, 
 
 
 def test_textual_inversion_word_draws_crescents(demo_root, client):
+    require(demo_root, TI_TOKEN)
     # The held-out scenes with a crescent: named by the embedding's token, and by "shape" (the base's only way to
     # draw one; its rate is what the word must beat).
     scenes = [dataclasses.replace(scene, shape="crescent") for scene in held_out(COUNT)]

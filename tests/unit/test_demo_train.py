@@ -187,6 +187,10 @@ def test_the_adapters_load_the_way_users_load_theirs(store):
         "lora_up",
         "alpha",
     }
+    # kohya LoCon: the attention and feed-forward projections, and the ResNet blocks' 3x3 convolutions
+    modules = {key.split(".")[0] for key in lora}
+    assert {"lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_mid_block_attentions_0_proj_in"} <= modules
+    assert lora["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[2:] == (3, 3)
     embedding = load_file(demo / "ti-moon.safetensors")
     assert list(embedding) == ["emb_params"] and embedding["emb_params"].shape == (2, 64)
 
@@ -196,6 +200,8 @@ def test_the_adapters_load_the_way_users_load_theirs(store):
     plain = pipe("a large red ti-moon at the left", generator=seed(), **run).images
     pipe.load_textual_inversion(demo / "ti-moon.safetensors", token="ti-moon")
     pipe.load_lora_weights(demo, weight_name="lora-outline.safetensors")
+    injected = {name for name, module in pipe.unet.named_modules() if hasattr(module, "lora_A")}
+    assert len(injected) == len(modules), "diffusers' kohya converter places every module of the file"
     adapted = pipe("a large red ti-moon at the left", generator=seed(), **run).images
     assert np.isfinite(adapted).all() and not np.array_equal(plain, adapted)
 
@@ -204,6 +210,19 @@ def test_the_adapters_load_the_way_users_load_theirs(store):
     guide = guide_mask(Scene("star", "red", "blue", "large", "top left"))
     image = control("a red star", image=torch.from_numpy(guide).permute(2, 0, 1)[None] / 255.0, generator=seed(), **run)
     assert image.images.shape == (1, 64, 64, 3)
+
+
+def test_pack_seals_the_family_and_may_leave_out_an_adapter(store, tmp_path):
+    from triptych.demo.assets import AssetsError, model_ids, pack, problems
+
+    pack(store / "work", tmp_path / "whole")
+    assert model_ids(tmp_path / "whole") == ["demo/base", "demo/controlnet-mask", "demo/lora-outline", "demo/ti-moon"]
+    manifest = pack(store / "work", tmp_path / "less", leave_out=("ti-moon", "controlnet-mask"))
+    assert model_ids(tmp_path / "less") == ["demo/base", "demo/lora-outline"] and problems(tmp_path / "less") == []
+    assert not any(name.startswith(("ti-moon", "controlnet-mask")) for name in manifest["files"])
+    with pytest.raises(AssetsError, match="only the adapters"):
+        pack(store / "work", tmp_path / "none", leave_out=("base",))
+    assert not (tmp_path / "none").exists()
 
 
 def test_ti_training_places_its_vectors_where_the_encoder_service_does(tmp_path):

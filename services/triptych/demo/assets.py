@@ -26,6 +26,7 @@ FAMILY = "demo"  # the store folder the family lives in: demo/base, demo/control
 MANIFEST = "manifest.json"
 MAX_BYTES = 25 * 10**6  # issue #20: the whole family in at most 25 MB
 BASE = "base"  # the one part an install cannot do without
+ADAPTERS = ("controlnet-mask", "lora-outline", "ti-moon")  # the parts a family may ship without (pack --leave-out)
 
 
 class AssetsError(Exception):
@@ -134,7 +135,7 @@ def install(source: Path, root: Path) -> list[str]:
 
 def _merged_work(work: Path, stages_from: dict[str, Path], into: Path) -> Path:
     """A work folder of links: each stage from ``stages_from`` where it names one, else from ``work`` (the ControlNet
-    may train in a folder of its own, beside a UNet snapshot: ``unet-snapshot``)."""
+    may train in a folder of its own beside a UNet snapshot, ``unet-snapshot``; a stage may be retrained elsewhere)."""
     into.mkdir()
     for stage in Path(work).iterdir():
         (into / stage.name).symlink_to(stage.resolve())
@@ -155,10 +156,20 @@ def _forget_sources(folder: Path) -> None:
             config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def pack(work: Path, out: Path, dtype: str = "float16", stages_from: dict[str, Path] | None = None) -> dict:
+def pack(
+    work: Path,
+    out: Path,
+    dtype: str = "float16",
+    stages_from: dict[str, Path] | None = None,
+    leave_out: tuple[str, ...] = (),
+) -> dict:
     """Assembles the trained stages in ``work`` (``demo/train/assemble.py``; a stage named in ``stages_from`` from that
-    work folder instead) into ``out`` (replacing what is there) with its manifest; AssetsError, leaving ``out`` as it
-    was, when the result breaks the budget or lacks a part."""
+    work folder instead) into ``out`` (replacing what is there) with its manifest, without the adapters named in
+    ``leave_out`` (parts that did not pass their check: docs/demo-model.md, "Status"); AssetsError, leaving ``out`` as
+    it was, when the result breaks the budget or lacks a part not left out."""
+    unknown = sorted(set(leave_out) - set(ADAPTERS))
+    if unknown:
+        raise AssetsError(f"cannot leave out {', '.join(unknown)}: only the adapters {', '.join(ADAPTERS)}")
     from .train.assemble import assemble
 
     out = Path(out)
@@ -168,11 +179,15 @@ def pack(work: Path, out: Path, dtype: str = "float16", stages_from: dict[str, P
             work = _merged_work(work, stages_from, Path(staging) / "work")
         assemble(Path(work), Path(staging), dtype=dtype)
         built = Path(staging) / FAMILY
+        for part in leave_out:
+            if (built / part).is_dir():
+                shutil.rmtree(built / part)
+            (built / f"{part}.safetensors").unlink(missing_ok=True)
         _forget_sources(built)
         readable_by_all(built)
         manifest = write_manifest(built)
         issues = problems(built)
-        wanted = {f"{FAMILY}/{BASE}", f"{FAMILY}/controlnet-mask", f"{FAMILY}/lora-outline", f"{FAMILY}/ti-moon"}
+        wanted = {f"{FAMILY}/{part}" for part in (BASE, *ADAPTERS) if part not in leave_out}
         issues += [
             f"{part} was not assembled: is its stage trained?" for part in sorted(wanted - set(model_ids(built)))
         ]
@@ -184,6 +199,13 @@ def pack(work: Path, out: Path, dtype: str = "float16", stages_from: dict[str, P
     return manifest
 
 
+def _stage_folder(value: str) -> tuple[str, Path]:
+    stage, sep, folder = value.partition("=")
+    if not sep or not stage or not folder:
+        raise AssetsError(f"--stage-from takes STAGE=DIR (got {value!r})")
+    return stage, Path(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m triptych.demo.assets", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -192,15 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     pack_parser.add_argument("--out", type=Path, default=default_source(), help="default: the checkout's assets/demo")
     pack_parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     pack_parser.add_argument(
-        "--controlnet-work", type=Path, help="the work folder the controlnet stage ran in, if not --work's"
+        "--stage-from",
+        action="append",
+        default=[],
+        metavar="STAGE=DIR",
+        help="take STAGE (controlnet, lora, ...) from the work folder it trained in, if not --work's (repeatable)",
+    )
+    pack_parser.add_argument(
+        "--leave-out", action="append", default=[], choices=ADAPTERS, help="ship the family without this adapter"
     )
     verify_parser = sub.add_parser("verify", help="check an assets folder against its manifest")
     verify_parser.add_argument("folder", type=Path, nargs="?", default=default_source())
     args = parser.parse_args(argv)
     try:
         if args.action == "pack":
-            stages_from = {"controlnet": args.controlnet_work} if args.controlnet_work else None
-            manifest = pack(args.work, args.out, args.dtype, stages_from)
+            stages_from = dict(_stage_folder(value) for value in args.stage_from)
+            manifest = pack(args.work, args.out, args.dtype, stages_from, tuple(args.leave_out))
             print(f"packed {', '.join(model_ids(args.out))} into {args.out} ({manifest['total_bytes'] / 1e6:.1f} MB)")
             return 0
         issues = problems(args.folder) if args.folder.is_dir() else [f"{args.folder} does not exist"]

@@ -114,7 +114,7 @@ UNET = StageSettings(
     recipe=2,  # norm_num_groups 8
 )
 CONTROLNET = StageSettings(steps=8000, batch_size=32, learning_rate=3e-4, warmup_steps=200, seed=4, weight_decay=1e-2)
-LORA = StageSettings(steps=3000, batch_size=32, learning_rate=1e-3, warmup_steps=100, seed=5)
+LORA = StageSettings(steps=3000, batch_size=32, learning_rate=3e-3, warmup_steps=100, seed=5, recipe=2)  # lora.TARGETS
 TI = StageSettings(steps=2000, batch_size=32, learning_rate=5e-3, warmup_steps=50, seed=6)
 STAGES = {
     "text": TEXT,

@@ -50,9 +50,10 @@ class NoisyBatch:
     weights: torch.Tensor
     clip_skip: torch.Tensor
 
-    def loss(self, predicted: torch.Tensor) -> torch.Tensor:
-        """The min-SNR-weighted mean squared error of the predicted noise."""
-        return (((predicted - self.noise) ** 2).mean(dim=(1, 2, 3)) * self.weights).mean()
+    def loss(self, predicted: torch.Tensor, min_snr: bool = True) -> torch.Tensor:
+        """The mean squared error of the predicted noise, min-SNR-weighted unless ``min_snr`` is False."""
+        errors = ((predicted - self.noise) ** 2).mean(dim=(1, 2, 3))
+        return (errors * self.weights).mean() if min_snr else errors.mean()
 
 
 class FrozenParts:

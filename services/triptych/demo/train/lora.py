@@ -1,10 +1,12 @@
 """Stage ``lora``: a style LoRA, shapes drawn as outlines, written in the kohya/A1111 format users bring.
 
-The trained base UNet is frozen; rank-4 adapters (alpha 4, so scale 1) on its attention projections (to_q, to_k,
-to_v, to_out.0 of self- and cross-attention: the modules kohya's and ``model_builders/tiny_weights.py``'s LoRAs
-adapt) learn the base stream's captions with every picture drawn as an outline. Same noising and loss as the UNet
-(``denoising.py``). The file, ``lora/lora-outline.safetensors``, has ``lora_unet_*`` keys with per-module alpha;
-it carries no text-encoder half (a style needs none).
+The trained base UNet is frozen; rank-8 adapters (alpha 8, so scale 1) on every attention projection (to_q, to_k,
+to_v, to_out.0 of self- and cross-attention), the transformer blocks' feed-forward and ``proj_in``/``proj_out``, and
+the ResNet blocks' two convolutions (kohya's LoCon modules) learn the base stream's captions with every picture drawn
+as an outline. Same noising as the UNet (``denoising.py``), but the plain epsilon loss, not min-SNR's: an outline's
+hole is a detail smaller than a latent cell, decided in the low-noise steps that min-SNR weights down
+(docs/demo-model.md, "The LoRA"). The file, ``lora/lora-outline.safetensors``, has ``lora_unet_*`` keys with
+per-module alpha; it carries no text-encoder half (a style needs none).
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from .unet import load_unet
 
 STAGE = "lora"
 FILE = "lora-outline.safetensors"
-RANK = 4
-ALPHA = 4.0
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+RANK = 8
+ALPHA = 8.0
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+# Recipe 2 (configs.LORA): recipe 1 adapted ATTENTION alone, rank 4, under min-SNR weights, and drew outlines in a
+# quarter of the held-out pictures (docs/demo-model.md, "The LoRA").
+TARGETS = [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 
 
 def kohya_pairs(unet) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -53,7 +58,7 @@ def train_lora(
         examples = batch(settings.seed, step * settings.batch_size, settings.batch_size, BASE_MIX, style="outline")
         noisy = frozen.noisy_batch(examples, generator)
         context = frozen.context([e.caption for e in examples], noisy.clip_skip)
-        return noisy.loss(unet(noisy.noisy, noisy.timesteps, context).sample)
+        return noisy.loss(unet(noisy.noisy, noisy.timesteps, context).sample, min_snr=False)
 
     if not trainer.run(loss_fn, max_seconds):
         return False
