@@ -3,10 +3,10 @@
 The trained base UNet is frozen; rank-8 adapters (alpha 8, so scale 1) on every attention projection (to_q, to_k,
 to_v, to_out.0 of self- and cross-attention), the transformer blocks' feed-forward and ``proj_in``/``proj_out``, and
 the ResNet blocks' two convolutions (kohya's LoCon modules) learn the base stream's captions with every picture drawn
-as an outline. Same noising as the UNet (``denoising.py``), but the plain epsilon loss, not min-SNR's: an outline's
-hole is a detail smaller than a latent cell, decided in the low-noise steps that min-SNR weights down
-(docs/demo-model.md, "The LoRA"). The file, ``lora/lora-outline.safetensors``, has ``lora_unet_*`` keys with
-per-module alpha; it carries no text-encoder half (a style needs none).
+as an outline. Same noising as the UNet (``denoising.py``), but the plain epsilon loss, not min-SNR's, which weights
+down the low-noise steps where a detail as small as an outline's hole is decided (docs/demo-model.md, "The LoRA").
+The file, ``lora/lora-outline.safetensors``, has ``lora_unet_*`` keys with per-module alpha; it carries no
+text-encoder half (a style needs none).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ FILE = "lora-outline.safetensors"
 RANK = 8
 ALPHA = 8.0
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-# Recipe 2 (configs.LORA): recipe 1 adapted ATTENTION alone, rank 4, under min-SNR weights, and drew outlines in a
-# quarter of the held-out pictures (docs/demo-model.md, "The LoRA").
+# Recipe 2 (configs.LORA); recipe 1 adapted ATTENTION alone, rank 4, under min-SNR weights. Both draw outlines in a
+# quarter of the check's pictures, short of its "most": the VAE keeps small outlines poorly (docs/demo-model.md, "The
+# LoRA"), so the LoRA is not shipped yet.
 TARGETS = [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 
 
