@@ -16,8 +16,8 @@ def test_held_out_captions_meet_the_bars(demo_root, client):
     assert_bars("held-out captions, the model's own scheduler", scenes, pictures, BARS)
 
 
-# Each variant on 36 held-out captions (every shape and position met at least four times): the asked shape at no
-# less than the base's bar.
+# Each variant on 18 held-out captions (every shape and position met at least twice): the asked shape at no less
+# than the base's bar. All 72 read 97-99% (docs/demo-model.md, "Measured quality").
 VARIANTS = {
     "clip skip 1": dict(clip_skip=1),
     "clip skip 2": dict(clip_skip=2),
@@ -29,6 +29,6 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_still_draws_the_asked_shape(demo_root, client, variant):
-    scenes = held_out(36)
+    scenes = held_out(18)
     pictures = generate(client, captions(scenes, **VARIANTS[variant]))
     assert_bars(variant, scenes, pictures, {"shape": BARS["shape"]})

@@ -194,9 +194,10 @@ def test_oversized_and_unauthenticated_requests_are_refused_before_their_body_is
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, raised.value.details()
         assert list_schedulers(bytes([0xC2, 0x3E, 10]) + bytes(10), timeout=30)  # 15 bytes: served
     print(f"\npeak memory growth: encoder {encoder_growth >> 20} MiB, denoiser {denoiser_growth >> 20} MiB")
-    # Less than one request's bytes for all four (before: 200 to 330 MiB).
-    assert encoder_growth < 64 << 20, f"the encoder took {encoder_growth >> 20} MiB for refused requests"
-    assert denoiser_growth < 64 << 20, f"the denoiser took {denoiser_growth >> 20} MiB for refused requests"
+    # Less than half the four requests' 256 MiB (before the limits: 200 to 330 MiB). What is left is what arrived in
+    # flight before the refusal: 17 to 48 MiB on a quiet machine, 85 MiB once in the full suite on a loaded one.
+    assert encoder_growth < 128 << 20, f"the encoder took {encoder_growth >> 20} MiB for refused requests"
+    assert denoiser_growth < 128 << 20, f"the denoiser took {denoiser_growth >> 20} MiB for refused requests"
 
 
 def test_watch_streams_without_a_token_cannot_take_the_capacity_meant_for_work(secured):
