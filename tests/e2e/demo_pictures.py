@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.reference import pixels
+from triptych.demo.assets import model_ids
 from triptych.demo.classify import Reading, read
 from triptych.demo.vocabulary import HELD_OUT, Scene
 from triptych.v1 import image_service_pb2
@@ -38,7 +39,7 @@ def generate(client, requests: list[dict]) -> list[np.ndarray]:
 def require(store: Path, adapter: str) -> None:
     """Skips a feature test whose adapter (``demo/<adapter>``) the committed family ships without: a part that failed
     its check is packed out (``assets pack --leave-out``), and the model card's "Status" says why."""
-    if not ((store / "demo" / adapter).is_dir() or (store / "demo" / f"{adapter}.safetensors").is_file()):
+    if f"demo/{adapter}" not in model_ids(store / "demo"):
         pytest.skip(f"demo/{adapter} is not in the committed demo family (docs/demo-model.md, 'Status')")
 
 

@@ -90,10 +90,17 @@ def problems(folder: Path) -> list[str]:
     return issues
 
 
+def _part(entry: Path) -> str:
+    """The part a family folder's entry holds: ``base/`` and ``controlnet-mask/`` folders, ``lora-outline.safetensors``
+    and ``ti-moon.safetensors`` files."""
+    return entry.name.removesuffix(".safetensors")
+
+
 def model_ids(folder: Path) -> list[str]:
-    """The store ids the assets in ``folder`` install as: demo/base, demo/controlnet-mask, demo/lora-outline, ..."""
+    """The store ids the assets in ``folder`` install as: demo/base, demo/controlnet-mask, demo/lora-outline, ...
+    (also of a store's ``demo/`` folder: what it holds of the family)."""
     entries = sorted(p for p in Path(folder).iterdir() if p.name != MANIFEST)
-    return [f"{FAMILY}/{p.name.removesuffix('.safetensors')}" for p in entries]
+    return [f"{FAMILY}/{_part(p)}" for p in entries]
 
 
 def install(source: Path, root: Path) -> list[str]:
@@ -179,10 +186,11 @@ def pack(
             work = _merged_work(work, stages_from, Path(staging) / "work")
         assemble(Path(work), Path(staging), dtype=dtype)
         built = Path(staging) / FAMILY
-        for part in leave_out:
-            if (built / part).is_dir():
-                shutil.rmtree(built / part)
-            (built / f"{part}.safetensors").unlink(missing_ok=True)
+        for entry in [e for e in built.iterdir() if _part(e) in leave_out]:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         _forget_sources(built)
         readable_by_all(built)
         manifest = write_manifest(built)
