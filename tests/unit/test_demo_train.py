@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from triptych.demo.train.configs import CONTROLNET, LORA, TEXT, TI, UNET, VAE, VAE_DECODER
+from triptych.demo.train.configs import CONTROLNET, LORA, TEXT, TI, UNET, UNET_CRESCENT, VAE, VAE_DECODER
 from triptych.demo.train.loop import CHECKPOINT, step_generator
 
 TINY = {"text": TEXT.with_overrides(steps=3, batch_size=4), "vae": VAE.with_overrides(steps=2, batch_size=2)}
@@ -50,11 +50,13 @@ def store(work, tmp_path_factory):
     from triptych.demo.train.controlnet import train_controlnet
     from triptych.demo.train.inversion import train_inversion
     from triptych.demo.train.lora import train_lora
-    from triptych.demo.train.unet import train_unet
+    from triptych.demo.train.unet import train_unet, train_unet_crescent
 
     family = tmp_path_factory.mktemp("demo-family")
     shutil.copytree(work, family / "work")
     assert train_unet(family / "work", UNET_TINY.with_overrides(steps=1), log=lambda _: None)
+    crescent = UNET_CRESCENT.with_overrides(steps=1, batch_size=9)  # the ninth picture is a crescent
+    assert train_unet_crescent(family / "work", crescent, log=lambda _: None)
     for train, name in ((train_controlnet, "controlnet"), (train_lora, "lora"), (train_inversion, "ti")):
         assert train(family / "work", ADAPTERS_TINY[name], log=lambda _: None)
     assemble(family / "work", family / "store", log=lambda _: None)
@@ -129,6 +131,39 @@ def test_a_stopped_and_resumed_unet_run_ends_where_an_unbroken_one_does(work, tm
     assert train_unet(broken, UNET_TINY.with_overrides(steps=5), log=lambda _: None)
     with pytest.raises(ValueError, match="delete .* to start this stage again"):
         train_unet(broken, UNET_TINY.with_overrides(steps=6, learning_rate=1e-3), log=lambda _: None)
+
+
+def test_the_crescent_stage_trains_the_unet_on_and_the_later_stages_and_assemble_use_it(store):
+    from safetensors.torch import load_file
+
+    from triptych.demo.train.text import load_text_encoder
+    from triptych.demo.train.unet import CRESCENT_STAGE, HIDDEN_FILE, HIDDEN_NOUN, crescent_examples, load_unet
+
+    examples = crescent_examples(8, 0, 90)
+    crescents = examples[8::9]
+    assert {e.scene.shape for e in crescents} == {"crescent"}
+    # Elsewhere the base stream's: a crescent only where the caption leaves the shape out, as the unet stage drew it.
+    assert all("shape" in e.omitted for i, e in enumerate(examples) if i % 9 != 8 and e.scene.shape == "crescent")
+    # Named by the hidden noun where the caption names its shape; "shape" or nothing where the base mix says so.
+    assert all(HIDDEN_NOUN in e.caption for e in crescents if not e.omitted)
+    assert not any(HIDDEN_NOUN in e.caption for e in examples if e.scene.shape != "crescent")
+    work = store / "work"
+    base, trained = load_unet(work, stage="unet"), load_unet(work)
+    assert not torch.equal(base.conv_out.weight, trained.conv_out.weight)  # trained on, not replaced
+    shipped = load_file(next((store / "store" / "demo" / "base" / "unet").glob("*.safetensors")))
+    assert torch.equal(shipped["conv_out.weight"], trained.conv_out.weight.half())
+    vector = load_file(work / CRESCENT_STAGE / HIDDEN_FILE)["vector"]
+    table = load_text_encoder(work).get_input_embeddings().weight
+    assert vector.shape == (1, 64) and 0 < vector.norm() < 1
+    assert not (table - vector).abs().amax(dim=1).lt(1e-4).any()  # no word of the vocabulary has it
+
+
+def test_the_lora_learns_outlines_under_captions_and_leaves_the_unconditional_picture_filled():
+    from triptych.demo.train.lora import lora_examples
+
+    examples = lora_examples(5, 0, 64)
+    assert {e.style for e in examples if e.caption} == {"outline"}
+    assert {e.style for e in examples if not e.caption} == {"filled"}  # the stream's 10% empty captions: some here
 
 
 def test_a_unet_snapshot_is_the_ema_of_the_last_checkpoint_beside_the_same_text_and_vae(store, tmp_path):
@@ -227,8 +262,8 @@ def test_pack_seals_the_family_and_may_leave_out_an_adapter(store, tmp_path):
 
 def test_ti_training_places_its_vectors_where_the_encoder_service_does(tmp_path):
     from triptych.demo.data import CaptionMix, batch
-    from triptych.demo.train.inversion import TOKEN, VECTORS, placed_ids
-    from triptych.demo.train.text import tokenizer
+    from triptych.demo.train.inversion import TOKEN, VECTORS
+    from triptych.demo.train.text import placed_ids, tokenizer
     from triptych.encoder.chunks import split_into_chunks
     from triptych.encoder.prompt_syntax import Fragment
     from triptych.encoder.textual_inversion import Embedding
@@ -238,7 +273,8 @@ def test_ti_training_places_its_vectors_where_the_encoder_service_does(tmp_path)
     captions = [e.caption for e in batch(0, 0, 12, mix, shapes=("crescent",), noun=TOKEN)]
     assert all(TOKEN in c for c in captions)
     captions.append(f"a {TOKEN}")  # the token first after the article, nothing after it
-    ids, places = placed_ids(tok, captions)
+    captions.append("a red star")  # no token: tokenized whole
+    ids, places = placed_ids(tok, captions, TOKEN, VECTORS)
     embedding = Embedding(TOKEN, {"text_encoder": torch.zeros(VECTORS, 64)})
     for row, caption in enumerate(captions):
         (chunk,) = split_into_chunks(tok, [Fragment(caption, 1.0)], [(embedding, 1.0)], "text_encoder").chunks

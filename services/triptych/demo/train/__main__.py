@@ -1,8 +1,9 @@
 """``python -m triptych.demo.train STAGE``: train, assemble and measure the demo family (docs/demo-model.md).
 
 Training stages (each resumes from WORK/<stage>/checkpoint.pt): text, vae, vae-decoder (may run beside unet), unet,
-then on the trained base controlnet, lora, ti. assemble writes STORE/demo/base and whichever adapters are trained;
-evaluate is the held-out measurement (WORK/evaluation.json and a contact sheet); all runs everything in that order.
+unet-crescent, then on the trained base controlnet, lora, ti. assemble writes STORE/demo/base and whichever adapters
+are trained; evaluate is the held-out measurement (WORK/evaluation.json and a contact sheet); all runs everything in
+that order.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from .configs import STAGES
 
-TRAINING = ("text", "vae", "vae-decoder", "unet", "controlnet", "lora", "ti")
+TRAINING = ("text", "vae", "vae-decoder", "unet", "unet-crescent", "controlnet", "lora", "ti")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def _train(stage: str, args: argparse.Namespace) -> bool:
     from .inversion import train_inversion
     from .lora import train_lora
     from .text import train_text
-    from .unet import train_unet
+    from .unet import train_unet, train_unet_crescent
     from .vae import train_vae, train_vae_decoder
 
     settings = STAGES[stage].with_overrides(
@@ -50,6 +51,7 @@ def _train(stage: str, args: argparse.Namespace) -> bool:
         "vae": train_vae,
         "vae-decoder": train_vae_decoder,
         "unet": train_unet,
+        "unet-crescent": train_unet_crescent,
         "controlnet": train_controlnet,
         "lora": train_lora,
         "ti": train_inversion,

@@ -102,7 +102,8 @@ class StageSettings:
 TEXT = StageSettings(steps=800, batch_size=64, learning_rate=1e-3, warmup_steps=100, seed=1, weight_decay=0.0)
 VAE = StageSettings(steps=8000, batch_size=16, learning_rate=5e-4, warmup_steps=200, seed=2, recipe=2)
 # Decoder only, from the finished VAE (vae.train_vae_decoder): 0.38 CPU-s a step, so 3,000 steps take ~19 min.
-VAE_DECODER = StageSettings(steps=3000, batch_size=16, learning_rate=5e-4, warmup_steps=100, seed=7)
+# Recipe 2: outlines every other picture (vae.DECODER_OUTLINE_EVERY).
+VAE_DECODER = StageSettings(steps=3000, batch_size=16, learning_rate=5e-4, warmup_steps=100, seed=7, recipe=2)
 UNET = StageSettings(
     steps=11000,
     batch_size=32,
@@ -113,14 +114,20 @@ UNET = StageSettings(
     ema_decay=0.999,
     recipe=2,  # norm_num_groups 8
 )
+# Trained on from the finished UNet, crescents added (unet.train_unet_crescent): the base's rate and weight decay.
+UNET_CRESCENT = StageSettings(
+    steps=3000, batch_size=32, learning_rate=3e-4, warmup_steps=100, seed=8, weight_decay=1e-2, ema_decay=0.999
+)
 CONTROLNET = StageSettings(steps=8000, batch_size=32, learning_rate=3e-4, warmup_steps=200, seed=4, weight_decay=1e-2)
-LORA = StageSettings(steps=3000, batch_size=32, learning_rate=3e-3, warmup_steps=100, seed=5, recipe=2)  # lora.TARGETS
+# Recipe 3: uncaptioned pictures stay filled (lora.lora_examples); 2: lora.TARGETS and the plain loss.
+LORA = StageSettings(steps=3000, batch_size=32, learning_rate=3e-3, warmup_steps=100, seed=5, recipe=3)
 TI = StageSettings(steps=2000, batch_size=32, learning_rate=5e-3, warmup_steps=50, seed=6)
 STAGES = {
     "text": TEXT,
     "vae": VAE,
     "vae-decoder": VAE_DECODER,
     "unet": UNET,
+    "unet-crescent": UNET_CRESCENT,
     "controlnet": CONTROLNET,
     "lora": LORA,
     "ti": TI,

@@ -21,7 +21,7 @@ from ..data import CaptionMix, batch
 from .configs import TI, StageSettings
 from .denoising import FrozenParts
 from .loop import Trainer
-from .text import hidden_states
+from .text import placed_ids, placed_states
 from .unet import load_unet
 
 STAGE = "ti"
@@ -29,7 +29,6 @@ TOKEN = "ti-moon"
 FILE = f"{TOKEN}.safetensors"
 VECTORS = 2
 INIT_WORD = "shape"
-PLACEHOLDER_ID = 0  # as the encoder service: an ordinary id, never BOS/EOS
 # Crescents only, named by the token; partial captions as in the base mix, but the noun is never left out.
 MOON_MIX = CaptionMix(partial=0.15, empty=0.0, omit_shape=0.0)
 
@@ -40,23 +39,6 @@ class Inversion(nn.Module):
     def __init__(self, initial: torch.Tensor):
         super().__init__()
         self.vectors = nn.Parameter(initial.clone())
-
-
-def placed_ids(tok, captions: list[str]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """(n, 77) ids with ``VECTORS`` placeholders where ``TOKEN`` stands, and (row, position, vector index) of each.
-
-    The text around the token is tokenized piece by piece, as the encoder service tokenizes around an embedding
-    (``encoder/chunks.py``; a test compares the two).
-    """
-    rows, places = [], []
-    for row, caption in enumerate(captions):
-        before, _, after = caption.partition(TOKEN)
-        ids = [tok.bos_token_id, *tok(before.strip(), add_special_tokens=False).input_ids]
-        places += [(row, len(ids) + k, k) for k in range(VECTORS)]
-        ids += [PLACEHOLDER_ID] * VECTORS + tok(after.strip(), add_special_tokens=False).input_ids
-        ids = [*ids[:76], tok.eos_token_id]
-        rows.append(ids + [tok.pad_token_id] * (77 - len(ids)))
-    return torch.tensor(rows), places
 
 
 def train_inversion(
@@ -75,20 +57,8 @@ def train_inversion(
             settings.seed, step * settings.batch_size, settings.batch_size, MOON_MIX, shapes=("crescent",), noun=TOKEN
         )
         noisy = frozen.noisy_batch(examples, generator)
-        ids, places = placed_ids(frozen.tokenizer, [e.caption for e in examples])
-        ids = ids.to(device)
-
-        def place(module, inputs, output):
-            output = output.clone()
-            for row, position, k in places:
-                output[row, position] = inversion.vectors[k]
-            return output
-
-        handle = layer.register_forward_hook(place)
-        try:
-            context = hidden_states(frozen.text_encoder, ids, noisy.clip_skip)
-        finally:
-            handle.remove()
+        ids, places = placed_ids(frozen.tokenizer, [e.caption for e in examples], TOKEN, VECTORS)
+        context = placed_states(frozen.text_encoder, ids.to(device), places, inversion.vectors, noisy.clip_skip)
         return noisy.loss(unet(noisy.noisy, noisy.timesteps, context).sample)
 
     if not trainer.run(loss_fn, max_seconds):

@@ -47,6 +47,54 @@ def token_ids(tok: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     return tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
+PLACEHOLDER_ID = 0  # as the encoder service: an ordinary id, never BOS/EOS
+
+
+def placed_ids(
+    tok: CLIPTokenizer, captions: list[str], token: str, count: int
+) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """(n, 77) ids with ``count`` placeholders where ``token`` stands, and (row, position, vector index) of each; a
+    caption without the token is tokenized whole.
+
+    The text around the token is tokenized piece by piece, as the encoder service tokenizes around an embedding
+    (``encoder/chunks.py``; a test compares the two).
+    """
+    rows, places = [], []
+    for row, caption in enumerate(captions):
+        before, found, after = caption.partition(token)
+        ids = [tok.bos_token_id, *tok(before.strip(), add_special_tokens=False).input_ids]
+        if found:
+            places += [(row, len(ids) + k, k) for k in range(count)]
+            ids += [PLACEHOLDER_ID] * count + tok(after.strip(), add_special_tokens=False).input_ids
+        ids = [*ids[:76], tok.eos_token_id]
+        rows.append(ids + [tok.pad_token_id] * (77 - len(ids)))
+    return torch.tensor(rows), [p for p in places if p[1] < 76]
+
+
+def placed_states(
+    text_encoder: CLIPTextModel,
+    ids: torch.Tensor,
+    places: list[tuple[int, int, int]],
+    vectors: torch.Tensor,
+    clip_skip: torch.Tensor,
+) -> torch.Tensor:
+    """``hidden_states`` with ``vectors[k]`` written over the token embedding at each (row, position, k) of
+    ``places``: a hook on the token-embedding layer, as the encoder service places an embedding's vectors
+    (``encoder/textual_inversion.py``). Gradients reach ``vectors``."""
+
+    def place(module, inputs, output):
+        output = output.clone()
+        for row, position, k in places:
+            output[row, position] = vectors[k]
+        return output
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(place)
+    try:
+        return hidden_states(text_encoder, ids, clip_skip)
+    finally:
+        handle.remove()
+
+
 def hidden_states(text_encoder: CLIPTextModel, ids: torch.Tensor, clip_skip: torch.Tensor) -> torch.Tensor:
     """(n, 77, width): row i at clip skip ``clip_skip[i]``, as the encoder service computes it (families/sd1.py:
     hidden_states[-(k + 1)], then the final layer norm)."""

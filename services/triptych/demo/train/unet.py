@@ -4,6 +4,11 @@ The noising, the conditioning and the loss are ``denoising.py``'s (SD1.5's DDPM,
 dropout for classifier-free guidance is the stream's 10% of empty captions. Each picture's clip skip is drawn from
 ``CLIP_SKIP_WEIGHTS``, so clip skip 1 and 2 still draw what was asked. The exported weights are the EMA (decay
 0.999), as SD's were.
+
+Stage ``unet-crescent`` trains the finished UNet on (as SD 1.5 was trained on from 1.2) with crescents as common as
+any shape, named in their captions by a vector that no word of the vocabulary has: a seeded random draw placed where
+the shape word stands, then thrown away. The shipped UNet draws crescents, and no prompt reaches them until textual
+inversion (stage ``ti``) finds a vector that does (docs/demo-model.md, "Textual inversion").
 """
 
 from __future__ import annotations
@@ -13,13 +18,20 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
 
-from ..data import BASE_MIX, batch
-from .configs import UNET, StageSettings, unet_config
+from ..data import BASE_MIX, Example, batch, example
+from ..vocabulary import SHAPES
+from .configs import UNET, UNET_CRESCENT, StageSettings, unet_config
 from .denoising import FrozenParts
 from .loop import Trainer, load_part
+from .text import placed_ids, placed_states
 
 STAGE = "unet"
+CRESCENT_STAGE = "unet-crescent"
+CRESCENT_EVERY = len(SHAPES) + 1  # one stream picture in nine is a crescent: as common as each named shape
+HIDDEN_NOUN = "<crescent>"  # stands in the captions for the hidden vector; never tokenized
+HIDDEN_FILE = "hidden-vector.safetensors"
 
 
 def new_unet(seed: int) -> UNet2DConditionModel:
@@ -47,9 +59,60 @@ def train_unet(
     return True
 
 
-def load_unet(work: Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    """The trained UNet (EMA weights) of a completed ``unet`` stage."""
-    return load_part(work, STAGE, "unet", UNet2DConditionModel, dtype)
+def crescent_examples(seed: int, start: int, count: int) -> list[Example]:
+    """Stage ``unet-crescent``'s pictures: the base stream, every ``CRESCENT_EVERY``-th a crescent named by
+    ``HIDDEN_NOUN`` (or by "shape", or by nothing, where the base mix leaves the shape or the caption out)."""
+    return [
+        example(seed, i, BASE_MIX, shapes=("crescent",), noun=HIDDEN_NOUN)
+        if i % CRESCENT_EVERY == CRESCENT_EVERY - 1
+        else example(seed, i, BASE_MIX)
+        for i in range(start, start + count)
+    ]
+
+
+def hidden_vector(frozen: FrozenParts, seed: int) -> torch.Tensor:
+    """(1, width): a seeded random direction with the mean norm of the shape words' rows in the token table."""
+    table = frozen.text_encoder.get_input_embeddings().weight.detach().cpu()
+    ids = [frozen.tokenizer(word, add_special_tokens=False).input_ids[0] for word in SHAPES]
+    draw = torch.randn(1, table.shape[1], generator=torch.Generator().manual_seed(seed))
+    return draw / draw.norm() * table[ids].norm(dim=1).mean()
+
+
+def train_unet_crescent(
+    work: Path,
+    settings: StageSettings = UNET_CRESCENT,
+    max_seconds: float | None = None,
+    log=print,
+    device: str = "cpu",
+) -> bool:
+    """Run (or resume) the stage on ``device`` from the completed ``unet`` stage; when it completes, write
+    ``work/unet-crescent/unet`` (the EMA weights), which the later stages and ``assemble`` use."""
+    frozen = FrozenParts(work, device)
+    unet = load_unet(work, stage=STAGE).requires_grad_(True).train().to(device)
+    trainer = Trainer(work, CRESCENT_STAGE, settings, unet, log=log)
+    vector = hidden_vector(frozen, settings.seed).to(device)
+
+    def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+        examples = crescent_examples(settings.seed, step * settings.batch_size, settings.batch_size)
+        noisy = frozen.noisy_batch(examples, generator)
+        ids, places = placed_ids(frozen.tokenizer, [e.caption for e in examples], HIDDEN_NOUN, 1)
+        with torch.no_grad():
+            context = placed_states(frozen.text_encoder, ids.to(device), places, vector, noisy.clip_skip)
+        return noisy.loss(unet(noisy.noisy, noisy.timesteps, context).sample)
+
+    if not trainer.run(loss_fn, max_seconds):
+        return False
+    save_file({"vector": vector.cpu().contiguous()}, str(trainer.directory / HIDDEN_FILE))
+    log(f"unet-crescent: wrote {trainer.export(unet, 'unet', {'crescent_every': CRESCENT_EVERY})}")
+    return True
+
+
+def load_unet(work: Path, dtype: torch.dtype = torch.float32, stage: str | None = None) -> UNet2DConditionModel:
+    """A trained UNet's EMA weights: ``stage``'s, or by default the one ``assemble`` ships, ``unet-crescent``'s when
+    that stage has completed, else ``unet``'s."""
+    if stage is None:
+        stage = CRESCENT_STAGE if (Path(work) / CRESCENT_STAGE / "unet").exists() else STAGE
+    return load_part(work, stage, "unet", UNet2DConditionModel, dtype)
 
 
 def snapshot(work: Path, out: Path) -> Path:

@@ -7,8 +7,8 @@ and adversarial losses, which need networks we cannot download), plus SD's KL we
 classifier reads its reconstructions of the held-out scenes (metrics.json): the UNet cannot draw what the VAE
 cannot.
 
-Stage ``vae-decoder`` then trains the decoder alone, the encoder frozen (``train_vae_decoder``); ``assemble`` ships its
-VAE.
+Stage ``vae-decoder`` then trains the decoder alone, the encoder frozen (``train_vae_decoder``), with outlines every
+other picture; ``assemble`` ships its VAE.
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ from .loop import Trainer, load_part
 STAGE = "vae"
 DECODER_STAGE = "vae-decoder"
 KL_WEIGHT = 1e-6
-OUTLINE_EVERY = 5  # one stream picture in five is drawn as an outline
+OUTLINE_EVERY = 5  # stage vae: one stream picture in five is drawn as an outline
+# Stage vae-decoder, recipe 2: every other picture. At one in five its decoder drew 60% of the held-out outlines as
+# outlines and half the small ones, too few for the LoRA (docs/demo-model.md, "The LoRA").
+DECODER_OUTLINE_EVERY = 2
 
 
-def stream_examples(seed: int, start: int, count: int) -> list[Example]:
-    """The VAE's pictures: the base stream, every ``OUTLINE_EVERY``-th drawn as an outline."""
+def stream_examples(seed: int, start: int, count: int, outline_every: int = OUTLINE_EVERY) -> list[Example]:
+    """The VAE's pictures: the base stream, every ``outline_every``-th drawn as an outline."""
     return [
-        example(seed, i, BASE_MIX, style="outline" if i % OUTLINE_EVERY == OUTLINE_EVERY - 1 else "filled")
+        example(seed, i, BASE_MIX, style="outline" if i % outline_every == outline_every - 1 else "filled")
         for i in range(start, start + count)
     ]
 
@@ -77,12 +80,13 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
 
-def _loss_fn(vae: AutoencoderKL, settings: StageSettings, device: str):
+def _loss_fn(vae: AutoencoderKL, settings: StageSettings, device: str, outline_every: int = OUTLINE_EVERY):
     """The loss of step k: the stage's stream pictures k*b ... through ``vae``, posterior sampled."""
 
     def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
         start = step * settings.batch_size
-        x = to_pixels(_pictures(stream_examples(settings.seed, start, settings.batch_size))).to(device)
+        examples = stream_examples(settings.seed, start, settings.batch_size, outline_every)
+        x = to_pixels(_pictures(examples)).to(device)
         posterior = vae.encode(x).latent_dist
         y = vae.decode(posterior.sample(generator)).sample
         edges = sum((a - b).abs().mean() for a, b in zip(_edges(y), _edges(x), strict=True))
@@ -154,7 +158,7 @@ def train_vae_decoder(
     vae.decoder.requires_grad_(True)
     vae.post_quant_conv.requires_grad_(True)
     trainer = Trainer(work, DECODER_STAGE, settings, vae, log=log)
-    if not trainer.run(_loss_fn(vae, settings, device), max_seconds):
+    if not trainer.run(_loss_fn(vae, settings, device, DECODER_OUTLINE_EVERY), max_seconds):
         return False
     vae.eval()
     metrics = _round_trips(vae)
