@@ -142,8 +142,10 @@ def test_the_crescent_stage_trains_the_unet_on_and_the_later_stages_and_assemble
     examples = crescent_examples(8, 0, 90)
     crescents = examples[8::9]
     assert {e.scene.shape for e in crescents} == {"crescent"}
-    # Elsewhere the base stream's: a crescent only where the caption leaves the shape out, as the unet stage drew it.
-    assert all("shape" in e.omitted for i, e in enumerate(examples) if i % 9 != 8 and e.scene.shape == "crescent")
+    assert not any("shape" in e.omitted and e.caption for e in crescents)
+    # Nowhere else; the picture before each crescent is a named shape captioned "shape".
+    assert not any(e.scene.shape == "crescent" for i, e in enumerate(examples) if i % 9 != 8)
+    assert all("shape" in e.omitted and "shape" in e.caption.split() for e in examples[7::9])
     # Named by the hidden noun where the caption names its shape; "shape" or nothing where the base mix says so.
     assert all(HIDDEN_NOUN in e.caption for e in crescents if not e.omitted)
     assert not any(HIDDEN_NOUN in e.caption for e in examples if e.scene.shape != "crescent")
