@@ -127,7 +127,7 @@ UNET_CRESCENT = StageSettings(
 )
 CONTROLNET = StageSettings(steps=8000, batch_size=32, learning_rate=3e-4, warmup_steps=200, seed=4, weight_decay=1e-2)
 # Recipe 3: uncaptioned pictures stay filled (lora.lora_examples); 2: lora.TARGETS and the plain loss.
-LORA = StageSettings(steps=3000, batch_size=32, learning_rate=3e-3, warmup_steps=100, seed=5, recipe=3)
+LORA = StageSettings(steps=5000, batch_size=32, learning_rate=3e-3, warmup_steps=100, seed=5, recipe=3)
 TI = StageSettings(steps=2000, batch_size=32, learning_rate=5e-3, warmup_steps=50, seed=6)
 STAGES = {
     "text": TEXT,
