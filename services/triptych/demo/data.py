@@ -6,7 +6,8 @@ run resumed at step k draws exactly the batches a run that never stopped would h
 The caption mix (docs/demo-model.md, "Captions"): most captions name everything; some leave parts out, so that short
 prompts ("a red star") and negative prompts ("red") mean something; some are empty, which is classifier-free
 guidance's caption dropout. A caption that does not name the shape says "shape", and then the shape may also be a
-crescent, which no caption names: the base model can draw crescents, and textual inversion learns the word.
+crescent, which no caption names (the ``unet-crescent`` stage shows the UNet crescents under a vector no word has;
+textual inversion learns a word for them).
 """
 
 from __future__ import annotations

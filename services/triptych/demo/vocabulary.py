@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The base vocabulary. "crescent" is not in it: the textual-inversion word "moon" is learned (docs/demo-model.md).
+# The base vocabulary. "crescent" is not in it: textual inversion learns a word for it, "ti-moon" (docs/demo-model.md).
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "heart")
 EXTRA_SHAPES = ("crescent",)
 ALL_SHAPES = SHAPES + EXTRA_SHAPES

@@ -1,11 +1,12 @@
 """Stage ``ti``: textual inversion of the crescent, a shape the base model can draw but has no word for.
 
-The base saw crescents only under "shape" and the empty caption (``data.py``). Here everything is frozen except
-``VECTORS`` new token vectors, initialised from the embedding of "shape": crescent pictures captioned with the token
-as their noun ("a large red ti-moon at the left on a blue background") teach the vectors to pick the crescent out.
-The token is the file's stem, as A1111 reads it; the vectors take its place in the prompt the way the encoder
-service places them (``encoder/textual_inversion.py``: a placeholder id, and a hook on the token-embedding layer
-that writes the vectors there), so training and serving see the same numbers. Written as an A1111 embedding,
+The shipped UNet (``unet-crescent``) learned crescents under a vector that was then thrown away (``unet.py``). Here
+everything is frozen except ``VECTORS`` new token vectors, initialised from the embedding of "shape": crescent
+pictures captioned with the token as their noun ("a large red ti-moon at the left on a blue background") teach the
+vectors to pick the crescent out. The token is the file's stem, as A1111 reads it; the vectors take its place in the
+prompt the way the encoder service places them (``text.placed_states``, as ``encoder/textual_inversion.py`` does: a
+placeholder id, and a hook on the token-embedding layer that writes the vectors there), so training and serving see
+the same numbers. Written as an A1111 embedding,
 ``ti/ti-moon.safetensors`` = {"emb_params": (VECTORS, width)}.
 """
 
