@@ -6,8 +6,7 @@ pictures captioned with the token as their noun ("a large red ti-moon at the lef
 vectors to pick the crescent out. The token is the file's stem, as A1111 reads it; the vectors take its place in the
 prompt the way the encoder service places them (``text.placed_states``, as ``encoder/textual_inversion.py`` does: a
 placeholder id, and a hook on the token-embedding layer that writes the vectors there), so training and serving see
-the same numbers. Written as an A1111 embedding,
-``ti/ti-moon.safetensors`` = {"emb_params": (VECTORS, width)}.
+the same numbers. Written as an A1111 embedding, ``ti/ti-moon.safetensors`` = {"emb_params": (VECTORS, width)}.
 """
 
 from __future__ import annotations

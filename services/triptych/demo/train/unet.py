@@ -32,6 +32,11 @@ CRESCENT_STAGE = "unet-crescent"
 CRESCENT_EVERY = len(SHAPES) + 1  # one stream picture in nine is a crescent: as common as each named shape
 HIDDEN_NOUN = "<crescent>"  # stands in the captions for the hidden vector; never tokenized
 HIDDEN_FILE = "hidden-vector.safetensors"
+# A crescent's caption never leaves its noun out: "shape" must not ask for a crescent.
+CRESCENT_MIX = CaptionMix(omit_shape=0.0)
+# Captions that name no shape, every one of the eight named shapes: the contrast that keeps "shape" from meaning the
+# crescent, whose vector's states lie nearer "shape"'s than any named shape's.
+SHAPE_MIX = CaptionMix(partial=1.0, empty=0.0, omit_part=0.25, omit_shape=1.0)
 
 
 def new_unet(seed: int) -> UNet2DConditionModel:
@@ -57,13 +62,6 @@ def train_unet(
         return False
     log(f"unet: wrote {trainer.export(unet, 'unet', {})}")
     return True
-
-
-# A crescent's caption never leaves its noun out: "shape" must not ask for a crescent.
-CRESCENT_MIX = CaptionMix(omit_shape=0.0)
-# Captions that name no shape, every one of the eight named shapes: the contrast that keeps "shape" from meaning the
-# crescent, whose vector's states lie nearer "shape"'s than any named shape's.
-SHAPE_MIX = CaptionMix(partial=1.0, empty=0.0, omit_part=0.25, omit_shape=1.0)
 
 
 def crescent_examples(seed: int, start: int, count: int) -> list[Example]:
