@@ -114,17 +114,9 @@ UNET = StageSettings(
     ema_decay=0.999,
     recipe=2,  # norm_num_groups 8
 )
-# Trained on from the finished UNet, crescents added (unet.train_unet_crescent): the base's rate and weight decay.
-UNET_CRESCENT = StageSettings(
-    steps=3000,
-    batch_size=32,
-    learning_rate=3e-4,
-    warmup_steps=100,
-    seed=8,
-    weight_decay=1e-2,
-    ema_decay=0.999,
-    recipe=3,  # crescents only under the hidden vector, and "shape" for named shapes (unet.crescent_examples)
-)
+# Trained on from the finished UNet, crescents added (unet.train_unet_crescent): the base's batch, rate, weight decay
+# and EMA. Recipe 3: crescents only under the hidden vector, and "shape" for named shapes (unet.crescent_examples).
+UNET_CRESCENT = UNET.with_overrides(steps=3000, warmup_steps=100, seed=8, recipe=3)
 CONTROLNET = StageSettings(steps=8000, batch_size=32, learning_rate=3e-4, warmup_steps=200, seed=4, weight_decay=1e-2)
 # Recipe 3: uncaptioned pictures stay filled (lora.lora_examples); 2: lora.TARGETS and the plain loss.
 LORA = StageSettings(steps=5000, batch_size=32, learning_rate=3e-3, warmup_steps=100, seed=5, recipe=3)

@@ -62,6 +62,14 @@ def load_part(work: Path, stage: str, part: str, model_class, dtype: torch.dtype
     return model_class.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
 
 
+def load_latest_part(work: Path, stages: tuple[str, ...], part: str, model_class, dtype: torch.dtype = torch.float32):
+    """``part`` of the last of ``stages`` that has completed, each stage training on the one before it's (as
+    ``vae-decoder`` trains on ``vae``): what ``assemble`` ships. None completed: the first's (its error says which
+    stage to run)."""
+    done = [stage for stage in stages if (Path(work) / stage / part).exists()]
+    return load_part(work, done[-1] if done else stages[0], part, model_class, dtype)
+
+
 class Trainer:
     """Trains ``model``'s trainable parameters for ``settings.steps`` steps, resuming from ``work/<stage>`` if a
     checkpoint is there."""

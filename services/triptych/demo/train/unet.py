@@ -24,7 +24,7 @@ from ..data import BASE_MIX, CaptionMix, Example, batch, example
 from ..vocabulary import SHAPES
 from .configs import UNET, UNET_CRESCENT, StageSettings, unet_config
 from .denoising import FrozenParts
-from .loop import Trainer, load_part
+from .loop import Trainer, load_latest_part, load_part
 from .text import placed_ids, placed_states
 
 STAGE = "unet"
@@ -99,7 +99,7 @@ def train_unet_crescent(
     """Run (or resume) the stage on ``device`` from the completed ``unet`` stage; when it completes, write
     ``work/unet-crescent/unet`` (the EMA weights), which the later stages and ``assemble`` use."""
     frozen = FrozenParts(work, device)
-    unet = load_unet(work, stage=STAGE).requires_grad_(True).train().to(device)
+    unet = load_unet(work, stage=STAGE).requires_grad_(True).to(device)  # Trainer.run sets train mode
     trainer = Trainer(work, CRESCENT_STAGE, settings, unet, log=log)
     vector = hidden_vector(frozen, settings.seed).to(device)
 
@@ -122,7 +122,7 @@ def load_unet(work: Path, dtype: torch.dtype = torch.float32, stage: str | None 
     """A trained UNet's EMA weights: ``stage``'s, or by default the one ``assemble`` ships, ``unet-crescent``'s when
     that stage has completed, else ``unet``'s."""
     if stage is None:
-        stage = CRESCENT_STAGE if (Path(work) / CRESCENT_STAGE / "unet").exists() else STAGE
+        return load_latest_part(work, (STAGE, CRESCENT_STAGE), "unet", UNet2DConditionModel, dtype)
     return load_part(work, stage, "unet", UNet2DConditionModel, dtype)
 
 

@@ -24,7 +24,7 @@ from ..data import BASE_MIX, Example, example
 from ..render import Placement
 from ..vocabulary import HELD_OUT
 from .configs import RESOLUTION, VAE, VAE_DECODER, StageSettings, vae_config
-from .loop import Trainer, load_part
+from .loop import Trainer, load_latest_part, load_part
 
 STAGE = "vae"
 DECODER_STAGE = "vae-decoder"
@@ -175,6 +175,4 @@ def load_vae(work: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
 def load_shipped_vae(work: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """The VAE ``assemble`` ships: the ``vae-decoder`` stage's when it has completed (the same encoder, a decoder
     trained longer), else the ``vae`` stage's."""
-    if (Path(work) / DECODER_STAGE / "vae").exists():
-        return load_part(work, DECODER_STAGE, "vae", AutoencoderKL, dtype)
-    return load_vae(work, dtype)
+    return load_latest_part(work, (STAGE, DECODER_STAGE), "vae", AutoencoderKL, dtype)
